@@ -1,0 +1,34 @@
+"""fxstream: exact tiled training of convolutional networks on images larger than memory.
+
+Pipeline: trace -> analyse -> plan -> generate (see ``fxstream.module.build_program``).
+"""
+
+from .errors import (
+    BoundaryError,
+    FxStreamError,
+    InputShapeError,
+    PlannerError,
+    TileSizeError,
+    TraceError,
+    UnsupportedOpError,
+)
+from .module import StreamedModule, compile
+from .plan import Plan, ShapePlan
+from .trace import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile",
+    "trace",
+    "StreamedModule",
+    "Plan",
+    "ShapePlan",
+    "FxStreamError",
+    "UnsupportedOpError",
+    "TraceError",
+    "TileSizeError",
+    "BoundaryError",
+    "InputShapeError",
+    "PlannerError",
+]

@@ -1,0 +1,279 @@
+"""Stage 2, analyse: ``GraphModule`` -> :class:`Analysis` (the streamable trunk).
+
+Walks the FX graph once in topological order and gives every node a state:
+
+* ``spatial`` - a full-resolution tensor that depends locally on the image;
+* ``global``  - depends on the whole image (after a reduction or a size query);
+* ``const``   - depends on parameters and literals only;
+* ``other``   - depends on another model input.
+
+The trunk is the set of spatial nodes. With ``boundary=None`` it is every
+spatial node, and the head starts where spatial tensors flow into reductions
+(global pooling, flatten). A global value that flows back into a spatial op
+(squeeze-excitation) is a non-local op inside the trunk and is rejected, as is
+any op the op table rejects or does not know.
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from . import ops
+from .errors import BoundaryError, UnsupportedOpError
+from .trace import describe, module_path
+
+SPATIAL, GLOBAL, CONST, OTHER = "spatial", "global", "const", "other"
+
+
+@dataclass
+class Analysis:
+    """The trunk of a traced model. Node lists are in topological order."""
+
+    gm: fx.GraphModule
+    image: fx.Node  # the image placeholder
+    trunk: list  # spatial fx.Nodes computed per tile (image excluded)
+    constants: list  # const fx.Nodes the trunk needs
+    output: fx.Node  # the trunk output (last streamed node)
+    verdicts: dict  # fx.Node -> ops.Local | ops.Window
+    layouts: dict  # fx.Node -> ops.Layout
+    ndim: int
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    dag = nx.DiGraph()
+    for node in graph.nodes:
+        dag.add_node(node)
+        for inp in node.all_input_nodes:
+            dag.add_edge(inp, node)
+    return dag
+
+
+def analyze(gm: fx.GraphModule, boundary: Optional[str] = None, ndim: Optional[int] = None) -> Analysis:
+    graph = gm.graph
+    dag = to_networkx(graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        raise BoundaryError("the model's forward() takes no input to stream")
+    image = placeholders[0]
+    ndim = ndim or infer_ndim(gm, image, dag)
+    scope = None
+    if boundary is not None:
+        end = find_boundary(gm, boundary)
+        scope = nx.ancestors(dag, end) | {end}
+    _record_constant_shapes(gm, dag)
+    states, layouts, verdicts = _walk(gm, image, ndim, scope)
+    trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
+    if boundary is not None:
+        trunk_nodes &= scope
+        if end not in trunk_nodes:
+            raise BoundaryError(
+                f"boundary={boundary!r} resolves to node '{end.name}', which is not a full-resolution "
+                "tensor computed from the image; name a convolution, activation or block output"
+            )
+    output = _trunk_output(trunk_nodes, image, dag)
+    needed = nx.ancestors(dag, output) | {output}
+    trunk = [n for n in graph.nodes if n in trunk_nodes and n in needed]
+    constants = [n for n in graph.nodes if states.get(n) == CONST and n in needed and n.op != "output"]
+    return Analysis(gm, image, trunk, constants, output, verdicts, layouts, ndim)
+
+
+def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> int:
+    """Spatial dims, from the first convolution or pooling op that reads the image."""
+    for node in nx.topological_sort(dag.subgraph(nx.descendants(dag, image))):
+        name = ""
+        if node.op == "call_module":
+            name = type(gm.get_submodule(node.target)).__name__.lower()
+        elif node.op == "call_function":
+            name = getattr(node.target, "__name__", "")
+        for dims in (1, 2, 3):
+            if name.endswith(f"{dims}d") or name.endswith(f"{dims}d_with_indices"):
+                return dims
+    return 2
+
+
+def find_boundary(gm: fx.GraphModule, spec: str) -> fx.Node:
+    """Resolve ``boundary=`` as a node name, or as a module path (its last node)."""
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        if node.name == spec:
+            return node
+    inside = [n for n in nodes if n.op != "output" and _in_module(module_path(n), spec)]
+    if inside:
+        return inside[-1]
+    names = [n.name for n in nodes] + sorted({module_path(n) for n in nodes if module_path(n)})
+    close = difflib.get_close_matches(spec, names, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise BoundaryError(
+        f"boundary={spec!r} names no node or module of the traced model.{hint} "
+        "Print fxstream.trace(model).graph for node names."
+    )
+
+
+def _in_module(path: str, spec: str) -> bool:
+    return path == spec or path.startswith(spec + ".")
+
+
+def _record_constant_shapes(gm: fx.GraphModule, dag: nx.DiGraph) -> None:
+    """Evaluate parameter-only nodes once, so ops can read weight shapes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    dependent = set(placeholders)
+    for p in placeholders:
+        dependent |= nx.descendants(dag, p)
+    interp = fx.Interpreter(gm)
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node in dependent or node.op == "output":
+                continue
+            if not any(u in dependent for u in node.users):  # only what the graph feeds on
+                if node.op != "get_attr":
+                    continue
+            try:
+                value = interp.run_node(node)
+            except Exception:  # a constant we cannot evaluate leaves its shape unknown
+                continue
+            interp.env[node] = value
+            if isinstance(value, torch.Tensor):
+                node.meta["tensor_shape"] = tuple(value.shape)
+
+
+def _walk(gm, image, ndim, scope):
+    states: dict = {}
+    layouts: dict = {image: (None, None) + tuple(range(ndim))}
+    verdicts: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "placeholder":
+            states[node] = SPATIAL if node is image else OTHER
+            continue
+        if node.op == "get_attr":
+            states[node] = CONST
+            continue
+        inputs = node.all_input_nodes
+        input_states = {states.get(n, CONST) for n in inputs}
+        if scope is not None and node not in scope:
+            states[node] = GLOBAL if SPATIAL in input_states else _merge_non_spatial(input_states)
+            continue
+        if SPATIAL not in input_states:
+            states[node] = _merge_non_spatial(input_states)
+            continue
+        size_state = _size_query(node, layouts)
+        if size_state is not None:
+            states[node] = size_state
+            continue
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        ctx = ops.OpContext(node, module, layouts, ndim)
+        try:
+            verdict = ops.classify(ctx)
+        except Exception as exc:  # malformed arguments: report as unsupported, naming the node
+            verdict = ops.Rejected(f"fxstream could not read its arguments ({exc})", ops.BOUNDARY_FIX)
+        if isinstance(verdict, ops.Reduction):
+            states[node] = GLOBAL
+            continue
+        if isinstance(verdict, ops.Rejected):
+            raise _unsupported(node, module, verdict.reason, verdict.fix)
+        _check_inputs(node, module, states)
+        states[node] = SPATIAL
+        verdicts[node] = verdict
+        layouts[node] = verdict.layout if isinstance(verdict, ops.Local) else layouts[verdict.input]
+    return states, layouts, verdicts
+
+
+def _merge_non_spatial(input_states: set) -> str:
+    if GLOBAL in input_states:
+        return GLOBAL
+    if OTHER in input_states:
+        return OTHER
+    return CONST
+
+
+def _size_query(node: fx.Node, layouts: dict) -> Optional[str]:
+    """``x.size(d)``/``x.shape[d]``/``x.dim()`` of a spatial tensor: const for batch and
+    channel dims (same in every tile), global for spatial dims."""
+    target = node.target
+    source = node.args[0] if node.args else None
+    if node.op == "call_method" and target == "dim":
+        return CONST
+    if node.op == "call_method" and target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return _dim_state(layouts[source], dim)
+    if node.op == "call_function" and target is getattr and node.args[1] == "shape":
+        return GLOBAL  # getitem on it is resolved below
+    if node.op == "call_function" and target is operator.getitem and _is_shape(source):
+        return _dim_state(layouts[source.args[0]], node.args[1])
+    return None
+
+
+def _is_shape(node: Union[fx.Node, object]) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1:
+        return True
+    return node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+
+
+def _dim_state(layout: ops.Layout, dim) -> str:
+    if isinstance(dim, int) and layout[dim % len(layout)] is None:
+        return CONST
+    return GLOBAL
+
+
+def _check_inputs(node: fx.Node, module, states: dict) -> None:
+    for inp in node.all_input_nodes:
+        if states.get(inp) == GLOBAL:
+            source = _global_source(inp, states)
+            raise _unsupported(
+                node,
+                module,
+                f"it combines the image with '{source.name}' (module '{module_path(source) or '<top>'}'), "
+                "which depends on the whole image: a global reduction inside the trunk, as in "
+                "squeeze-excitation or global-context blocks",
+                "pass boundary=<a node before the reduction> to stream only the part before it, "
+                "or remove the global block",
+            )
+        if states.get(inp) == OTHER:
+            raise _unsupported(
+                node, module, f"it uses '{inp.name}', a model input other than the image",
+                "stream a model whose trunk depends on the image alone, or pass boundary=... "
+                "to stop streaming before this op",
+            )
+
+
+def _global_source(node: fx.Node, states: dict) -> fx.Node:
+    """Walk up from a global value to the reduction that made it."""
+    while True:
+        spatial = [n for n in node.all_input_nodes if states.get(n) == SPATIAL]
+        if spatial:
+            return node
+        parents = [n for n in node.all_input_nodes if states.get(n) == GLOBAL]
+        if not parents:
+            return node
+        node = parents[0]
+
+
+def _unsupported(node: fx.Node, module, reason: str, fix: str) -> UnsupportedOpError:
+    op = type(module).__name__ if module is not None else str(getattr(node.target, "__name__", node.target))
+    message = f"cannot stream {op}: {reason}.\n  {describe(node)}\n  fix: {fix}"
+    return UnsupportedOpError(message, node=node.name, module_path=module_path(node), op=op)
+
+
+def _trunk_output(trunk: set, image: fx.Node, dag: nx.DiGraph) -> fx.Node:
+    outputs = [n for n in trunk if any(u not in trunk for u in dag.successors(n))]
+    if not outputs:
+        raise BoundaryError(
+            "nothing to stream: no full-resolution op reads the image before the first global op"
+        )
+    if len(outputs) > 1:
+        names = ", ".join(sorted(f"'{n.name}'" for n in outputs))
+        raise BoundaryError(
+            f"the streamed trunk has several outputs that the rest of the model uses ({names}); "
+            "fxstream streams one trunk output. Pass boundary=<one of them> to stream a prefix."
+        )
+    return outputs[0]

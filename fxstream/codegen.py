@@ -1,0 +1,162 @@
+"""Stage 4, generate: :class:`Analysis` + :class:`TrunkGeometry` -> FX graphs.
+
+* the *tile graph* computes one tile: ``forward(x, geometry)`` takes the image crop
+  and the tile's geometry tuple (plain ints from the ShapePlan). Every spatial edge
+  goes through ``fxstream.runtime.window`` (crop to the region the consumer reads,
+  pad at the image border), and window ops run with ``padding=0``;
+* the *outer graph* is the original graph with the trunk replaced by one call to the
+  ``fxstream_trunk`` module (:class:`StreamedTrunk`), followed by the unchanged head.
+
+Example tile code for ``Conv2d(3, 8, 3, padding=1) -> ReLU``::
+
+    def forward(self, x, geometry):
+        getitem = geometry[0]
+        window = fxstream_runtime_window(x, getitem, 'constant', 0.0)
+        conv_weight = self.conv.weight
+        conv_bias = self.conv.bias
+        conv = torch.conv2d(window, conv_weight, conv_bias, (1, 1), 0, (1, 1), 1)
+        ...
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops, runtime
+from .analyze import Analysis
+from .errors import InputShapeError
+from .plan import Plan, ShapePlan, TrunkGeometry, plan_shape
+
+_CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    geometry = graph.placeholder("geometry")
+    env: dict = {analysis.image: x}
+    by_name = {n.name: n for n in [analysis.image] + analysis.trunk}
+    for node in analysis.constants:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    for node, step in zip(analysis.trunk, geo.steps):
+        verdict = analysis.verdicts[node]
+        windows = {}
+        for producer in step.inputs:
+            spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", step.name, producer)))
+            args = (env[by_name[producer]], spec)
+            if isinstance(verdict, ops.Window) and (verdict.fill != "constant" or verdict.value != 0.0):
+                args += (verdict.fill, verdict.value)
+            windows[by_name[producer]] = graph.call_function(runtime.window, args)
+        if isinstance(verdict, ops.Local):
+            env[node] = graph.node_copy(node, lambda n: windows.get(n, env.get(n)))
+        else:
+            env[node] = _emit_window(graph, node, verdict, windows[verdict.input], env, geometry, geo)
+    spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", "", analysis.output.name)))
+    graph.output(graph.call_function(runtime.window, (env[analysis.output], spec)))
+    graph.lint()
+    return graph
+
+
+def _emit_window(graph: fx.Graph, node: fx.Node, verdict: ops.Window, win: fx.Node, env, geometry, geo) -> fx.Node:
+    p = verdict.params
+    ndim = len(verdict.stencils)
+    if verdict.kind == "pad":
+        return win  # the window already holds the padded region
+    if verdict.kind == "conv":
+        weight, bias = (_value(graph, p[k], env) for k in ("weight", "bias"))
+        args = (win, weight, bias, tuple(p["stride"]), 0, tuple(p["dilation"]), p["groups"])
+        return graph.create_node("call_function", _CONV[ndim], args, name=node.name)
+    if verdict.kind == "max_pool":
+        args = (win, tuple(p["kernel"]), tuple(p["stride"]), 0, tuple(p["dilation"]), False)
+        return graph.create_node("call_function", _MAX_POOL[ndim], args, name=node.name)
+    counts = None
+    if p["divisor"] is None:
+        counts = graph.call_function(operator.getitem, (geometry, geo.slot("counts", node.name, verdict.input.name)))
+    args = (win, tuple(p["kernel"]), tuple(p["stride"]), counts, p["divisor"])
+    return graph.create_node("call_function", runtime.avg_pool, args, name=node.name)
+
+
+def _value(graph: fx.Graph, value: Any, env: dict) -> Any:
+    """A conv weight/bias: a module attribute path, a traced node, or a literal."""
+    if isinstance(value, str):
+        return graph.get_attr(value)
+    if isinstance(value, fx.Node):
+        return env[value]
+    return value
+
+
+def outer_graph(analysis: Analysis) -> fx.Graph:
+    graph = fx.Graph()
+    env: dict = {}
+    trunk = set(analysis.trunk)
+    for node in analysis.gm.graph.nodes:
+        if node is analysis.output:
+            env[node] = graph.call_module("fxstream_trunk", (env[analysis.image],))
+        elif node not in trunk:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    # Constants that only the trunk used are dead now.
+    constants = {env[n] for n in analysis.constants}
+    for node in reversed(list(graph.nodes)):
+        if not node.users and (node in constants or node.op == "get_attr"):
+            graph.erase_node(node)
+    graph.lint()
+    return graph
+
+
+def graph_module(root: nn.Module, graph: fx.Graph, name: str, extra: dict | None = None) -> fx.GraphModule:
+    """A GraphModule over a copy of ``graph`` that refers to ``root``'s current members."""
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    attrs = dict(extra or {})
+    for node in copy.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in attrs:
+            attrs[node.target] = _fetch(root, node.target)
+    return fx.GraphModule(attrs, copy, name)
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+class StreamedTrunk(nn.Module):
+    """Runs the tile GraphModule over the tiles of each input (see :class:`runtime.StreamFunction`)."""
+
+    def __init__(self, tile: fx.GraphModule, geometry: TrunkGeometry, plan: Plan):
+        super().__init__()
+        self.tile = tile
+        self.geometry = geometry
+        self.plan = plan
+        self.input_dims = geometry.axis_dims(geometry.image)
+        self.output_dims = geometry.axis_dims(geometry.output)
+        self._shape_plans: dict = {}
+
+    def shape_plan(self, size: tuple[int, ...]) -> ShapePlan:
+        if size not in self._shape_plans:
+            self._shape_plans[size] = plan_shape(self.geometry, self.plan, size)
+        return self._shape_plans[size]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != self.geometry.ndim + 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputShapeError(
+                f"fxstream compiled this model for (N, C, *spatial) inputs with {self.geometry.ndim} spatial "
+                f"dims, got {shape}"
+            )
+        size = tuple(x.shape[d] for d in self.input_dims)
+        params = [p for p in self.tile.parameters() if p.requires_grad]
+        return runtime.StreamFunction.apply(x, self, self.shape_plan(size), *params)
+
+    def run_tile(self, x: torch.Tensor, tile) -> torch.Tensor:
+        block = self.tile(x, tile.geometry)
+        runtime.check_block(block, self.output_dims, tile)
+        return block

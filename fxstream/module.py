@@ -1,0 +1,153 @@
+"""The drop-in module returned by :func:`fxstream.compile`, and the pipeline that builds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .analyze import Analysis, analyze
+from .codegen import StreamedTrunk, graph_module, outer_graph, tile_graph
+from .errors import TileSizeError
+from .plan import Plan, TrunkGeometry, build_geometry, build_plan
+from .trace import trace
+
+TileSize = Union[int, tuple[int, ...]]
+
+
+@dataclass
+class Program:
+    """Everything compiled for one setting of the modules' train/eval flags."""
+
+    analysis: Analysis
+    geometry: TrunkGeometry
+    plan: Plan
+    tile_graph: fx.Graph
+    outer_graph: fx.Graph
+    module: Optional[fx.GraphModule] = None  # built on demand, dropped by .to()/.cuda()
+
+
+def build_program(model: nn.Module, tile_size: TileSize, boundary: Optional[str]) -> Program:
+    gm = trace(model)  # nn.Module -> fx.GraphModule
+    ndim = len(tile_size) if isinstance(tile_size, tuple) else None
+    analysis = analyze(gm, boundary, ndim)  # -> Analysis: trunk, boundary, layouts
+    geometry = build_geometry(analysis)  # -> TrunkGeometry: plain data
+    plan = build_plan(geometry, _tile_tuple(tile_size, analysis.ndim))  # -> Plan (sympy)
+    return Program(analysis, geometry, plan, tile_graph(analysis, geometry), outer_graph(analysis))
+
+
+def _tile_tuple(tile_size: TileSize, ndim: int) -> tuple[int, ...]:
+    sizes = (tile_size,) * ndim if isinstance(tile_size, int) else tuple(tile_size)
+    if len(sizes) != ndim:
+        raise TileSizeError(f"tile_size={tile_size} has {len(sizes)} entries, the trunk has {ndim} spatial dims")
+    return sizes
+
+
+def validate_tile_size(tile_size: TileSize) -> None:
+    values = tile_size if isinstance(tile_size, tuple) else (tile_size,)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise TileSizeError(
+            f"tile_size must be a positive int or a tuple of positive ints (one per spatial dim), got {tile_size!r}"
+        )
+
+
+class StreamedModule(nn.Module):
+    """A model whose trunk runs tile by tile, with the outputs and gradients of the original.
+
+    It shares the original model's submodules, parameters and buffers under the same
+    names, so ``state_dict()`` keys match and optimizers built on ``model.parameters()``
+    keep working. ``.train()``/``.eval()`` recompile for the new mode on the next call
+    (and raise :class:`UnsupportedOpError` there if the new mode is not streamable).
+    """
+
+    def __init__(self, model: nn.Module, tile_size: TileSize, boundary: Optional[str] = None):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model._parameters.items():
+            self.register_parameter(name, param)
+        for name, buf in model._buffers.items():
+            self.register_buffer(name, buf, persistent=name not in model._non_persistent_buffers_set)
+        self.training = model.training
+        # Plain attributes (not registered): the compiled programs are derived state.
+        self.__dict__["_source"] = model
+        self.__dict__["_config"] = (tile_size, boundary)
+        self.__dict__["_programs"] = {}
+        self.program()  # compile now, so errors surface at compile time
+
+    def _mode_key(self) -> tuple:
+        return tuple(m.training for m in self.modules())
+
+    def program(self) -> Program:
+        """The compiled program for the current train/eval flags."""
+        key = self._mode_key()
+        if key not in self._programs:
+            self._programs[key] = build_program(self._source, *self._config)
+        return self._programs[key]
+
+    @property
+    def plan(self) -> Plan:
+        """The streaming plan (receptive field, halos, block per tile) for the current mode."""
+        return self.program().plan
+
+    @property
+    def trunk(self) -> StreamedTrunk:
+        """The streamed trunk; ``trunk.tile.code`` is the generated per-tile code."""
+        return self._graph_module().fxstream_trunk
+
+    def shape_plan(self, *spatial_size: int):
+        """The tiles that an input of this spatial size is cut into."""
+        return self.trunk.shape_plan(tuple(spatial_size))
+
+    def _graph_module(self) -> fx.GraphModule:
+        program = self.program()
+        if program.module is None:
+            tile = graph_module(self, program.tile_graph, "StreamedTile")
+            trunk = StreamedTrunk(tile, program.geometry, program.plan)
+            program.module = graph_module(self, program.outer_graph, "StreamedModel", {"fxstream_trunk": trunk})
+        return program.module
+
+    def forward(self, *args, **kwargs):
+        return self._graph_module()(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        for program in self._programs.values():
+            program.module = None  # rebuilt against the moved tensors
+        return result
+
+    def __repr__(self) -> str:
+        tile_size, boundary = self._config
+        return f"StreamedModule(tile_size={tile_size}, boundary={self.plan.boundary!r},\n  {self._source!r})"
+
+
+def compile(model: nn.Module, tile_size: TileSize, *, boundary: Optional[str] = None) -> StreamedModule:
+    """Compile ``model`` so its local trunk runs tile by tile with exact gradients.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace. Its trunk (everything up
+            to the first global op, or up to ``boundary``) must be local: convolutions,
+            pooling, padding, pointwise ops, eval-mode BatchNorm, channel LayerNorm...
+        tile_size: input tile edge in pixels, halo included: an int, or one int per
+            spatial dim. It bounds the memory of one tile.
+        boundary: optional node name or module path of the last op to stream; the rest
+            runs normally on the assembled feature map.
+
+    Raises:
+        UnsupportedOpError: a non-local or unknown op inside the trunk.
+        TileSizeError: ``tile_size`` malformed or smaller than the receptive field.
+        BoundaryError: ``boundary`` names nothing streamable, or the trunk has several outputs.
+        TraceError: torch.fx cannot trace the model.
+
+    Example::
+
+        >>> smodel = fxstream.compile(torchvision.models.resnet18().eval(), tile_size=512)
+        >>> smodel(torch.randn(1, 3, 1000, 700)).shape
+        torch.Size([1, 1000])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxstream.compile expects an nn.Module, got {type(model).__name__}")
+    validate_tile_size(tile_size)
+    return StreamedModule(model, tile_size, boundary)
