@@ -5,7 +5,8 @@ Walks the FX graph once in topological order and gives every node a state:
 * ``spatial`` - a full-resolution tensor that depends locally on the image;
 * ``global``  - depends on the whole image (after a reduction or a size query);
 * ``const``   - depends on parameters and literals only;
-* ``other``   - depends on another model input.
+* ``other``   - depends on another model input;
+* ``shape``   - the full shape of a spatial tensor (indexing a batch/channel dim gives a const).
 
 The trunk is the set of spatial nodes. With ``boundary=None`` it is every
 spatial node, and the head starts where spatial tensors flow into reductions
@@ -30,6 +31,7 @@ from .errors import BoundaryError, UnsupportedOpError
 from .trace import describe, module_path
 
 SPATIAL, GLOBAL, CONST, OTHER = "spatial", "global", "const", "other"
+SHAPE = "shape"  # x.shape / x.size() of a spatial tensor: global, but indexable per dim
 
 
 @dataclass
@@ -55,14 +57,16 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     return dag
 
 
-def analyze(gm: fx.GraphModule, boundary: Optional[str] = None, ndim: Optional[int] = None) -> Analysis:
+def analyze(gm: fx.GraphModule, boundary: Optional[str] = None, ndim_hint: Optional[int] = None) -> Analysis:
+    """Find the trunk. ``ndim_hint`` (from a per-dim tile_size) is used only when no
+    convolution or pooling op tells the number of spatial dims."""
     graph = gm.graph
     dag = to_networkx(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not placeholders:
         raise BoundaryError("the model's forward() takes no input to stream")
     image = placeholders[0]
-    ndim = ndim or infer_ndim(gm, image, dag)
+    ndim = infer_ndim(gm, image, dag) or ndim_hint or 2
     scope = None
     if boundary is not None:
         end = find_boundary(gm, boundary)
@@ -77,14 +81,14 @@ def analyze(gm: fx.GraphModule, boundary: Optional[str] = None, ndim: Optional[i
                 f"boundary={boundary!r} resolves to node '{end.name}', which is not a full-resolution "
                 "tensor computed from the image; name a convolution, activation or block output"
             )
-    output = _trunk_output(trunk_nodes, image, dag)
+    output = _trunk_output(trunk_nodes, states, dag)
     needed = nx.ancestors(dag, output) | {output}
     trunk = [n for n in graph.nodes if n in trunk_nodes and n in needed]
-    constants = [n for n in graph.nodes if states.get(n) == CONST and n in needed and n.op != "output"]
+    constants = [n for n in graph.nodes if states.get(n) in (CONST, SHAPE) and n in needed and n.op != "output"]
     return Analysis(gm, image, trunk, constants, output, verdicts, layouts, ndim)
 
 
-def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> int:
+def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> Optional[int]:
     """Spatial dims, from the first convolution or pooling op that reads the image."""
     for node in nx.topological_sort(dag.subgraph(nx.descendants(dag, image))):
         name = ""
@@ -95,7 +99,7 @@ def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> int:
         for dims in (1, 2, 3):
             if name.endswith(f"{dims}d") or name.endswith(f"{dims}d_with_indices"):
                 return dims
-    return 2
+    return None
 
 
 def find_boundary(gm: fx.GraphModule, spec: str) -> fx.Node:
@@ -131,9 +135,6 @@ def _record_constant_shapes(gm: fx.GraphModule, dag: nx.DiGraph) -> None:
         for node in gm.graph.nodes:
             if node in dependent or node.op == "output":
                 continue
-            if not any(u in dependent for u in node.users):  # only what the graph feeds on
-                if node.op != "get_attr":
-                    continue
             try:
                 value = interp.run_node(node)
             except Exception:  # a constant we cannot evaluate leaves its shape unknown
@@ -158,15 +159,15 @@ def _walk(gm, image, ndim, scope):
             continue
         inputs = node.all_input_nodes
         input_states = {states.get(n, CONST) for n in inputs}
+        size_state = _size_query(node, layouts)
+        if size_state is not None:
+            states[node] = size_state
+            continue
         if scope is not None and node not in scope:
             states[node] = GLOBAL if SPATIAL in input_states else _merge_non_spatial(input_states)
             continue
         if SPATIAL not in input_states:
             states[node] = _merge_non_spatial(input_states)
-            continue
-        size_state = _size_query(node, layouts)
-        if size_state is not None:
-            states[node] = size_state
             continue
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         ctx = ops.OpContext(node, module, layouts, ndim)
@@ -187,7 +188,7 @@ def _walk(gm, image, ndim, scope):
 
 
 def _merge_non_spatial(input_states: set) -> str:
-    if GLOBAL in input_states:
+    if GLOBAL in input_states or SHAPE in input_states:
         return GLOBAL
     if OTHER in input_states:
         return OTHER
@@ -199,15 +200,18 @@ def _size_query(node: fx.Node, layouts: dict) -> Optional[str]:
     channel dims (same in every tile), global for spatial dims."""
     target = node.target
     source = node.args[0] if node.args else None
+    if node.op == "call_function" and target is operator.getitem and _is_shape(source):
+        base = source.args[0]
+        return _dim_state(layouts[base], node.args[1]) if base in layouts else None
+    if source not in layouts:
+        return None
     if node.op == "call_method" and target == "dim":
         return CONST
     if node.op == "call_method" and target == "size":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return _dim_state(layouts[source], dim)
+        return SHAPE if dim is None else _dim_state(layouts[source], dim)
     if node.op == "call_function" and target is getattr and node.args[1] == "shape":
-        return GLOBAL  # getitem on it is resolved below
-    if node.op == "call_function" and target is operator.getitem and _is_shape(source):
-        return _dim_state(layouts[source.args[0]], node.args[1])
+        return SHAPE  # getitem on it is resolved above
     return None
 
 
@@ -252,7 +256,7 @@ def _global_source(node: fx.Node, states: dict) -> fx.Node:
         spatial = [n for n in node.all_input_nodes if states.get(n) == SPATIAL]
         if spatial:
             return node
-        parents = [n for n in node.all_input_nodes if states.get(n) == GLOBAL]
+        parents = [n for n in node.all_input_nodes if states.get(n) in (GLOBAL, SHAPE)]
         if not parents:
             return node
         node = parents[0]
@@ -264,8 +268,10 @@ def _unsupported(node: fx.Node, module, reason: str, fix: str) -> UnsupportedOpE
     return UnsupportedOpError(message, node=node.name, module_path=module_path(node), op=op)
 
 
-def _trunk_output(trunk: set, image: fx.Node, dag: nx.DiGraph) -> fx.Node:
-    outputs = [n for n in trunk if any(u not in trunk for u in dag.successors(n))]
+def _trunk_output(trunk: set, states: dict, dag: nx.DiGraph) -> fx.Node:
+    """The one trunk node the head reads. Size queries of batch/channel dims (const)
+    are evaluated per tile and do not count as uses."""
+    outputs = [n for n in trunk if any(u not in trunk and states.get(u) not in (CONST, SHAPE) for u in dag.successors(n))]
     if not outputs:
         raise BoundaryError(
             "nothing to stream: no full-resolution op reads the image before the first global op"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import ops, runtime
 from .analyze import Analysis
-from .errors import InputShapeError
+from .errors import BoundaryError, InputShapeError
 from .plan import Plan, ShapePlan, TrunkGeometry, plan_shape
 
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
@@ -43,9 +43,15 @@ def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
     geometry = graph.placeholder("geometry")
     env: dict = {analysis.image: x}
     by_name = {n.name: n for n in [analysis.image] + analysis.trunk}
-    for node in analysis.constants:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    for node, step in zip(analysis.trunk, geo.steps):
+    steps = dict(zip(analysis.trunk, geo.steps))
+    constants = set(analysis.constants)
+    for node in analysis.gm.graph.nodes:
+        if node in constants:  # parameters, literals, batch/channel size queries
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            continue
+        if node not in steps:
+            continue
+        step = steps[node]
         verdict = analysis.verdicts[node]
         windows = {}
         for producer in step.inputs:
@@ -95,19 +101,34 @@ def _value(graph: fx.Graph, value: Any, env: dict) -> Any:
 def outer_graph(analysis: Analysis) -> fx.Graph:
     graph = fx.Graph()
     env: dict = {}
-    trunk = set(analysis.trunk)
     for node in analysis.gm.graph.nodes:
         if node is analysis.output:
             env[node] = graph.call_module("fxstream_trunk", (env[analysis.image],))
-        elif node not in trunk:
+        elif node in _head_nodes(analysis):
             env[node] = graph.node_copy(node, lambda n: env[n])
-    # Constants that only the trunk used are dead now.
-    constants = {env[n] for n in analysis.constants}
-    for node in reversed(list(graph.nodes)):
-        if not node.users and (node in constants or node.op == "get_attr"):
-            graph.erase_node(node)
     graph.lint()
     return graph
+
+
+def _head_nodes(analysis: Analysis) -> set:
+    """The nodes the graph output needs, given the trunk output as a computed value."""
+    if getattr(analysis, "_head", None) is None:
+        trunk = set(analysis.trunk)
+        needed: set = set()
+        stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")]
+        while stack:
+            node = stack.pop()
+            if node in needed or node is analysis.output:
+                continue
+            if node in trunk:
+                raise BoundaryError(
+                    f"the rest of the model uses '{node.name}', an intermediate trunk tensor, besides the trunk "
+                    f"output '{analysis.output.name}'. Pass boundary=... to stream a prefix that ends there."
+                )
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+        analysis._head = needed
+    return analysis._head
 
 
 def graph_module(root: nn.Module, graph: fx.Graph, name: str, extra: dict | None = None) -> fx.GraphModule:
@@ -122,9 +143,14 @@ def graph_module(root: nn.Module, graph: fx.Graph, name: str, extra: dict | None
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
-    obj = root
+    """``root.<target>``, reading registered members first so that attributes of a
+    wrapper class never shadow the model's own submodules."""
+    obj: Any = root
     for atom in target.split("."):
-        obj = getattr(obj, atom)
+        members = {}
+        if isinstance(obj, nn.Module):
+            members = {**obj._modules, **obj._parameters, **obj._buffers}
+        obj = members[atom] if atom in members else getattr(obj, atom)
     return obj
 
 

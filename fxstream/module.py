@@ -93,13 +93,19 @@ class StreamedModule(nn.Module):
         return self.program().plan
 
     @property
-    def trunk(self) -> StreamedTrunk:
-        """The streamed trunk; ``trunk.tile.code`` is the generated per-tile code."""
+    def streamed_trunk(self) -> StreamedTrunk:
+        """The streamed trunk; ``streamed_trunk.tile.code`` is the generated per-tile code."""
         return self._graph_module().fxstream_trunk
+
+    @property
+    def code(self) -> str:
+        """The generated code: the outer module, then the per-tile module."""
+        gm = self._graph_module()
+        return f"# outer module\n{gm.code}\n# per-tile module\n{gm.fxstream_trunk.tile.code}"
 
     def shape_plan(self, *spatial_size: int):
         """The tiles that an input of this spatial size is cut into."""
-        return self.trunk.shape_plan(tuple(spatial_size))
+        return self.streamed_trunk.shape_plan(tuple(spatial_size))
 
     def _graph_module(self) -> fx.GraphModule:
         program = self.program()

@@ -352,3 +352,10 @@ def _window_entry(raw, region, size, dims, fill) -> tuple:
         keep_start = r.lo - (src.lo - pad_lo)
         entry.append((dim, src.lo - reg.lo, src.hi - reg.lo, pad_lo, pad_hi, keep_start, r.hi - r.lo))
     return tuple(entry)
+
+
+def input_region(geo: TrunkGeometry, input_size: tuple[int, ...], block: tuple[Pair, ...]) -> tuple[Pair, ...]:
+    """The image region that the trunk-output ``block`` (per axis ``(lo, hi)``) reads."""
+    sizes = node_sizes(geo, tuple(input_size))
+    tile, _ = _tile(geo, sizes, tuple(g.Interval(lo, hi) for lo, hi in block))
+    return tile.region

@@ -29,17 +29,17 @@ def window(t: torch.Tensor, spec: tuple, mode: str = "constant", value: float = 
         if pad_lo or pad_hi:
             pads[dim] = (pad_lo, pad_hi)
     if pads:
-        t = _pad(t, pads, mode, value)
+        t = _pad(t, pads, min(entry[0] for entry in spec), mode, value)
     for dim, _, _, _, _, keep_start, keep_len in spec:
         if keep_start != 0 or keep_len != t.shape[dim]:
             t = t.narrow(dim, keep_start, keep_len)
     return t
 
 
-def _pad(t: torch.Tensor, pads: dict, mode: str, value: float) -> torch.Tensor:
-    last = min(pads)
+def _pad(t: torch.Tensor, pads: dict, first: int, mode: str, value: float) -> torch.Tensor:
+    """F.pad over the dims from ``first`` to the last (reflect/replicate need all spatial dims)."""
     flat = []
-    for dim in range(t.dim() - 1, last - 1, -1):
+    for dim in range(t.dim() - 1, first - 1, -1):
         flat += list(pads.get(dim, (0, 0)))
     if mode == "constant":
         return F.pad(t, flat, mode="constant", value=value)

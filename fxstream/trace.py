@@ -59,17 +59,30 @@ def module_path(node: fx.Node) -> str:
 
 
 def source_line(node: fx.Node) -> str:
-    """The user's source line that created ``node``, as 'file:line: code', or ''."""
-    trace_text = node.stack_trace or ""
-    lines = [line.strip() for line in trace_text.strip().splitlines() if line.strip()]
-    # The last 'File ...' entry is the innermost frame; the line after it is the code.
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            parts = lines[i].split(",")
-            where = parts[0][len("File ") :].strip('"') + ":" + parts[1].replace("line", "").strip()
-            return f"{where}: {code}"
-    return ""
+    """The user's source line that created ``node``, as 'file:line: code', or ''.
+
+    FX records the whole stack; the user's line is the innermost frame outside
+    torch itself (torchvision and user code count as the user's)."""
+    lines = (node.stack_trace or "").strip().splitlines()
+    frames = []
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("File "):
+            parts = text.split(",")
+            path = parts[0][len("File ") :].strip('"')
+            number = parts[1].replace("line", "").strip() if len(parts) > 1 else "?"
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            frames.append((path, number, code))
+    user = [f for f in frames if not _is_torch_file(f[0])]
+    if not user:
+        return ""
+    path, number, code = user[-1]
+    return f"{path}:{number}: {code}"
+
+
+def _is_torch_file(path: str) -> bool:
+    parts = path.replace("\\", "/").split("/")
+    return "torch" in parts[:-1] and "site-packages" in parts or "/torch/" in path and "/fx/" in path
 
 
 def describe(node: fx.Node) -> str:

@@ -1,0 +1,393 @@
+"""Property-based fuzzing: random *local* conv networks must stream exactly.
+
+Hypothesis draws a random DAG of supported ops (convolutions with every padding
+flavour, max/avg pooling, F.pad, pointwise activations, eval BatchNorm, per-channel
+and scalar arithmetic, add/sub/mul merges and channel concatenation), a random
+non-square image, and a tile size just above the trunk's minimum so that the image
+is cut into many tiles with ragged last tiles. The streamed model must match the
+unstreamed one on the output, every parameter gradient and the input gradient to
+1e-10 relative error in float64 (``exactness.check_streamed``).
+
+Networks are built as :class:`FuzzNet`, an ``nn.Module`` whose ``forward`` walks a
+static list of op specs (so torch.fx unrolls it). Shapes are tracked at construction
+by a dry run on a tensor of the sampled size, so ops that would not fit the image
+(output smaller than one pixel, reflect padding wider than the input...) are never
+added, and merges only join nodes of equal shape.
+
+CI runs a modest number of examples (fast, a few seconds per example at most). For a
+long fuzzing session set ``FXSTREAM_FUZZ_EXAMPLES``::
+
+    FXSTREAM_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py -q
+
+Add ``-s --hypothesis-show-statistics`` to see what was generated, and
+``--hypothesis-seed=N`` to replay a session. A failure prints the model spec (via
+``hypothesis.note``) as a ``FuzzNet(...)`` expression that can be pasted into a script
+together with the input size and tile size to reproduce it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from exactness import check_streamed
+from hypothesis import HealthCheck, assume, event, given, note, settings
+from hypothesis import strategies as st
+
+import fxstream
+
+EXAMPLES = int(os.environ.get("FXSTREAM_FUZZ_EXAMPLES", "25"))
+MAX_OPS = int(os.environ.get("FXSTREAM_FUZZ_MAX_OPS", "8"))
+MAX_TILES_PER_DIM = 5  # bounds runtime: at most 25 tiles per example
+MAX_CHANNELS = 8
+
+# Switches for sub-features; all on. Turn one off only to unblock fuzzing while a
+# reported bug is fixed, and say so in the report.
+FUZZ_NEGATIVE_PADS = True  # F.pad with negative (cropping) pads, constant mode
+
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish"]
+ACT_MODULES = {
+    "relu": lambda p: nn.ReLU(),
+    "gelu": lambda p: nn.GELU(),
+    "gelu_tanh": lambda p: nn.GELU(approximate="tanh"),
+    "silu": lambda p: nn.SiLU(),
+    "sigmoid": lambda p: nn.Sigmoid(),
+    "tanh": lambda p: nn.Tanh(),
+    "leaky_relu": lambda p: nn.LeakyReLU(p["slope"]),
+    "hardswish": lambda p: nn.Hardswish(),
+}
+
+
+def _act_function(x, name, p):
+    if name == "relu":
+        return torch.relu(x) if p["form"] == 1 else F.relu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu(x)
+    if name == "sigmoid":
+        return torch.sigmoid(x) if p["form"] == 1 else x.sigmoid()
+    if name == "tanh":
+        return torch.tanh(x) if p["form"] == 1 else x.tanh()
+    if name == "leaky_relu":
+        return F.leaky_relu(x, p["slope"])
+    if name == "hardswish":
+        return F.hardswish(x)
+    raise ValueError(name)
+
+
+class Params(nn.Module):
+    """Holds the parameters of a functional op (F.conv2d weight/bias, channel scale)."""
+
+
+def make_module(kind: str, p: dict) -> nn.Module | None:
+    """The submodule (or parameter holder) of one op spec, or None."""
+    if kind == "conv":
+        return nn.Conv2d(p["cin"], p["cout"], p["kernel"], p["stride"], p["padding"], p["dilation"], p["groups"],
+                         p["bias"], p["mode"])
+    if kind == "fconv":
+        conv = nn.Conv2d(p["cin"], p["cout"], p["kernel"], groups=p["groups"], bias=p["bias"])
+        holder = Params()
+        holder.weight = conv.weight
+        holder.bias = conv.bias
+        return holder
+    if kind == "maxpool":
+        return nn.MaxPool2d(p["kernel"], p["stride"], p["padding"], p["dilation"], ceil_mode=p["ceil"])
+    if kind == "avgpool":
+        return nn.AvgPool2d(p["kernel"], p["stride"], p["padding"], p["ceil"], p["include_pad"], p["divisor"])
+    if kind == "bn":
+        bn = nn.BatchNorm2d(p["c"], affine=p["affine"])
+        with torch.no_grad():
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.25, 2.0)
+            if p["affine"]:
+                bn.weight.normal_()
+                bn.bias.normal_()
+        return bn
+    if kind == "act" and p["module"]:
+        return ACT_MODULES[p["name"]](p)
+    if kind == "chmul":
+        holder = Params()
+        holder.scale = nn.Parameter(torch.randn(p["c"], 1, 1))
+        return holder
+    return None
+
+
+def apply_op(kind: str, p: dict, mod, args: list):
+    """Run one op spec on its inputs (shared by FuzzNet.forward and the dry run)."""
+    x = args[0]
+    if kind in ("conv", "maxpool", "avgpool", "bn"):
+        return mod(x)
+    if kind == "fconv":
+        return F.conv2d(x, mod.weight, mod.bias, p["stride"], p["padding"], p["dilation"], p["groups"])
+    if kind == "fmaxpool":
+        return F.max_pool2d(x, p["kernel"], p["stride"], p["padding"], p["dilation"], ceil_mode=p["ceil"])
+    if kind == "favgpool":
+        return F.avg_pool2d(x, p["kernel"], p["stride"], p["padding"], p["ceil"], p["include_pad"], p["divisor"])
+    if kind == "pad":
+        if p["mode"] == "constant":
+            return F.pad(x, p["pad"], mode="constant", value=p["value"])
+        return F.pad(x, p["pad"], mode=p["mode"])
+    if kind == "act":
+        return mod(x) if p["module"] else _act_function(x, p["name"], p)
+    if kind == "chmul":
+        return x * mod.scale
+    if kind == "scalar":
+        c = p["c"]
+        return {"add": lambda: x + c, "radd": lambda: c + x, "mul": lambda: x * c, "rsub": lambda: c - x,
+                "div": lambda: x / c, "torch.add": lambda: torch.add(x, c), "neg": lambda: -x}[p["op"]]()
+    if kind == "merge":
+        y = args[1]
+        return {"add": lambda: x + y, "sub": lambda: x - y, "mul": lambda: x * y,
+                "torch.add": lambda: torch.add(x, y), "torch.mul": lambda: torch.mul(x, y)}[p["op"]]()
+    if kind == "cat":
+        return torch.cat(args, dim=1) if p["form"] == 0 else torch.cat(args, 1)
+    raise ValueError(kind)
+
+
+class FuzzNet(nn.Module):
+    """``ops`` is a list of ``(kind, inputs, params)``; node 0 is the image, node i+1 the
+    result of ``ops[i]``. The last node is the trunk output; ``head`` is None (dense
+    output), ``'linear'`` (adaptive avg pool, flatten, Linear) or ``'mean'``."""
+
+    def __init__(self, in_channels: int, ops: list, head: str | None = None, seed: int = 0):
+        super().__init__()
+        self.in_channels, self.ops, self.head_kind, self.seed = in_channels, list(ops), head, seed
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for i, (kind, _, p) in enumerate(self.ops):
+                mod = make_module(kind, p)
+                if mod is not None:
+                    self.add_module(f"op{i}", mod)
+            if head == "linear":
+                self.pool = nn.AdaptiveAvgPool2d(1)
+                self.fc = nn.Linear(_channels(in_channels, self.ops), 3)
+
+    def forward(self, x):
+        vals = [x]
+        for i, (kind, inputs, p) in enumerate(self.ops):
+            mod = getattr(self, f"op{i}", None)
+            vals.append(apply_op(kind, p, mod, [vals[j] for j in inputs]))
+        out = vals[-1]
+        if self.head_kind == "linear":
+            out = self.fc(torch.flatten(self.pool(out), 1))
+        elif self.head_kind == "mean":
+            out = out.mean(dim=(2, 3))
+        return out
+
+    def __repr__(self) -> str:  # a paste-able expression
+        lines = ",\n    ".join(repr(op) for op in self.ops)
+        return f"FuzzNet({self.in_channels}, [\n    {lines},\n], head={self.head_kind!r}, seed={self.seed})"
+
+
+def _channels(in_channels: int, ops: list) -> int:
+    channels = [in_channels]
+    for kind, inputs, p in ops:
+        if kind in ("conv", "fconv"):
+            channels.append(p["cout"])
+        elif kind == "cat":
+            channels.append(sum(channels[j] for j in inputs))
+        else:
+            channels.append(channels[inputs[0]])
+    return channels[-1]
+
+
+# --- Drawing random networks ------------------------------------------------------------
+
+
+def _pair(data, lo, hi, label):
+    """An int or a non-square (h, w) pair."""
+    if data.draw(st.booleans(), label=f"{label} square"):
+        return data.draw(st.integers(lo, hi), label=label)
+    return (data.draw(st.integers(lo, hi), label=f"{label} h"), data.draw(st.integers(lo, hi), label=f"{label} w"))
+
+
+def _t(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def draw_conv(data, c, functional):
+    cout = data.draw(st.integers(1, 4), label="cout")
+    groups = data.draw(st.sampled_from([g for g in _divisors(c) if cout % g == 0]), label="groups")
+    kernel = _pair(data, 1, 5, "kernel")
+    stride = _pair(data, 1, 3, "stride")
+    dilation = _pair(data, 1, 3, "dilation")
+    padding_kinds = ["int", "tuple", "valid"] + (["same"] if _t(stride) == (1, 1) else [])
+    pk = data.draw(st.sampled_from(padding_kinds), label="padding kind")
+    if pk == "int":
+        padding = data.draw(st.integers(0, 4), label="padding")
+    elif pk == "tuple":
+        padding = (data.draw(st.integers(0, 4), label="padding h"), data.draw(st.integers(0, 4), label="padding w"))
+    else:
+        padding = pk
+    mode = "zeros" if functional else data.draw(st.sampled_from(["zeros", "reflect", "replicate"]), label="mode")
+    bias = data.draw(st.booleans(), label="bias")
+    return dict(cin=c, cout=cout, kernel=kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                bias=bias, mode=mode)
+
+
+def draw_pool(data, kind):
+    kernel = _pair(data, 1, 4, "pool kernel")
+    kh, kw = _t(kernel)
+    stride = data.draw(st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))),
+                       label="pool stride")
+    padding = (data.draw(st.integers(0, kh // 2), label="pool pad h"), data.draw(st.integers(0, kw // 2),
+                                                                                  label="pool pad w"))
+    if padding[0] == padding[1] and data.draw(st.booleans(), label="pool pad as int"):
+        padding = padding[0]
+    p = dict(kernel=kernel, stride=stride, padding=padding, ceil=data.draw(st.booleans(), label="ceil_mode"))
+    if kind.endswith("maxpool"):
+        p["dilation"] = data.draw(st.sampled_from([1, 2, (1, 2), (2, 1)]), label="pool dilation")
+    else:
+        p["include_pad"] = data.draw(st.booleans(), label="count_include_pad")
+        p["divisor"] = data.draw(st.one_of(st.none(), st.integers(1, 7)), label="divisor_override")
+    if kind.startswith("f") and p["stride"] is None:
+        p["stride"] = None  # F.*_pool2d: stride=None means stride=kernel, as for the modules
+    return p
+
+
+def draw_pad(data):
+    mode = data.draw(st.sampled_from(["constant", "reflect", "replicate"]), label="pad mode")
+    lo = -2 if (mode == "constant" and FUZZ_NEGATIVE_PADS) else 0
+    pad = tuple(data.draw(st.integers(lo, 4), label=f"pad {side}") for side in ("left", "right", "top", "bottom"))
+    value = data.draw(st.sampled_from([0.0, 0.5, -1.25]), label="pad value") if mode == "constant" else None
+    return dict(pad=pad, mode=mode, value=value)
+
+
+def cumulative_stride(kind, p, stride):
+    if kind in ("conv", "fconv"):
+        s = _t(p["stride"])
+    elif kind in ("maxpool", "fmaxpool", "avgpool", "favgpool"):
+        s = _t(p["stride"] if p["stride"] is not None else p["kernel"])
+    else:
+        return stride
+    return (stride[0] * s[0], stride[1] * s[1])
+
+
+OP_KINDS = ["conv", "conv", "conv", "fconv", "maxpool", "fmaxpool", "avgpool", "favgpool", "pad", "act", "act",
+            "bn", "chmul", "scalar", "merge", "merge", "cat"]
+
+
+def draw_network(data, batch, in_channels, size):
+    """Draw op specs one by one, keeping only those the model can run at ``size``."""
+    x = torch.zeros(batch, in_channels, *size, dtype=torch.float64)
+    vals, strides, ops = [x], [(1, 1)], []
+    n_ops = data.draw(st.integers(1, MAX_OPS), label="number of ops")
+    for _ in range(n_ops):
+        kind = data.draw(st.sampled_from(OP_KINDS), label="op kind")
+        last = len(vals) - 1
+        # Mostly chain on the latest node, sometimes branch from an earlier one.
+        src = data.draw(st.one_of(st.just(last), st.integers(0, last)), label="input node")
+        c = vals[src].shape[1]
+        inputs = (src,)
+        if kind in ("conv", "fconv"):
+            p = draw_conv(data, c, kind == "fconv")
+        elif kind.endswith("pool"):
+            p = draw_pool(data, kind)
+        elif kind == "pad":
+            p = draw_pad(data)
+        elif kind == "act":
+            name = data.draw(st.sampled_from(ACTIVATIONS), label="activation")
+            p = dict(name=name, module=data.draw(st.booleans(), label="as module"),
+                     form=data.draw(st.integers(0, 1), label="form"))
+            if name == "leaky_relu":
+                p["slope"] = data.draw(st.sampled_from([0.01, 0.2, -0.5]), label="slope")
+        elif kind == "bn":
+            p = dict(c=c, affine=data.draw(st.booleans(), label="affine"))
+        elif kind == "chmul":
+            p = dict(c=c)
+        elif kind == "scalar":
+            p = dict(op=data.draw(st.sampled_from(["add", "radd", "mul", "rsub", "div", "torch.add", "neg"]),
+                                  label="scalar op"),
+                     c=data.draw(st.sampled_from([0.5, -1.5, 2.0, 3.25]), label="scalar"))
+        elif kind in ("merge", "cat"):
+            shape = vals[src].shape
+            if kind == "merge":
+                partners = [j for j, v in enumerate(vals) if v.shape == shape and strides[j] == strides[src]]
+            else:
+                partners = [j for j, v in enumerate(vals) if v.shape[2:] == shape[2:] and strides[j] == strides[src]
+                            and v.shape[1] + c <= MAX_CHANNELS]
+            if not partners:
+                continue
+            other = data.draw(st.sampled_from(partners), label="second input")
+            inputs = (src, other) if data.draw(st.booleans(), label="order") else (other, src)
+            if kind == "merge":
+                p = dict(op=data.draw(st.sampled_from(["add", "sub", "mul", "torch.add", "torch.mul"]),
+                                      label="merge op"))
+            else:
+                p = dict(form=data.draw(st.integers(0, 1), label="cat form"))
+        else:
+            raise AssertionError(kind)
+        # Dry run: skip ops the unstreamed model could not run on this image size.
+        try:
+            mod = make_module(kind, p)
+            if mod is not None:
+                mod.double().eval()
+            with torch.no_grad():
+                y = apply_op(kind, p, mod, [vals[j] for j in inputs])
+        except (RuntimeError, ValueError):
+            continue
+        if min(y.shape[2:]) < 1:
+            continue
+        vals.append(y)
+        strides.append(cumulative_stride(kind, p, strides[src]))
+        ops.append((kind, inputs, p))
+    return ops, vals[-1], strides[-1]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_random_local_network_streams_exactly(data):
+    h = data.draw(st.integers(9, 60), label="image height")
+    w = data.draw(st.integers(9, 60), label="image width")
+    batch = data.draw(st.integers(1, 2), label="batch")
+    in_channels = data.draw(st.integers(1, 4), label="in channels")
+    ops, out, out_stride = draw_network(data, batch, in_channels, (h, w))
+    event(f"ops: {len(ops)}")
+    assume(ops and min(out.shape[2:]) >= 1)
+    for kind in sorted({kind for kind, _, _ in ops}):
+        event(f"has {kind}")
+    head = data.draw(st.sampled_from([None, None, "linear", "mean"]), label="head")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    model = FuzzNet(in_channels, ops, head, seed).double().eval()
+    note(f"model = {model!r}")
+    note(f"x = torch.randn{(batch, in_channels, h, w)}")
+
+    try:
+        fxstream.compile(model, tile_size=1)
+        minimum = (1, 1)  # a pointwise trunk: one-pixel tiles are valid
+    except fxstream.TileSizeError as exc:
+        minimum = exc.minimum
+    assert minimum is not None and len(minimum) == 2, minimum
+
+    # tile = minimum + S*(block-1) + jitter gives `block` output pixels per tile (jitter < S
+    # makes the tile ragged inside one stride); keep at most MAX_TILES_PER_DIM tiles per dim.
+    tile = []
+    for axis, (m, s, n) in enumerate(zip(minimum, out_stride, out.shape[2:])):
+        if data.draw(st.integers(0, 9), label=f"whole tile {axis}") == 0:
+            tile.append(m + s * n + data.draw(st.integers(0, 5), label=f"extra {axis}"))
+            continue
+        lo = max(1, math.ceil(n / MAX_TILES_PER_DIM))
+        block = data.draw(st.integers(lo, max(lo, min(n, lo + 4))), label=f"block {axis}")
+        tile.append(m + s * (block - 1) + data.draw(st.integers(0, s - 1), label=f"jitter {axis}"))
+    tile_size = tile[0] if tile[0] == tile[1] and data.draw(st.booleans(), label="int tile") else tuple(tile)
+    note(f"tile_size = {tile_size!r} (minimum {minimum})")
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, in_channels, h, w, dtype=torch.float64, generator=gen)
+    errors = check_streamed(model, x, tile_size, seed=seed)
+    n_tiles = len(fxstream.compile(model, tile_size).shape_plan(h, w).tiles)
+    event(f"tiles: {'1' if n_tiles == 1 else '2-4' if n_tiles <= 4 else '5-12' if n_tiles <= 12 else '13+'}")
+    event(f"worst error: {'0' if max(errors.values()) == 0 else f'1e{math.floor(math.log10(max(errors.values())))}'}")
