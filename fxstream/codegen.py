@@ -57,8 +57,8 @@ def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
         for producer in step.inputs:
             spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", step.name, producer)))
             args = (env[by_name[producer]], spec)
-            if isinstance(verdict, ops.Window) and (verdict.fill != "constant" or verdict.value != 0.0):
-                args += (verdict.fill, verdict.value)
+            if isinstance(verdict, ops.Window) and verdict.value != 0.0:
+                args += (verdict.value,)
             windows[by_name[producer]] = graph.call_function(runtime.window, args)
         if isinstance(verdict, ops.Local):
             env[node] = graph.node_copy(node, lambda n: windows.get(n, env.get(n)))

@@ -105,30 +105,35 @@ class Stencil:
 IDENTITY = Stencil(extent=1)
 
 
+def border_index(j: int, size: int, fill: str) -> int:
+    """The in-image index that position ``j`` of a padded axis reads ('reflect' mirrors
+    about the edge pixels, as F.pad does; 'replicate' repeats them)."""
+    if fill == "reflect":
+        return -j if j < 0 else (2 * (size - 1) - j if j >= size else j)
+    return min(max(j, 0), size - 1)
+
+
 def source_interval(raw: Interval, size: int, fill: str) -> Interval:
     """The in-image indices that a window over ``raw`` reads, for a border ``fill``.
 
-    'constant' reads only the in-image part; 'replicate' reads the edge pixel
-    for everything outside; 'reflect' reads the mirror images ``-j`` and
-    ``2(size-1)-j`` and the edge pixels (F.pad's reflection axis).
+    'constant' reads only the in-image part; 'reflect' and 'replicate' also read the
+    indices that the positions outside the image map to (see :func:`border_index`).
     """
     lo, hi = raw.lo, raw.hi
     inside = Interval(max(lo, 0), min(hi, size))
-    if fill == "constant":
+    if fill == "constant" or (lo >= 0 and hi <= size):
         return inside
-    if fill == "replicate":
-        return Interval(min(max(lo, 0), size - 1), max(min(hi, size), 1))
-    if fill == "reflect":
-        parts = [inside] if not inside.is_empty() else []
-        if lo < 0:
-            parts.append(Interval(0, 1 - lo))  # mirrors of [lo, 0) are [1, 1-lo), plus the edge 0
-        if hi > size:
-            parts.append(Interval(2 * size - 1 - hi, size))  # mirrors of [size, hi), plus size-1
-        result = parts[0]
-        for part in parts[1:]:
-            result = result.hull(part)
-        return result
-    raise ValueError(f"unknown fill {fill!r}")
+    parts = [inside] if not inside.is_empty() else []
+    if lo < 0:
+        outside = [border_index(j, size, fill) for j in range(lo, min(hi, 0))]
+        parts.append(Interval(min(outside), max(outside) + 1))
+    if hi > size:
+        outside = [border_index(j, size, fill) for j in range(max(lo, size), hi)]
+        parts.append(Interval(min(outside), max(outside) + 1))
+    result = parts[0]
+    for part in parts[1:]:
+        result = result.hull(part)
+    return result
 
 
 # --- Symbolic composition -------------------------------------------------------

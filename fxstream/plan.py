@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from . import geometry as g
 from . import ops
@@ -334,23 +334,40 @@ def _non_empty(r: g.Interval, size: int) -> g.Interval:
     return g.Interval(at, at + 1)
 
 
+class Crop(NamedTuple):
+    """Take ``[start, stop)`` of the producer's region along ``dim``, then pad it with the
+    fill value by ``pad_lo``/``pad_hi`` where the window leaves the image."""
+
+    dim: int
+    start: int
+    stop: int
+    pad_lo: int
+    pad_hi: int
+
+
+class Gather(NamedTuple):
+    """Read ``index`` (relative to the producer's region) along ``dim``: reflect and
+    replicate padding where the window leaves the image."""
+
+    dim: int
+    index: tuple
+
+
 def _window_entry(raw, region, size, dims, fill) -> tuple:
-    """Per axis ``(dim, start, stop, pad_lo, pad_hi, keep_start, keep_len)``: crop the
-    producer's computed region to ``[start, stop)``, pad it at the image border, and keep
-    ``keep_len`` entries from ``keep_start`` so the result covers ``raw`` exactly."""
+    """How a consumer reads its producer: per axis a :class:`Crop` or a :class:`Gather`
+    whose result covers the consumer's raw interval exactly."""
     entry = []
     for r, reg, n, dim in zip(raw, region, size, dims):
-        src = g.source_interval(r, n, fill)
+        if fill != "constant" and (r.lo < 0 or r.hi > n):
+            entry.append(Gather(dim, tuple(g.border_index(j, n, fill) - reg.lo for j in range(r.lo, r.hi))))
+            continue
+        src = g.Interval(max(r.lo, 0), min(r.hi, n))
         if src.is_empty():  # the consumer reads only border padding here
-            at = min(max(r.lo, 0), n)
-            pad_lo, pad_hi = max(0, at - r.lo), max(0, r.hi - at)
-            entry.append((dim, 0, 0, pad_lo, pad_hi, r.lo - (at - pad_lo), r.hi - r.lo))
+            entry.append(Crop(dim, 0, 0, r.hi - r.lo, 0))
             continue
         if not (reg.lo <= src.lo and src.hi <= reg.hi):
             raise PlannerError(f"planner: source {src} outside computed region {reg}")
-        pad_lo, pad_hi = max(0, src.lo - r.lo), max(0, r.hi - src.hi)
-        keep_start = r.lo - (src.lo - pad_lo)
-        entry.append((dim, src.lo - reg.lo, src.hi - reg.lo, pad_lo, pad_hi, keep_start, r.hi - r.lo))
+        entry.append(Crop(dim, src.lo - reg.lo, src.hi - reg.lo, src.lo - r.lo, r.hi - src.hi))
     return tuple(entry)
 
 

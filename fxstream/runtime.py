@@ -18,32 +18,30 @@ from torch.autograd.function import once_differentiable
 from .errors import PlannerError
 
 
-def window(t: torch.Tensor, spec: tuple, mode: str = "constant", value: float = 0.0) -> torch.Tensor:
-    """Crop ``t`` to the region its consumer reads and pad it where that region leaves the
-    image. ``spec`` holds, per spatial axis, ``(dim, start, stop, pad_lo, pad_hi, keep_start,
-    keep_len)`` (see ``plan._window_entry``)."""
+def window(t: torch.Tensor, spec: tuple, value: float = 0.0) -> torch.Tensor:
+    """Cut from ``t`` (a producer's computed region) exactly what its consumer reads.
+
+    ``spec`` has one entry per spatial axis (see ``plan.Crop`` and ``plan.Gather``):
+    a crop, padded with ``value`` where the consumer's window leaves the image, or an
+    index gather for reflect/replicate padding at the image border.
+    """
     pads = {}
-    for dim, start, stop, pad_lo, pad_hi, _, _ in spec:
+    for entry in spec:
+        if len(entry) == 2:  # Gather
+            dim, index = entry
+            t = t.index_select(dim, torch.tensor(index, device=t.device))
+            continue
+        dim, start, stop, pad_lo, pad_hi = entry
         if start != 0 or stop != t.shape[dim]:
             t = t.narrow(dim, start, stop - start)
         if pad_lo or pad_hi:
             pads[dim] = (pad_lo, pad_hi)
     if pads:
-        t = _pad(t, pads, min(entry[0] for entry in spec), mode, value)
-    for dim, _, _, _, _, keep_start, keep_len in spec:
-        if keep_start != 0 or keep_len != t.shape[dim]:
-            t = t.narrow(dim, keep_start, keep_len)
+        flat = []
+        for dim in range(t.dim() - 1, min(pads) - 1, -1):
+            flat += list(pads.get(dim, (0, 0)))
+        t = F.pad(t, flat, mode="constant", value=value)
     return t
-
-
-def _pad(t: torch.Tensor, pads: dict, first: int, mode: str, value: float) -> torch.Tensor:
-    """F.pad over the dims from ``first`` to the last (reflect/replicate need all spatial dims)."""
-    flat = []
-    for dim in range(t.dim() - 1, first - 1, -1):
-        flat += list(pads.get(dim, (0, 0)))
-    if mode == "constant":
-        return F.pad(t, flat, mode="constant", value=value)
-    return F.pad(t, flat, mode=mode)
 
 
 def avg_pool(
