@@ -18,6 +18,7 @@ any op the op table rejects or does not know.
 from __future__ import annotations
 
 import difflib
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -145,6 +146,7 @@ def _record_constant_shapes(gm: fx.GraphModule, dag: nx.DiGraph) -> None:
 
 
 def _walk(gm, image, ndim, scope):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     states: dict = {}
     layouts: dict = {image: (None, None) + tuple(range(ndim))}
     verdicts: dict = {}
@@ -181,6 +183,7 @@ def _walk(gm, image, ndim, scope):
         if isinstance(verdict, ops.Rejected):
             raise _unsupported(node, module, verdict.reason, verdict.fix)
         _check_inputs(node, module, states)
+        _check_inplace(node, module, order)
         states[node] = SPATIAL
         verdicts[node] = verdict
         layouts[node] = verdict.layout if isinstance(verdict, ops.Local) else layouts[verdict.input]
@@ -248,6 +251,41 @@ def _check_inputs(node: fx.Node, module, states: dict) -> None:
                 "stream a model whose trunk depends on the image alone, or pass boundary=... "
                 "to stop streaming before this op",
             )
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_inplace(node: fx.Node, module) -> bool:
+    if module is not None:
+        return getattr(module, "inplace", False) is True
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.target in _INPLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_"):
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:  # positional inplace flag, e.g. F.relu(x, True)
+        bound = inspect.signature(node.target).bind_partial(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def _check_inplace(node: fx.Node, module, order: dict) -> None:
+    """An in-place op mutates the window its tile reads; that is only safe when nothing
+    reads the mutated tensor afterwards (as in conv -> bn -> relu(inplace=True))."""
+    if not _is_inplace(node, module) or not node.args or not isinstance(node.args[0], fx.Node):
+        return
+    target = node.args[0]
+    later = [u for u in target.users if order[u] > order[node]]
+    if later:
+        raise _unsupported(
+            node, module,
+            f"it modifies '{target.name}' in place, and '{later[0].name}' reads '{target.name}' afterwards; "
+            "each tile would read a partly modified tensor",
+            "use the out-of-place form (inplace=False, x = x + y instead of x += y)",
+        )
 
 
 def _global_source(node: fx.Node, states: dict) -> fx.Node:

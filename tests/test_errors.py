@@ -234,3 +234,40 @@ def test_input_too_small_for_network():
 def test_not_a_module():
     with pytest.raises(TypeError, match="expects an nn.Module"):
         fxstream.compile(lambda x: x, tile_size=16)
+
+
+class InplaceReused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.act(y)
+        return z + y  # y was modified in place by act
+
+
+def test_inplace_op_on_reused_tensor_is_rejected():
+    with pytest.raises(fxstream.UnsupportedOpError, match="in place") as info:
+        fxstream.compile(InplaceReused(), tile_size=16)
+    assert info.value.module_path == "act"
+
+
+class InplaceSafe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y += x
+        y = y.mul_(2.0)
+        return self.conv2(F.relu(y, inplace=True))
+
+
+def test_inplace_ops_on_dead_tensors_are_exact():
+    torch.manual_seed(0)
+    model = InplaceSafe().double()
+    check_streamed(model, torch.randn(2, 3, 17, 23, dtype=torch.float64), 9, min_tiles=4)

@@ -409,12 +409,14 @@ def test_random_local_network_streams_exactly(data):
 # --- Regressions found by the fuzzer --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="fxstream bug: Stencil.out_size returns 0 for a ceil_mode pooling window "
-                   "larger than its padded input; torch gives one output pixel")
+@pytest.mark.xfail(strict=True, raises=fxstream.InputShapeError,
+                   reason="fxstream bug: Stencil.out_size returns 0 for a ceil_mode pooling window larger than "
+                   "its padded input; torch gives one output pixel (FUZZ_CEIL_POOL_LARGER_THAN_INPUT)")
 @pytest.mark.parametrize("pool", ["max", "avg"])
 def test_ceil_mode_pool_window_larger_than_input(pool):
-    # conv -> 2x2 map; a 3x3 ceil_mode window over it hangs over the edge: 1x1 output in torch.
+    # conv -> 2x10 map; a 3x3 ceil_mode window hangs over the bottom edge: 1x4 output in torch.
     cls = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
     model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=4), cls(3, stride=3, ceil_mode=True)).double().eval()
-    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
-    check_streamed(model, x, tile_size=7)
+    x = torch.randn(1, 1, 8, 40, dtype=torch.float64)
+    assert model(x).shape == (1, 2, 1, 4)
+    check_streamed(model, x, tile_size=(11, 23), min_tiles=2)
