@@ -18,7 +18,6 @@ any op the op table rejects or does not know.
 from __future__ import annotations
 
 import difflib
-import inspect
 import operator
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -29,6 +28,7 @@ import torch.fx as fx
 
 from . import ops
 from .errors import BoundaryError, UnsupportedOpError
+from .functionalize import functionalize
 from .trace import describe, module_path
 
 SPATIAL, GLOBAL, CONST, OTHER = "spatial", "global", "const", "other"
@@ -67,6 +67,8 @@ def analyze(gm: fx.GraphModule, boundary: Optional[str] = None, ndim_hint: Optio
     if not placeholders:
         raise BoundaryError("the model's forward() takes no input to stream")
     image = placeholders[0]
+    functionalize(gm, image, dag)
+    dag = to_networkx(graph)
     ndim = infer_ndim(gm, image, dag) or ndim_hint or 2
     scope = None
     if boundary is not None:
@@ -146,7 +148,6 @@ def _record_constant_shapes(gm: fx.GraphModule, dag: nx.DiGraph) -> None:
 
 
 def _walk(gm, image, ndim, scope):
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     states: dict = {}
     layouts: dict = {image: (None, None) + tuple(range(ndim))}
     verdicts: dict = {}
@@ -183,7 +184,6 @@ def _walk(gm, image, ndim, scope):
         if isinstance(verdict, ops.Rejected):
             raise _unsupported(node, module, verdict.reason, verdict.fix)
         _check_inputs(node, module, states)
-        _check_inplace(node, module, order)
         states[node] = SPATIAL
         verdicts[node] = verdict
         layouts[node] = verdict.layout if isinstance(verdict, ops.Local) else layouts[verdict.input]
@@ -251,41 +251,6 @@ def _check_inputs(node: fx.Node, module, states: dict) -> None:
                 "stream a model whose trunk depends on the image alone, or pass boundary=... "
                 "to stop streaming before this op",
             )
-
-
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def _is_inplace(node: fx.Node, module) -> bool:
-    if module is not None:
-        return getattr(module, "inplace", False) is True
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
-    if node.target in _INPLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_"):
-        return True
-    if node.kwargs.get("inplace") is True:
-        return True
-    try:  # positional inplace flag, e.g. F.relu(x, True)
-        bound = inspect.signature(node.target).bind_partial(*node.args, **node.kwargs)
-    except (TypeError, ValueError):
-        return False
-    return bound.arguments.get("inplace") is True
-
-
-def _check_inplace(node: fx.Node, module, order: dict) -> None:
-    """An in-place op mutates the window its tile reads; that is only safe when nothing
-    reads the mutated tensor afterwards (as in conv -> bn -> relu(inplace=True))."""
-    if not _is_inplace(node, module) or not node.args or not isinstance(node.args[0], fx.Node):
-        return
-    target = node.args[0]
-    later = [u for u in target.users if order[u] > order[node]]
-    if later:
-        raise _unsupported(
-            node, module,
-            f"it modifies '{target.name}' in place, and '{later[0].name}' reads '{target.name}' afterwards; "
-            "each tile would read a partly modified tensor",
-            "use the out-of-place form (inplace=False, x = x + y instead of x += y)",
-        )
 
 
 def _global_source(node: fx.Node, states: dict) -> fx.Node:

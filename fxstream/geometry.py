@@ -75,17 +75,15 @@ class Stencil:
         )
 
     def out_size(self, size: int) -> int:
-        # floor((n + p_lo + p_hi - e) / s) + 1, as in torch; ceil_mode rounds up
-        # but drops a last window that would start inside the right padding.
+        # torch's pooling_output_shape: floor((n + p_lo + p_hi - e [+ s - 1 if ceil]) / s) + 1;
+        # with ceil_mode, a last window that would start inside the right padding is dropped.
         span = size + self.pad_lo + self.pad_hi - self.extent
-        if span < 0:
-            return 0
-        if not self.ceil_mode:
-            return span // self.stride + 1
-        out = -(-span // self.stride) + 1
-        if (out - 1) * self.stride >= size + self.pad_lo:
+        if self.ceil_mode:
+            span += self.stride - 1
+        out = span // self.stride + 1
+        if self.ceil_mode and (out - 1) * self.stride >= size + self.pad_lo:
             out -= 1
-        return out
+        return max(out, 0)
 
     def window_counts(self, block: Interval, size: int, include_pad: bool) -> tuple[int, ...]:
         """Divisor of average pooling for each output index in ``block``.

@@ -557,6 +557,29 @@ MODULES.update({
 })
 
 
+# Out-of-place forms of in-place activation modules: function, module attributes as kwargs.
+INPLACE_MODULES: dict[type, tuple[Callable, tuple[str, ...]]] = {
+    nn.ReLU: (F.relu, ()),
+    nn.ReLU6: (F.relu6, ()),
+    nn.LeakyReLU: (F.leaky_relu, ("negative_slope",)),
+    nn.Hardtanh: (F.hardtanh, ("min_val", "max_val")),
+    nn.ELU: (F.elu, ("alpha",)),
+    nn.CELU: (F.celu, ("alpha",)),
+    nn.SELU: (F.selu, ()),
+    nn.SiLU: (F.silu, ()),
+    nn.Mish: (F.mish, ()),
+    nn.Hardswish: (F.hardswish, ()),
+    nn.Hardsigmoid: (F.hardsigmoid, ()),
+    nn.Threshold: (F.threshold, ("threshold", "value")),
+}
+
+# Ops whose result may share storage with their input.
+VIEW_METHODS = {"view", "reshape", "permute", "transpose", "narrow", "expand", "contiguous", "flatten", "squeeze",
+                "unsqueeze", "view_as", "as_strided", "detach", "t"}
+VIEW_FUNCTIONS = {operator.getitem, torch.permute, torch.transpose, torch.narrow, torch.reshape, torch.flatten,
+                  torch.squeeze, torch.unsqueeze, torch.detach}
+
+
 def classify(ctx: OpContext) -> Verdict:
     """Look the node up in the table; unknown ops are rejected."""
     node = ctx.node

@@ -16,11 +16,13 @@ import json
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
 
+import sympy
+
 from . import geometry as g
 from . import ops
 from .analyze import Analysis
-from .errors import InputShapeError, PlannerError, TileSizeError
-from .trace import module_path
+from .errors import InputShapeError, PlannerError, TileSizeError, UnsupportedOpError
+from .trace import module_path, source_line
 
 Pair = tuple[int, int]
 
@@ -38,6 +40,7 @@ class Step:
     fill: str = "constant"
     include_pad: bool = True
     divisor: Optional[int] = None
+    source: str = ""  # the user's source line, for error messages
 
     @property
     def needs_counts(self) -> bool:
@@ -76,11 +79,11 @@ def build_geometry(analysis: Analysis) -> TrunkGeometry:
     for node in analysis.trunk:
         verdict = analysis.verdicts[node]
         inputs = tuple(dict.fromkeys(n.name for n in node.all_input_nodes if n in analysis.layouts))
-        step = Step(node.name, "local", _op_name(analysis, node), module_path(node), inputs)
+        step = Step(node.name, "local", _op_name(analysis, node), module_path(node), inputs, source=source_line(node))
         if isinstance(verdict, ops.Window):
             step = Step(
                 node.name, verdict.kind, step.op, step.module_path, (verdict.input.name,), verdict.stencils,
-                verdict.fill, verdict.params.get("include_pad", True), verdict.params.get("divisor"),
+                verdict.fill, verdict.params.get("include_pad", True), verdict.params.get("divisor"), step.source,
             )
         steps.append(step)
         slots += [Slot("window", node.name, producer) for producer in step.inputs]
@@ -165,9 +168,11 @@ def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...]) -> Plan:
         axes = []
         for axis in range(geo.ndim):
             stencil = step.stencils[axis] if step.stencils else g.IDENTITY
+            inputs = [maps[producer][axis].through(stencil) for producer in step.inputs]
+            _check_same_stride(step, inputs)
             combined = None
-            for producer in step.inputs:
-                combined = maps[producer][axis].through(stencil).hull(combined)
+            for one in inputs:
+                combined = one.hull(combined)
             axes.append(combined)
         maps[step.name] = axes
         nodes.append(_node_plan(step, axes))
@@ -185,6 +190,21 @@ def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...]) -> Plan:
             minimum=receptive_field,
         )
     return Plan(geo.ndim, tile_size, block, stride, receptive_field, halo, geo.output, tuple(nodes))
+
+
+def _check_same_stride(step: Step, inputs: list) -> None:
+    """A merge of branches with different cumulative strides is not translation
+    equivariant (the shapes only agree at some image sizes): it cannot be tiled."""
+    strides = {sympy.simplify(m.stride) for m in inputs}
+    if len(strides) > 1 or any(s.free_symbols or not s.is_integer for s in strides):
+        where = f"\n  at {step.source}" if step.source else ""
+        raise UnsupportedOpError(
+            f"cannot stream {step.op}: it merges inputs with different cumulative strides "
+            f"({', '.join(sorted(map(str, strides)))} image pixels per pixel), so its inputs only line up at some "
+            f"image sizes and no tiling is exact.\n  node '{step.name}' in module '{step.module_path}'{where}\n"
+            "  fix: make the branches downsample alike, or pass boundary=... to stream only the part before it",
+            node=step.name, module_path=step.module_path, op=step.op,
+        )
 
 
 def _node_plan(step: Step, axes: list) -> NodePlan:
