@@ -44,15 +44,10 @@ def functionalize(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> None:
         mutated = node.args[0]
         later = [u for u in mutated.users if u is not node and order[u] > order[node]]
         _check_no_alias(node, mutated, order)
-        op, target, args, kwargs = form
-        with gm.graph.inserting_after(node):
-            new = gm.graph.create_node(op, target, args, kwargs)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
+        # Rewrite the node itself, so its name (usable as boundary=) and metadata stay.
+        node.op, node.target, node.args, node.kwargs = form
         for user in later:
-            user.replace_input_with(mutated, new)
-        gm.graph.erase_node(node)
-        order[new] = order[node]
+            user.replace_input_with(mutated, node)
     gm.recompile()
 
 

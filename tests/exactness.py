@@ -42,7 +42,7 @@ def check_streamed(model, x, tile_size, rtol=None, boundary=None, min_tiles=1, s
     out = smodel(x_str)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     gen = torch.Generator().manual_seed(seed)
-    grad = torch.randn(ref.shape, generator=gen, dtype=ref.dtype)
+    grad = torch.randn(ref.shape, generator=gen, dtype=ref.dtype).to(ref.device)
     g_ref = torch.autograd.grad(ref, [x_ref] + params, grad, allow_unused=True)
     g_str = torch.autograd.grad(out, [x_str] + params, grad, allow_unused=True)
 
