@@ -49,9 +49,10 @@ def step(model, x, target):
     return loss
 
 
-def measure(method: str, size: int, tile: int, device: str, reps: int) -> dict:
-    """One method, in this process: time, peak memory, gradients (returned for comparison)."""
-    torch.backends.cudnn.benchmark = True
+def measure(method: str, size: int, tile: int, device: str, reps: int, autotune: bool = False) -> dict:
+    """One method, in this process: time and peak memory. cudnn autotuning is off by default:
+    with it, every new tile shape triggers a search that costs more than the step."""
+    torch.backends.cudnn.benchmark = autotune
     model = build_model(device)
     net = fxstream.compile(model, tile_size=tile) if method == "fxstream" else model
     x = torch.randn(1, 3, size, size, device=device, generator=None)
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=2880)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--error-size", type=int, default=4096)
+    parser.add_argument("--methods", nargs="+", default=["plain", "fxstream"])
+    parser.add_argument("--no-error", action="store_true", help="skip the gradient-error check")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -104,7 +107,7 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}, tile {args.tile}, fp32 (default TF32 settings)")
     rows = []
     for size in args.sizes:
-        for method in ("plain", "fxstream"):
+        for method in args.methods:
             cmd = [sys.executable, __file__, "--device", args.device, "--tile", str(args.tile), "--reps",
                    str(args.reps), "--child", method, str(size)]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -116,6 +119,8 @@ def main() -> None:
             extra = f", {row['tiles']} tiles, h={row['halo_overhead']:.2f}" if "tiles" in row else ""
             print(f"{method:9s} {size:6d} px: {row['time_s']:.3f} s/step, peak {row['peak_gib']:.2f} GiB{extra}",
                   flush=True)
+    if args.no_error:
+        return
     err = gradient_error(args.error_size, args.tile, args.device)
     print(f"max relative parameter-gradient error at {args.error_size} px, TF32 off: {err:.2e}")
 
