@@ -32,8 +32,19 @@ import fxstream
 def build_model(device: str) -> nn.Module:
     torch.manual_seed(0)
     m = torchvision.models.resnet34()
-    model = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4,
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
+    model = nn.Sequential(
+        m.conv1,
+        m.bn1,
+        m.relu,
+        m.maxpool,
+        m.layer1,
+        m.layer2,
+        m.layer3,
+        m.layer4,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    )
     return model.eval().to(device)
 
 
@@ -68,8 +79,11 @@ def measure(method: str, size: int, tile: int, device: str, reps: int, autotune:
         step(net, x, target)
         sync(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
-        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) * 1024
+    )
     result = {"method": method, "size": size, "time_s": statistics.median(times), "peak_gib": peak / 2**30}
     if method == "fxstream":
         result["tiles"] = len(net.shape_plan(size, size).tiles)
@@ -108,8 +122,19 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--device", args.device, "--tile", str(args.tile), "--reps",
-                   str(args.reps), "--child", method, str(size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--device",
+                args.device,
+                "--tile",
+                str(args.tile),
+                "--reps",
+                str(args.reps),
+                "--child",
+                method,
+                str(size),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{method} {size}: failed\n{done.stderr[-2000:]}")
@@ -117,8 +142,10 @@ def main() -> None:
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
             extra = f", {row['tiles']} tiles, h={row['halo_overhead']:.2f}" if "tiles" in row else ""
-            print(f"{method:9s} {size:6d} px: {row['time_s']:.3f} s/step, peak {row['peak_gib']:.2f} GiB{extra}",
-                  flush=True)
+            print(
+                f"{method:9s} {size:6d} px: {row['time_s']:.3f} s/step, peak {row['peak_gib']:.2f} GiB{extra}",
+                flush=True,
+            )
     if args.no_error:
         return
     err = gradient_error(args.error_size, args.tile, args.device)

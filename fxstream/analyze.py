@@ -20,7 +20,6 @@ from __future__ import annotations
 import difflib
 import operator
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import networkx as nx
 import torch
@@ -58,7 +57,7 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     return dag
 
 
-def analyze(gm: fx.GraphModule, boundary: Optional[str] = None, ndim_hint: Optional[int] = None) -> Analysis:
+def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | None = None) -> Analysis:
     """Find the trunk. ``ndim_hint`` (from a per-dim tile_size) is used only when no
     convolution or pooling op tells the number of spatial dims."""
     graph = gm.graph
@@ -91,7 +90,7 @@ def analyze(gm: fx.GraphModule, boundary: Optional[str] = None, ndim_hint: Optio
     return Analysis(gm, image, trunk, constants, output, verdicts, layouts, ndim)
 
 
-def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> Optional[int]:
+def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> int | None:
     """Spatial dims, from the first convolution or pooling op that reads the image."""
     for node in nx.topological_sort(dag.subgraph(nx.descendants(dag, image))):
         name = ""
@@ -198,7 +197,7 @@ def _merge_non_spatial(input_states: set) -> str:
     return CONST
 
 
-def _size_query(node: fx.Node, layouts: dict) -> Optional[str]:
+def _size_query(node: fx.Node, layouts: dict) -> str | None:
     """``x.size(d)``/``x.shape[d]``/``x.dim()`` of a spatial tensor: const for batch and
     channel dims (same in every tile), global for spatial dims."""
     target = node.target
@@ -218,7 +217,7 @@ def _size_query(node: fx.Node, layouts: dict) -> Optional[str]:
     return None
 
 
-def _is_shape(node: Union[fx.Node, object]) -> bool:
+def _is_shape(node: fx.Node | object) -> bool:
     if not isinstance(node, fx.Node):
         return False
     if node.op == "call_method" and node.target == "size" and len(node.args) == 1:
@@ -247,7 +246,9 @@ def _check_inputs(node: fx.Node, module, states: dict) -> None:
             )
         if states.get(inp) == OTHER:
             raise _unsupported(
-                node, module, f"it uses '{inp.name}', a model input other than the image",
+                node,
+                module,
+                f"it uses '{inp.name}', a model input other than the image",
                 "stream a model whose trunk depends on the image alone, or pass boundary=... "
                 "to stop streaming before this op",
             )
@@ -274,11 +275,10 @@ def _unsupported(node: fx.Node, module, reason: str, fix: str) -> UnsupportedOpE
 def _trunk_output(trunk: set, states: dict, dag: nx.DiGraph) -> fx.Node:
     """The one trunk node the head reads. Size queries of batch/channel dims (const)
     are evaluated per tile and do not count as uses."""
-    outputs = [n for n in trunk if any(u not in trunk and states.get(u) not in (CONST, SHAPE) for u in dag.successors(n))]
+    metadata = (CONST, SHAPE)
+    outputs = [n for n in trunk if any(u not in trunk and states.get(u) not in metadata for u in dag.successors(n))]
     if not outputs:
-        raise BoundaryError(
-            "nothing to stream: no full-resolution op reads the image before the first global op"
-        )
+        raise BoundaryError("nothing to stream: no full-resolution op reads the image before the first global op")
     if len(outputs) > 1:
         names = ", ".join(sorted(f"'{n.name}'" for n in outputs))
         raise BoundaryError(

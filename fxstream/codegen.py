@@ -61,7 +61,7 @@ def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
                 args += (verdict.value,)
             windows[by_name[producer]] = graph.call_function(runtime.window, args)
         if isinstance(verdict, ops.Local):
-            env[node] = graph.node_copy(node, lambda n: windows.get(n, env.get(n)))
+            env[node] = graph.node_copy(node, lambda n, windows=windows: windows.get(n, env.get(n)))
         else:
             env[node] = _emit_window(graph, node, verdict, windows[verdict.input], env, geometry, geo)
     spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", "", analysis.output.name)))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import operator
-from typing import Any, Optional
+from typing import Any
 
 import networkx as nx
 import torch
@@ -24,11 +24,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .errors import UnsupportedOpError
-from .ops import INPLACE_MODULES, VIEW_METHODS, VIEW_FUNCTIONS
+from .ops import INPLACE_MODULES, VIEW_FUNCTIONS, VIEW_METHODS
 from .trace import describe, module_path
 
-_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-              operator.itruediv: operator.truediv}
+_OPERATORS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
 
 
 def functionalize(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> None:
@@ -51,7 +55,7 @@ def functionalize(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> None:
     gm.recompile()
 
 
-def out_of_place(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, Any, tuple, dict]]:
+def out_of_place(gm: fx.GraphModule, node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
     """The out-of-place form of an in-place node, or None if it is not in place."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -76,7 +80,7 @@ def out_of_place(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, Any, 
     return _without_inplace_flag(node)
 
 
-def _without_inplace_flag(node: fx.Node) -> Optional[tuple[str, Any, tuple, dict]]:
+def _without_inplace_flag(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
     if node.kwargs.get("inplace") is True:
         return "call_function", node.target, node.args, {**node.kwargs, "inplace": False}
     try:  # positional flag, e.g. F.relu(x, True)
@@ -103,7 +107,9 @@ def _check_no_alias(node: fx.Node, mutated: fx.Node, order: dict) -> None:
                 f"cannot stream {getattr(node.target, '__name__', node.target)}: it modifies '{mutated.name}' in "
                 f"place while '{view.name}', a view of it, is read afterwards.\n  {describe(node)}\n"
                 "  fix: use the out-of-place form (inplace=False, x = x + y instead of x += y)",
-                node=node.name, module_path=module_path(node), op=str(node.target),
+                node=node.name,
+                module_path=module_path(node),
+                op=str(node.target),
             )
 
 

@@ -16,7 +16,7 @@ from typing import Union
 
 import sympy
 
-Scalar = Union[int, sympy.Expr]
+Scalar = Union[int, sympy.Expr]  # noqa: UP007 (runtime alias, Python 3.10)
 
 
 def smin(x: Scalar, y: Scalar) -> Scalar:
@@ -42,7 +42,7 @@ class Interval:
     def length(self) -> Scalar:
         return self.hi - self.lo
 
-    def hull(self, other: "Interval | None") -> "Interval":
+    def hull(self, other: Interval | None) -> Interval:
         if other is None:
             return self
         return Interval(smin(self.lo, other.lo), smax(self.hi, other.hi))
@@ -151,15 +151,15 @@ class AxisMap:
     hi: sympy.Expr
 
     @staticmethod
-    def identity() -> "AxisMap":
+    def identity() -> AxisMap:
         return AxisMap(A, B)
 
-    def through(self, stencil: Stencil) -> "AxisMap":
+    def through(self, stencil: Stencil) -> AxisMap:
         """The map of a consumer that reads this node through ``stencil``."""
         raw = stencil.need(Interval(A, B))
         return AxisMap(self.lo.subs(A, raw.lo), self.hi.subs(B, raw.hi))
 
-    def hull(self, other: "AxisMap | None") -> "AxisMap":
+    def hull(self, other: AxisMap | None) -> AxisMap:
         if other is None:
             return self
         return AxisMap(sympy.Min(self.lo, other.lo), sympy.Max(self.hi, other.hi))

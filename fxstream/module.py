@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Union
 
 import torch.fx as fx
 import torch.nn as nn
@@ -14,7 +14,7 @@ from .errors import TileSizeError
 from .plan import Plan, TrunkGeometry, build_geometry, build_plan
 from .trace import trace
 
-TileSize = Union[int, tuple[int, ...]]
+TileSize = Union[int, tuple[int, ...]]  # noqa: UP007 (runtime alias, Python 3.10)
 
 
 @dataclass
@@ -26,10 +26,10 @@ class Program:
     plan: Plan
     tile_graph: fx.Graph
     outer_graph: fx.Graph
-    module: Optional[fx.GraphModule] = None  # built on demand, dropped by .to()/.cuda()
+    module: fx.GraphModule | None = None  # built on demand, dropped by .to()/.cuda()
 
 
-def build_program(model: nn.Module, tile_size: TileSize, boundary: Optional[str]) -> Program:
+def build_program(model: nn.Module, tile_size: TileSize, boundary: str | None) -> Program:
     gm = trace(model)  # nn.Module -> fx.GraphModule
     ndim = len(tile_size) if isinstance(tile_size, tuple) else None
     analysis = analyze(gm, boundary, ndim)  # -> Analysis: trunk, boundary, layouts
@@ -62,7 +62,7 @@ class StreamedModule(nn.Module):
     (and raise :class:`UnsupportedOpError` there if the new mode is not streamable).
     """
 
-    def __init__(self, model: nn.Module, tile_size: TileSize, boundary: Optional[str] = None):
+    def __init__(self, model: nn.Module, tile_size: TileSize, boundary: str | None = None):
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -129,7 +129,7 @@ class StreamedModule(nn.Module):
         return f"StreamedModule(tile_size={tile_size}, boundary={self.plan.boundary!r},\n  {self._source!r})"
 
 
-def compile(model: nn.Module, tile_size: TileSize, *, boundary: Optional[str] = None) -> StreamedModule:
+def compile(model: nn.Module, tile_size: TileSize, *, boundary: str | None = None) -> StreamedModule:
     """Compile ``model`` so its local trunk runs tile by tile with exact gradients.
 
     Args:

@@ -20,8 +20,9 @@ Supporting a new op means adding one row here and one model to the test zoo.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from .geometry import Stencil
 
-Layout = tuple[Optional[int], ...]
+Layout = tuple[int | None, ...]
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class OpContext:
     """What a classifier sees: the node, its module (for call_module) and input layouts."""
 
     node: fx.Node
-    module: Optional[nn.Module]
+    module: nn.Module | None
     layouts: dict  # fx.Node -> Layout, for spatial nodes
     ndim: int
 
@@ -135,8 +136,7 @@ def over_last(count: Callable[[OpContext], int], what: str) -> Callable[[OpConte
         if _spatial_dims(ctx.layout, list(range(len(ctx.layout) - n, len(ctx.layout)))):
             return Rejected(
                 f"{what} runs over spatial dimensions, so each pixel depends on the whole image",
-                "normalise over channels only (permute channels last first, as ConvNeXt does), or "
-                + BOUNDARY_FIX,
+                "normalise over channels only (permute channels last first, as ConvNeXt does), or " + BOUNDARY_FIX,
             )
         return Local(ctx.layout)
 
@@ -257,7 +257,7 @@ def _tuple(value: Any, ndim: int) -> tuple[int, ...]:
     return value * ndim if len(value) == 1 else value
 
 
-def _requires_canonical(ctx: OpContext) -> Optional[Rejected]:
+def _requires_canonical(ctx: OpContext) -> Rejected | None:
     if ctx.layout != _canonical(ctx.ndim):
         return Rejected(
             f"it expects (N, C, *spatial) input with {ctx.ndim} spatial dims, got layout {ctx.layout}",
@@ -283,9 +283,7 @@ def _conv(ctx: OpContext, input: fx.Node, weight_shape, weight, bias, stride, pa
     kernel = tuple(weight_shape[2:])
     stride, dilation = _tuple(stride, ndim), _tuple(dilation, ndim)
     pads = _conv_padding(padding, kernel, dilation)
-    stencils = tuple(
-        Stencil(d * (k - 1) + 1, s, lo, hi) for k, s, d, (lo, hi) in zip(kernel, stride, dilation, pads)
-    )
+    stencils = tuple(Stencil(d * (k - 1) + 1, s, lo, hi) for k, s, d, (lo, hi) in zip(kernel, stride, dilation, pads))
     params = dict(weight=weight, bias=bias, stride=stride, dilation=dilation, groups=groups)
     return Window("conv", input, stencils, fill=fill, params=params)
 
@@ -303,8 +301,9 @@ def conv_module(ctx: OpContext) -> Verdict:
         )
     target = ctx.node.target
     bias = f"{target}.bias" if m.bias is not None else None
-    return _conv(ctx, ctx.node.args[0], m.weight.shape, f"{target}.weight", bias, m.stride, m.padding, m.dilation,
-                 m.groups, fill)
+    return _conv(
+        ctx, ctx.node.args[0], m.weight.shape, f"{target}.weight", bias, m.stride, m.padding, m.dilation, m.groups, fill
+    )
 
 
 def conv_function(ctx: OpContext) -> Verdict:
@@ -315,8 +314,18 @@ def conv_function(ctx: OpContext) -> Verdict:
     if weight in ctx.layouts:
         return Rejected("the convolution weight depends on the image", BOUNDARY_FIX)
     shape = _weight_shape(ctx, weight)
-    return _conv(ctx, ctx.arg(0, "input"), shape, weight, ctx.arg(2, "bias"), ctx.arg(3, "stride", 1),
-                 ctx.arg(4, "padding", 0), ctx.arg(5, "dilation", 1), ctx.arg(6, "groups", 1), "constant")
+    return _conv(
+        ctx,
+        ctx.arg(0, "input"),
+        shape,
+        weight,
+        ctx.arg(2, "bias"),
+        ctx.arg(3, "stride", 1),
+        ctx.arg(4, "padding", 0),
+        ctx.arg(5, "dilation", 1),
+        ctx.arg(6, "groups", 1),
+        "constant",
+    )
 
 
 def _weight_shape(ctx: OpContext, weight: Any) -> tuple[int, ...]:
@@ -336,8 +345,9 @@ def _pool(ctx, kind, input, kernel, stride, padding, dilation, ceil_mode, params
         Stencil(d * (k - 1) + 1, s, p, p, bool(ceil_mode)) for k, s, p, d in zip(kernel, stride, padding, dilation)
     )
     value = float("-inf") if kind == "max_pool" else 0.0
-    return Window(kind, input, stencils, value=value, params=dict(kernel=kernel, stride=stride, dilation=dilation,
-                                                                  **params))
+    return Window(
+        kind, input, stencils, value=value, params=dict(kernel=kernel, stride=stride, dilation=dilation, **params)
+    )
 
 
 def max_pool(ctx: OpContext) -> Verdict:
@@ -348,9 +358,20 @@ def max_pool(ctx: OpContext) -> Verdict:
         m = ctx.module
         args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
     else:
-        args = tuple(ctx.arg(i, n, d) for i, (n, d) in enumerate(
-            [("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False),
-             ("return_indices", False)], start=1))
+        args = tuple(
+            ctx.arg(i, n, d)
+            for i, (n, d) in enumerate(
+                [
+                    ("kernel_size", None),
+                    ("stride", None),
+                    ("padding", 0),
+                    ("dilation", 1),
+                    ("ceil_mode", False),
+                    ("return_indices", False),
+                ],
+                start=1,
+            )
+        )
     kernel, stride, padding, dilation, ceil_mode, return_indices = args
     if return_indices:
         return Rejected("max pooling with return_indices gives whole-image positions", "use return_indices=False")
@@ -363,21 +384,49 @@ def avg_pool(ctx: OpContext) -> Verdict:
         return bad
     if ctx.module is not None:
         m = ctx.module
-        args = (m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
-                getattr(m, "divisor_override", None))
+        args = (
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.ceil_mode,
+            m.count_include_pad,
+            getattr(m, "divisor_override", None),
+        )
     else:
-        args = tuple(ctx.arg(i, n, d) for i, (n, d) in enumerate(
-            [("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
-             ("count_include_pad", True), ("divisor_override", None)], start=1))
+        args = tuple(
+            ctx.arg(i, n, d)
+            for i, (n, d) in enumerate(
+                [
+                    ("kernel_size", None),
+                    ("stride", None),
+                    ("padding", 0),
+                    ("ceil_mode", False),
+                    ("count_include_pad", True),
+                    ("divisor_override", None),
+                ],
+                start=1,
+            )
+        )
     kernel, stride, padding, ceil_mode, include_pad, divisor = args
-    return _pool(ctx, "avg_pool", ctx.node.args[0], kernel, stride, padding, 1, ceil_mode,
-                 dict(include_pad=bool(include_pad), divisor=divisor))
+    return _pool(
+        ctx,
+        "avg_pool",
+        ctx.node.args[0],
+        kernel,
+        stride,
+        padding,
+        1,
+        ceil_mode,
+        dict(include_pad=bool(include_pad), divisor=divisor),
+    )
 
 
 def _pad_window(ctx: OpContext, input: fx.Node, pad: tuple[int, ...], mode: str, value: float) -> Verdict:
     if mode == "circular":
-        return Rejected("circular padding wraps around the image, so border pixels depend on the far side",
-                        "use constant, reflect or replicate padding")
+        return Rejected(
+            "circular padding wraps around the image, so border pixels depend on the far side",
+            "use constant, reflect or replicate padding",
+        )
     layout = ctx.layout
     # F.pad lists (left, right) pairs from the last dim backwards.
     pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]
@@ -385,7 +434,7 @@ def _pad_window(ctx: OpContext, input: fx.Node, pad: tuple[int, ...], mode: str,
     for dim, pair in per_dim.items():
         if layout[dim] is None and pair != (0, 0):
             return Rejected("it pads a non-spatial dimension", BOUNDARY_FIX)
-    if mode != "constant" and layout[-len(pairs):] != tuple(range(ctx.ndim))[-len(pairs):]:
+    if mode != "constant" and layout[-len(pairs) :] != tuple(range(ctx.ndim))[-len(pairs) :]:
         return Rejected(f"{mode} padding of non-trailing spatial dims", "pad in (N, C, *spatial) order")
     stencils = []
     for axis in range(ctx.ndim):
@@ -396,8 +445,9 @@ def _pad_window(ctx: OpContext, input: fx.Node, pad: tuple[int, ...], mode: str,
 
 
 def pad_function(ctx: OpContext) -> Verdict:
-    return _pad_window(ctx, ctx.arg(0, "input"), tuple(ctx.arg(1, "pad")), ctx.arg(2, "mode", "constant"),
-                       ctx.arg(3, "value", None))
+    return _pad_window(
+        ctx, ctx.arg(0, "input"), tuple(ctx.arg(1, "pad")), ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
+    )
 
 
 def pad_module(ctx: OpContext) -> Verdict:
@@ -417,68 +467,126 @@ def pad_module(ctx: OpContext) -> Verdict:
 # --- The table -----------------------------------------------------------------------
 
 _POINTWISE_FUNCTIONS = [
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.softplus, F.softsign,
-    F.tanhshrink, F.logsigmoid, F.threshold, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
-    torch.square, torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, torch.erf, torch.log,
-    torch.reciprocal, torch.add, torch.sub, torch.mul, torch.div, torch.rsub, torch.pow, torch.maximum,
-    torch.minimum, torch.where, operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-    operator.pow, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.sigmoid,
+    torch.sigmoid,
+    F.tanh,
+    torch.tanh,
+    F.softplus,
+    F.softsign,
+    F.tanhshrink,
+    F.logsigmoid,
+    F.threshold,
+    torch.exp,
+    torch.abs,
+    torch.neg,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.square,
+    torch.clamp,
+    torch.clip,
+    torch.clamp_min,
+    torch.clamp_max,
+    torch.erf,
+    torch.log,
+    torch.reciprocal,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.rsub,
+    torch.pow,
+    torch.maximum,
+    torch.minimum,
+    torch.where,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.neg,
+    operator.pow,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
 ]
 _INPLACE_FUNCTIONS = ["relu_", "leaky_relu_", "elu_", "hardtanh_", "rrelu_"]
 
 FUNCTIONS: dict[Any, Callable[[OpContext], Verdict]] = {f: pointwise for f in _POINTWISE_FUNCTIONS}
 FUNCTIONS.update({getattr(F, name): pointwise for name in _INPLACE_FUNCTIONS if hasattr(F, name)})
-FUNCTIONS.update({
-    torch.relu_: pointwise,
-    F.prelu: channel_op,
-    F.local_response_norm: channel_op,
-    F.batch_norm: batch_norm_function,
-    F.layer_norm: over_last(lambda ctx: len(_tuple(ctx.arg(1, "normalized_shape"), 1)), "layer_norm"),
-    F.linear: over_last(lambda ctx: 1, "linear"),
-    F.softmax: over_dim(1, "dim"),
-    F.log_softmax: over_dim(1, "dim"),
-    F.normalize: over_dim(2, "dim", 1),
-    torch.cat: over_dim(1, "dim", 0),
-    torch.concat: over_dim(1, "dim", 0),
-    torch.permute: permute,
-    torch.transpose: transpose,
-    torch.flatten: flatten(1, 0),
-    torch.reshape: reduction,
-    torch.mean: reduce_dims(1),
-    torch.sum: reduce_dims(1),
-    torch.amax: reduce_dims(1),
-    torch.amin: reduce_dims(1),
-    F.dropout: dropout(2, 1),
-    F.dropout1d: dropout(2, 1),
-    F.dropout2d: dropout(2, 1),
-    F.dropout3d: dropout(2, 1),
-    F.alpha_dropout: dropout(2, 1),
-    F.feature_alpha_dropout: dropout(2, 1),
-    F.conv1d: conv_function,
-    F.conv2d: conv_function,
-    F.conv3d: conv_function,
-    F.avg_pool1d: avg_pool,
-    F.avg_pool2d: avg_pool,
-    F.avg_pool3d: avg_pool,
-    F.pad: pad_function,
-    F.group_norm: rejected("GroupNorm normalises with statistics over the whole image"),
-    F.instance_norm: rejected("InstanceNorm normalises with statistics over the whole image"),
-    F.interpolate: not_yet("interpolation (upsampling)"),
-    F.pixel_shuffle: not_yet("pixel_shuffle"),
-    F.pixel_unshuffle: not_yet("pixel_unshuffle"),
-    F.conv_transpose1d: not_yet("transposed convolution"),
-    F.conv_transpose2d: not_yet("transposed convolution"),
-    F.conv_transpose3d: not_yet("transposed convolution"),
-})
+FUNCTIONS.update(
+    {
+        torch.relu_: pointwise,
+        F.prelu: channel_op,
+        F.local_response_norm: channel_op,
+        F.batch_norm: batch_norm_function,
+        F.layer_norm: over_last(lambda ctx: len(_tuple(ctx.arg(1, "normalized_shape"), 1)), "layer_norm"),
+        F.linear: over_last(lambda ctx: 1, "linear"),
+        F.softmax: over_dim(1, "dim"),
+        F.log_softmax: over_dim(1, "dim"),
+        F.normalize: over_dim(2, "dim", 1),
+        torch.cat: over_dim(1, "dim", 0),
+        torch.concat: over_dim(1, "dim", 0),
+        torch.permute: permute,
+        torch.transpose: transpose,
+        torch.flatten: flatten(1, 0),
+        torch.reshape: reduction,
+        torch.mean: reduce_dims(1),
+        torch.sum: reduce_dims(1),
+        torch.amax: reduce_dims(1),
+        torch.amin: reduce_dims(1),
+        F.dropout: dropout(2, 1),
+        F.dropout1d: dropout(2, 1),
+        F.dropout2d: dropout(2, 1),
+        F.dropout3d: dropout(2, 1),
+        F.alpha_dropout: dropout(2, 1),
+        F.feature_alpha_dropout: dropout(2, 1),
+        F.conv1d: conv_function,
+        F.conv2d: conv_function,
+        F.conv3d: conv_function,
+        F.avg_pool1d: avg_pool,
+        F.avg_pool2d: avg_pool,
+        F.avg_pool3d: avg_pool,
+        F.pad: pad_function,
+        F.group_norm: rejected("GroupNorm normalises with statistics over the whole image"),
+        F.instance_norm: rejected("InstanceNorm normalises with statistics over the whole image"),
+        F.interpolate: not_yet("interpolation (upsampling)"),
+        F.pixel_shuffle: not_yet("pixel_shuffle"),
+        F.pixel_unshuffle: not_yet("pixel_unshuffle"),
+        F.conv_transpose1d: not_yet("transposed convolution"),
+        F.conv_transpose2d: not_yet("transposed convolution"),
+        F.conv_transpose3d: not_yet("transposed convolution"),
+    }
+)
 for _name in ["max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d", "_max_pool3d"]:
     FUNCTIONS[getattr(F, _name)] = max_pool
 for _name in ["max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices"]:
-    FUNCTIONS[getattr(F, _name)] = rejected("max pooling with return_indices gives whole-image positions",
-                                            "use return_indices=False")
-for _name in ["adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-              "adaptive_max_pool2d", "adaptive_max_pool3d", "_adaptive_max_pool1d", "_adaptive_max_pool2d",
-              "_adaptive_max_pool3d"]:
+    FUNCTIONS[getattr(F, _name)] = rejected(
+        "max pooling with return_indices gives whole-image positions", "use return_indices=False"
+    )
+for _name in [
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+    "_adaptive_max_pool1d",
+    "_adaptive_max_pool2d",
+    "_adaptive_max_pool3d",
+]:
     if hasattr(F, _name):
         FUNCTIONS[getattr(F, _name)] = reduction
 for _name in ["conv1d", "conv2d", "conv3d"]:
@@ -495,66 +603,151 @@ except ImportError:  # torchvision is optional
     pass
 
 _POINTWISE_METHODS = [
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt", "square",
-    "clamp", "clamp_", "clip", "clamp_min", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow",
-    "contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as", "exp_", "neg_",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "exp",
+    "abs",
+    "neg",
+    "sqrt",
+    "rsqrt",
+    "square",
+    "clamp",
+    "clamp_",
+    "clip",
+    "clamp_min",
+    "add",
+    "add_",
+    "sub",
+    "sub_",
+    "mul",
+    "mul_",
+    "div",
+    "div_",
+    "pow",
+    "contiguous",
+    "clone",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+    "exp_",
+    "neg_",
 ]
 METHODS: dict[str, Callable[[OpContext], Verdict]] = {m: pointwise for m in _POINTWISE_METHODS}
-METHODS.update({
-    "permute": permute,
-    "transpose": transpose,
-    "flatten": flatten(1, 0),
-    "view": reduction,
-    "reshape": reduction,
-    "mean": reduce_dims(1),
-    "sum": reduce_dims(1),
-    "amax": reduce_dims(1),
-    "amin": reduce_dims(1),
-    "softmax": over_dim(1, "dim"),
-    "log_softmax": over_dim(1, "dim"),
-})
+METHODS.update(
+    {
+        "permute": permute,
+        "transpose": transpose,
+        "flatten": flatten(1, 0),
+        "view": reduction,
+        "reshape": reduction,
+        "mean": reduce_dims(1),
+        "sum": reduce_dims(1),
+        "amax": reduce_dims(1),
+        "amin": reduce_dims(1),
+        "softmax": over_dim(1, "dim"),
+        "log_softmax": over_dim(1, "dim"),
+    }
+)
 
 _POINTWISE_MODULES = [
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
-    nn.Threshold, nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
+    nn.Identity,
 ]
 MODULES: dict[type, Callable[[OpContext], Verdict]] = {m: pointwise for m in _POINTWISE_MODULES}
 MODULES.update({m: conv_module for m in (nn.Conv1d, nn.Conv2d, nn.Conv3d)})
 MODULES.update({m: max_pool for m in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)})
 MODULES.update({m: avg_pool for m in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)})
 MODULES.update({m: batch_norm_module for m in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)})
-MODULES.update({m: dropout(0, 0) for m in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                                            nn.FeatureAlphaDropout)})
-MODULES.update({m: pad_module for m in (
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
-    nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)})
-MODULES.update({m: reduction for m in (
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d)})
-MODULES.update({
-    nn.PReLU: channel_op,
-    nn.LocalResponseNorm: channel_op,
-    nn.LayerNorm: over_last(lambda ctx: len(ctx.module.normalized_shape), "LayerNorm"),
-    nn.Linear: over_last(lambda ctx: 1, "Linear"),
-    nn.Softmax: lambda ctx: over_dim(99, "dim", ctx.module.dim)(ctx),
-    nn.LogSoftmax: lambda ctx: over_dim(99, "dim", ctx.module.dim)(ctx),
-    nn.Flatten: flatten(0, 1),
-    nn.GroupNorm: rejected("GroupNorm normalises with statistics over the whole image"),
-    nn.InstanceNorm1d: rejected("InstanceNorm normalises with statistics over the whole image"),
-    nn.InstanceNorm2d: rejected("InstanceNorm normalises with statistics over the whole image"),
-    nn.InstanceNorm3d: rejected("InstanceNorm normalises with statistics over the whole image"),
-    nn.Upsample: not_yet("upsampling"),
-    nn.UpsamplingNearest2d: not_yet("upsampling"),
-    nn.UpsamplingBilinear2d: not_yet("upsampling"),
-    nn.ConvTranspose1d: not_yet("transposed convolution"),
-    nn.ConvTranspose2d: not_yet("transposed convolution"),
-    nn.ConvTranspose3d: not_yet("transposed convolution"),
-    nn.PixelShuffle: not_yet("PixelShuffle"),
-    nn.PixelUnshuffle: not_yet("PixelUnshuffle"),
-    nn.MultiheadAttention: rejected("attention over pixels mixes the whole image"),
-})
+MODULES.update(
+    {
+        m: dropout(0, 0)
+        for m in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+    }
+)
+MODULES.update(
+    {
+        m: pad_module
+        for m in (
+            nn.ZeroPad1d,
+            nn.ZeroPad2d,
+            nn.ZeroPad3d,
+            nn.ConstantPad1d,
+            nn.ConstantPad2d,
+            nn.ConstantPad3d,
+            nn.ReflectionPad1d,
+            nn.ReflectionPad2d,
+            nn.ReflectionPad3d,
+            nn.ReplicationPad1d,
+            nn.ReplicationPad2d,
+            nn.ReplicationPad3d,
+            nn.CircularPad1d,
+            nn.CircularPad2d,
+            nn.CircularPad3d,
+        )
+    }
+)
+MODULES.update(
+    {
+        m: reduction
+        for m in (
+            nn.AdaptiveAvgPool1d,
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveAvgPool3d,
+            nn.AdaptiveMaxPool1d,
+            nn.AdaptiveMaxPool2d,
+            nn.AdaptiveMaxPool3d,
+        )
+    }
+)
+MODULES.update(
+    {
+        nn.PReLU: channel_op,
+        nn.LocalResponseNorm: channel_op,
+        nn.LayerNorm: over_last(lambda ctx: len(ctx.module.normalized_shape), "LayerNorm"),
+        nn.Linear: over_last(lambda ctx: 1, "Linear"),
+        nn.Softmax: lambda ctx: over_dim(99, "dim", ctx.module.dim)(ctx),
+        nn.LogSoftmax: lambda ctx: over_dim(99, "dim", ctx.module.dim)(ctx),
+        nn.Flatten: flatten(0, 1),
+        nn.GroupNorm: rejected("GroupNorm normalises with statistics over the whole image"),
+        nn.InstanceNorm1d: rejected("InstanceNorm normalises with statistics over the whole image"),
+        nn.InstanceNorm2d: rejected("InstanceNorm normalises with statistics over the whole image"),
+        nn.InstanceNorm3d: rejected("InstanceNorm normalises with statistics over the whole image"),
+        nn.Upsample: not_yet("upsampling"),
+        nn.UpsamplingNearest2d: not_yet("upsampling"),
+        nn.UpsamplingBilinear2d: not_yet("upsampling"),
+        nn.ConvTranspose1d: not_yet("transposed convolution"),
+        nn.ConvTranspose2d: not_yet("transposed convolution"),
+        nn.ConvTranspose3d: not_yet("transposed convolution"),
+        nn.PixelShuffle: not_yet("PixelShuffle"),
+        nn.PixelUnshuffle: not_yet("PixelUnshuffle"),
+        nn.MultiheadAttention: rejected("attention over pixels mixes the whole image"),
+    }
+)
 
 
 # Out-of-place forms of in-place activation modules: function, module attributes as kwargs.
@@ -574,10 +767,33 @@ INPLACE_MODULES: dict[type, tuple[Callable, tuple[str, ...]]] = {
 }
 
 # Ops whose result may share storage with their input.
-VIEW_METHODS = {"view", "reshape", "permute", "transpose", "narrow", "expand", "contiguous", "flatten", "squeeze",
-                "unsqueeze", "view_as", "as_strided", "detach", "t"}
-VIEW_FUNCTIONS = {operator.getitem, torch.permute, torch.transpose, torch.narrow, torch.reshape, torch.flatten,
-                  torch.squeeze, torch.unsqueeze, torch.detach}
+VIEW_METHODS = {
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "narrow",
+    "expand",
+    "contiguous",
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "as_strided",
+    "detach",
+    "t",
+}
+VIEW_FUNCTIONS = {
+    operator.getitem,
+    torch.permute,
+    torch.transpose,
+    torch.narrow,
+    torch.reshape,
+    torch.flatten,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.detach,
+}
 
 
 def classify(ctx: OpContext) -> Verdict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import sympy
 
@@ -36,10 +36,10 @@ class Step:
     op: str
     module_path: str
     inputs: tuple[str, ...]
-    stencils: Optional[tuple[g.Stencil, ...]] = None
+    stencils: tuple[g.Stencil, ...] | None = None
     fill: str = "constant"
     include_pad: bool = True
-    divisor: Optional[int] = None
+    divisor: int | None = None
     source: str = ""  # the user's source line, for error messages
 
     @property
@@ -82,8 +82,16 @@ def build_geometry(analysis: Analysis) -> TrunkGeometry:
         step = Step(node.name, "local", _op_name(analysis, node), module_path(node), inputs, source=source_line(node))
         if isinstance(verdict, ops.Window):
             step = Step(
-                node.name, verdict.kind, step.op, step.module_path, (verdict.input.name,), verdict.stencils,
-                verdict.fill, verdict.params.get("include_pad", True), verdict.params.get("divisor"), step.source,
+                node.name,
+                verdict.kind,
+                step.op,
+                step.module_path,
+                (verdict.input.name,),
+                verdict.stencils,
+                verdict.fill,
+                verdict.params.get("include_pad", True),
+                verdict.params.get("divisor"),
+                step.source,
             )
         steps.append(step)
         slots += [Slot("window", node.name, producer) for producer in step.inputs]
@@ -111,9 +119,9 @@ class NodePlan:
     name: str
     op: str
     module_path: str
-    kernel: Optional[tuple[int, ...]]  # window extent per axis (dilation included)
-    op_stride: Optional[tuple[int, ...]]
-    padding: Optional[tuple[Pair, ...]]
+    kernel: tuple[int, ...] | None  # window extent per axis (dilation included)
+    op_stride: tuple[int, ...] | None
+    padding: tuple[Pair, ...] | None
     stride: tuple[int, ...]  # cumulative, image pixels per pixel of this node
     receptive_field: tuple[int, ...]
     halo: tuple[Pair, ...]  # (left, right) image pixels beyond the node's own footprint
@@ -203,7 +211,9 @@ def _check_same_stride(step: Step, inputs: list) -> None:
             f"({', '.join(sorted(map(str, strides)))} image pixels per pixel), so its inputs only line up at some "
             f"image sizes and no tiling is exact.\n  node '{step.name}' in module '{step.module_path}'{where}\n"
             "  fix: make the branches downsample alike, or pass boundary=... to stream only the part before it",
-            node=step.name, module_path=step.module_path, op=step.op,
+            node=step.name,
+            module_path=step.module_path,
+            op=step.op,
         )
 
 
@@ -322,16 +332,23 @@ def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
     for slot in geo.slots:
         if slot.kind == "counts":
             step = next(s for s in geo.steps if s.name == slot.consumer)
-            entries.append(tuple(
-                s.window_counts(r, n, step.include_pad)
-                for s, r, n in zip(step.stencils, need[step.name], sizes[slot.producer])
-            ))
+            entries.append(
+                tuple(
+                    s.window_counts(r, n, step.include_pad)
+                    for s, r, n in zip(step.stencils, need[step.name], sizes[slot.producer])
+                )
+            )
             continue
         fill = "constant" if not slot.consumer else next(s.fill for s in geo.steps if s.name == slot.consumer)
-        entries.append(_window_entry(
-            raw[(slot.consumer, slot.producer)], need[slot.producer], sizes[slot.producer],
-            geo.axis_dims(slot.producer), fill,
-        ))
+        entries.append(
+            _window_entry(
+                raw[(slot.consumer, slot.producer)],
+                need[slot.producer],
+                sizes[slot.producer],
+                geo.axis_dims(slot.producer),
+                fill,
+            )
+        )
     work = sum(_prod(r.length for r in need[s.name]) for s in geo.steps)
     as_pairs = lambda intervals: tuple((int(r.lo), int(r.hi)) for r in intervals)  # noqa: E731
     return Tile(as_pairs(block), as_pairs(need[geo.image]), tuple(entries)), work

@@ -9,7 +9,7 @@ the blocks partition it, so the summed tile gradients are the whole-image gradie
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +48,8 @@ def avg_pool(
     x: torch.Tensor,
     kernel: Sequence[int],
     stride: Sequence[int],
-    counts: Optional[tuple] = None,
-    divisor: Optional[int] = None,
+    counts: tuple | None = None,
+    divisor: int | None = None,
 ) -> torch.Tensor:
     """Average pooling of a padded window: the window sum divided by the divisor that the
     whole-image op would use at each output position (``counts`` per axis), or by a

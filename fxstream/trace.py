@@ -25,9 +25,7 @@ class StreamTracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         # Leaf only when the class itself lives in torch.nn: a user subclass of
         # nn.Conv2d is traced through, whatever forward it defines.
-        return type(m).__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(
-            m, torch.nn.Sequential
-        )
+        return type(m).__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(m, torch.nn.Sequential)
 
 
 def trace(model: torch.nn.Module) -> fx.GraphModule:

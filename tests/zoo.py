@@ -111,8 +111,9 @@ class Activations(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.mods = nn.ModuleList([nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.2), nn.GELU(), nn.SiLU(), nn.Hardswish(),
-                                   nn.Sigmoid(), nn.Tanh()])
+        self.mods = nn.ModuleList(
+            [nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.2), nn.GELU(), nn.SiLU(), nn.Hardswish(), nn.Sigmoid(), nn.Tanh()]
+        )
         self.out = nn.Conv2d(6, 2, 3, padding=1)
 
     def forward(self, x):
@@ -194,8 +195,7 @@ class StandardizedConv2d(nn.Conv2d):
         w = self.weight
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         std = w.std(dim=(1, 2, 3), keepdim=True)
-        return F.conv2d(x, (w - mean) / (std + 1e-5), self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return F.conv2d(x, (w - mean) / (std + 1e-5), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class ReflectConv2d(nn.Conv2d):
@@ -240,8 +240,14 @@ class Classifier(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                   nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.fc = nn.Linear(8, 5)
 
     def forward(self, x):
