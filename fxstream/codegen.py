@@ -101,10 +101,11 @@ def _value(graph: fx.Graph, value: Any, env: dict) -> Any:
 def outer_graph(analysis: Analysis) -> fx.Graph:
     graph = fx.Graph()
     env: dict = {}
+    head = _head_nodes(analysis)
     for node in analysis.gm.graph.nodes:
         if node is analysis.output:
             env[node] = graph.call_module("fxstream_trunk", (env[analysis.image],))
-        elif node in _head_nodes(analysis):
+        elif node in head:
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.lint()
     return graph
@@ -112,23 +113,21 @@ def outer_graph(analysis: Analysis) -> fx.Graph:
 
 def _head_nodes(analysis: Analysis) -> set:
     """The nodes the graph output needs, given the trunk output as a computed value."""
-    if getattr(analysis, "_head", None) is None:
-        trunk = set(analysis.trunk)
-        needed: set = set()
-        stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")]
-        while stack:
-            node = stack.pop()
-            if node in needed or node is analysis.output:
-                continue
-            if node in trunk:
-                raise BoundaryError(
-                    f"the rest of the model uses '{node.name}', an intermediate trunk tensor, besides the trunk "
-                    f"output '{analysis.output.name}'. Pass boundary=... to stream a prefix that ends there."
-                )
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-        analysis._head = needed
-    return analysis._head
+    trunk = set(analysis.trunk)
+    needed: set = set()
+    stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")]
+    while stack:
+        node = stack.pop()
+        if node in needed or node is analysis.output:
+            continue
+        if node in trunk:
+            raise BoundaryError(
+                f"the rest of the model uses '{node.name}', an intermediate trunk tensor, besides the trunk "
+                f"output '{analysis.output.name}'. Pass boundary=... to stream a prefix that ends there."
+            )
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    return needed
 
 
 def graph_module(root: nn.Module, graph: fx.Graph, name: str, extra: dict | None = None) -> fx.GraphModule:

@@ -12,6 +12,7 @@ All three are frozen values holding ints, tuples and strings (no fx.Node, no sym
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -67,11 +68,19 @@ class TrunkGeometry:
     dims: tuple[tuple[str, tuple[int, ...]], ...]  # node -> tensor dim of each spatial axis
     slots: tuple[Slot, ...]
 
+    @functools.cached_property
+    def steps_by_name(self) -> dict:
+        return {step.name: step for step in self.steps}
+
+    @functools.cached_property
+    def _dims(self) -> dict:
+        return dict(self.dims)
+
     def slot(self, kind: str, consumer: str, producer: str) -> int:
         return self.slots.index(Slot(kind, consumer, producer))
 
     def axis_dims(self, name: str) -> tuple[int, ...]:
-        return dict(self.dims)[name]
+        return self._dims[name]
 
 
 def build_geometry(analysis: Analysis) -> TrunkGeometry:
@@ -328,10 +337,11 @@ def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
             need[producer] = [_hull(s, o) for s, o in zip(src, old)] if old else src
     need[geo.image] = [_non_empty(r, n) for r, n in zip(need[geo.image], sizes[geo.image])]
     raw[("", geo.output)] = list(block)
+    steps = geo.steps_by_name
     entries = []
     for slot in geo.slots:
         if slot.kind == "counts":
-            step = next(s for s in geo.steps if s.name == slot.consumer)
+            step = steps[slot.consumer]
             entries.append(
                 tuple(
                     s.window_counts(r, n, step.include_pad)
@@ -339,7 +349,7 @@ def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
                 )
             )
             continue
-        fill = "constant" if not slot.consumer else next(s.fill for s in geo.steps if s.name == slot.consumer)
+        fill = steps[slot.consumer].fill if slot.consumer else "constant"
         entries.append(
             _window_entry(
                 raw[(slot.consumer, slot.producer)],
