@@ -350,74 +350,60 @@ def _pool(ctx, kind, input, kernel, stride, padding, dilation, ceil_mode, params
     )
 
 
+_MAX_POOL_ARGS = (
+    ("kernel_size", None),
+    ("stride", None),
+    ("padding", 0),
+    ("dilation", 1),
+    ("ceil_mode", False),
+    ("return_indices", False),
+)
+_AVG_POOL_ARGS = (
+    ("kernel_size", None),
+    ("stride", None),
+    ("padding", 0),
+    ("ceil_mode", False),
+    ("count_include_pad", True),
+    ("divisor_override", None),
+)
+
+
+def _read_args(ctx: OpContext, spec: tuple) -> dict:
+    """Arguments by name: the module's attributes, or the function's arguments after the input
+    (pooling modules and functions use the same names)."""
+    if ctx.module is not None:
+        return {name: getattr(ctx.module, name, default) for name, default in spec}
+    return {name: ctx.arg(i, name, default) for i, (name, default) in enumerate(spec, start=1)}
+
+
 def max_pool(ctx: OpContext) -> Verdict:
     bad = _requires_canonical(ctx)
     if bad:
         return bad
-    if ctx.module is not None:
-        m = ctx.module
-        args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
-    else:
-        args = tuple(
-            ctx.arg(i, n, d)
-            for i, (n, d) in enumerate(
-                [
-                    ("kernel_size", None),
-                    ("stride", None),
-                    ("padding", 0),
-                    ("dilation", 1),
-                    ("ceil_mode", False),
-                    ("return_indices", False),
-                ],
-                start=1,
-            )
-        )
-    kernel, stride, padding, dilation, ceil_mode, return_indices = args
-    if return_indices:
+    a = _read_args(ctx, _MAX_POOL_ARGS)
+    if a["return_indices"]:
         return Rejected("max pooling with return_indices gives whole-image positions", "use return_indices=False")
-    return _pool(ctx, "max_pool", ctx.node.args[0], kernel, stride, padding, dilation, ceil_mode, {})
+    return _pool(
+        ctx,
+        "max_pool",
+        ctx.arg(0, "input"),
+        a["kernel_size"],
+        a["stride"],
+        a["padding"],
+        a["dilation"],
+        a["ceil_mode"],
+        {},
+    )
 
 
 def avg_pool(ctx: OpContext) -> Verdict:
     bad = _requires_canonical(ctx)
     if bad:
         return bad
-    if ctx.module is not None:
-        m = ctx.module
-        args = (
-            m.kernel_size,
-            m.stride,
-            m.padding,
-            m.ceil_mode,
-            m.count_include_pad,
-            getattr(m, "divisor_override", None),
-        )
-    else:
-        args = tuple(
-            ctx.arg(i, n, d)
-            for i, (n, d) in enumerate(
-                [
-                    ("kernel_size", None),
-                    ("stride", None),
-                    ("padding", 0),
-                    ("ceil_mode", False),
-                    ("count_include_pad", True),
-                    ("divisor_override", None),
-                ],
-                start=1,
-            )
-        )
-    kernel, stride, padding, ceil_mode, include_pad, divisor = args
+    a = _read_args(ctx, _AVG_POOL_ARGS)
+    params = dict(include_pad=bool(a["count_include_pad"]), divisor=a["divisor_override"])
     return _pool(
-        ctx,
-        "avg_pool",
-        ctx.node.args[0],
-        kernel,
-        stride,
-        padding,
-        1,
-        ceil_mode,
-        dict(include_pad=bool(include_pad), divisor=divisor),
+        ctx, "avg_pool", ctx.arg(0, "input"), a["kernel_size"], a["stride"], a["padding"], 1, a["ceil_mode"], params
     )
 
 
