@@ -124,9 +124,9 @@ class StreamedModule(nn.Module):
             program.module = None  # rebuilt against the moved tensors
         return result
 
-    def __repr__(self) -> str:
+    def extra_repr(self) -> str:
         tile_size, boundary = self._config
-        return f"StreamedModule(tile_size={tile_size}, boundary={self.plan.boundary!r},\n  {self._source!r})"
+        return f"tile_size={tile_size}, boundary={boundary!r}"
 
 
 def compile(model: nn.Module, tile_size: TileSize, *, boundary: str | None = None) -> StreamedModule:
