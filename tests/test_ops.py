@@ -72,3 +72,22 @@ def test_per_dim_tile_size():
     assert smodel.plan.tile_size == (40, 30)
     x = torch.randn(1, channels, 61, 47, dtype=torch.float64)
     check_streamed(model, x, (40, 30), streamed=smodel, min_tiles=4)
+
+
+def test_conv1d_and_conv3d_chains():
+    """The geometry is dimension-generic: 1D and 3D convolution/pooling chains stream exactly."""
+    torch.manual_seed(0)
+    net1d = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 4, 5, padding=2, padding_mode="reflect"),
+        torch.nn.ReLU(),
+        torch.nn.AvgPool1d(3, 2, 1, count_include_pad=False),
+        torch.nn.Conv1d(4, 3, 4, stride=2),
+    ).double()
+    check_streamed(net1d, torch.randn(2, 2, 301, dtype=torch.float64), 40, min_tiles=4)
+    net3d = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 2, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool3d(2, ceil_mode=True),
+        torch.nn.Conv3d(2, 2, (3, 1, 3), padding=(1, 0, 1)),
+    ).double()
+    check_streamed(net3d, torch.randn(1, 1, 19, 14, 17, dtype=torch.float64), (10, 8, 10), min_tiles=4)
