@@ -128,7 +128,7 @@ def print_plan(smodel: fxstream.StreamedModule, sizes: list[tuple[int, int]]) ->
         h = shape.halo_overhead
         print(
             f"image {fmt(size)}: trunk output {fmt(shape.output_size)}, tile grid {fmt(shape.grid)} = "
-            f"{len(shape.tiles)} tiles, halo overhead h = {h:.2f}, cost floor (1+3h)/3 = {(1 + 3 * h) / 3:.2f}x"
+            f"{len(shape.tiles)} tiles, halo overhead h = {h:.2f}, FLOP ratio (1+3h)/3 = {(1 + 3 * h) / 3:.2f}x"
         )
     print()
 
@@ -273,7 +273,7 @@ def print_summary(args: argparse.Namespace, smodel, error: float, results: dict)
         print(f"  {name:<24} {a:>14} {b:>14}")
     print(
         f"  peak memory plain / fxstream = {plain['peak_mib'] / streamed['peak_mib']:.1f}x; time fxstream / plain = "
-        f"{streamed['seconds'] / plain['seconds']:.1f}x (cost floor (1+3h)/3 = {(1 + 3 * h) / 3:.2f}x)"
+        f"{streamed['seconds'] / plain['seconds']:.1f}x (FLOP ratio estimate (1+3h)/3 = {(1 + 3 * h) / 3:.2f}x)"
     )
 
 
