@@ -13,7 +13,9 @@ All three are frozen values holding ints, tuples and strings (no fx.Node, no sym
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -293,30 +295,14 @@ def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...]) -> S
     starts = [range(0, n, b) for n, b in zip(out_size, plan.block)]
     tiles = []
     computed = 0
-    for corner in _product(starts):
+    for corner in itertools.product(*starts):
         block = tuple(g.Interval(lo, min(lo + b, n)) for lo, b, n in zip(corner, plan.block, out_size))
         tile, work = _tile(geo, sizes, block)
         tiles.append(tile)
         computed += work
-    whole = sum(_prod(sizes[s.name]) for s in geo.steps)
+    whole = sum(math.prod(sizes[s.name]) for s in geo.steps)
     grid = tuple(len(s) for s in starts)
     return ShapePlan(tuple(input_size), out_size, grid, tuple(tiles), computed, whole)
-
-
-def _product(ranges):
-    if not ranges:
-        yield ()
-        return
-    for head in ranges[0]:
-        for rest in _product(ranges[1:]):
-            yield (head,) + rest
-
-
-def _prod(values) -> int:
-    result = 1
-    for v in values:
-        result *= v
-    return result
 
 
 def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
@@ -359,7 +345,7 @@ def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
                 fill,
             )
         )
-    work = sum(_prod(r.length for r in need[s.name]) for s in geo.steps)
+    work = sum(math.prod(r.length for r in need[s.name]) for s in geo.steps)
     as_pairs = lambda intervals: tuple((int(r.lo), int(r.hi)) for r in intervals)  # noqa: E731
     return Tile(as_pairs(block), as_pairs(need[geo.image]), tuple(entries)), work
 
