@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .errors import PlannerError
+from .plan import Gather
 
 
 def window(t: torch.Tensor, spec: tuple, value: float = 0.0) -> torch.Tensor:
@@ -27,9 +28,8 @@ def window(t: torch.Tensor, spec: tuple, value: float = 0.0) -> torch.Tensor:
     """
     pads = {}
     for entry in spec:
-        if len(entry) == 2:  # Gather
-            dim, index = entry
-            t = t.index_select(dim, torch.tensor(index, device=t.device))
+        if isinstance(entry, Gather):
+            t = t.index_select(entry.dim, torch.tensor(entry.index, device=t.device))
             continue
         dim, start, stop, pad_lo, pad_hi = entry
         if start != 0 or stop != t.shape[dim]:
