@@ -14,7 +14,10 @@ from .errors import (
 )
 from .module import StreamedModule, compile
 from .plan import Plan, ShapePlan
+from .progress import StreamStats
 from .trace import trace
+from .training import serial_backward, train_step
+from .transfer import Normalize
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,10 @@ __all__ = [
     "compile",
     "trace",
     "StreamedModule",
+    "serial_backward",
+    "train_step",
+    "Normalize",
+    "StreamStats",
     "Plan",
     "ShapePlan",
     "FxStreamError",

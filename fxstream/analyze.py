@@ -6,7 +6,10 @@ Walks the FX graph once in topological order and gives every node a state:
 * ``global``  - depends on the whole image (after a reduction or a size query);
 * ``const``   - depends on parameters and literals only;
 * ``other``   - depends on another model input;
-* ``shape``   - the full shape of a spatial tensor (indexing a batch/channel dim gives a const).
+* ``shape``   - the full shape of a spatial tensor (indexing a batch/channel dim gives a const);
+* ``size``    - computed from spatial sizes (``x.shape[2:]``, ``x.size(3) - y.size(3)``): the same
+                in every tile, evaluated per input size by the planner. Only F.pad amounts,
+                F.interpolate(size=...) and slicing may use it inside the trunk ("dynamic" ops).
 
 The trunk is the set of spatial nodes. With ``boundary=None`` it is every
 spatial node, and the head starts where spatial tensors flow into reductions
@@ -32,6 +35,8 @@ from .trace import describe, module_path
 
 SPATIAL, GLOBAL, CONST, OTHER = "spatial", "global", "const", "other"
 SHAPE = "shape"  # x.shape / x.size() of a spatial tensor: global, but indexable per dim
+METADATA = ("ndim", "dtype", "device", "is_cuda", "layout", "requires_grad")
+SIZE = "size"  # computed from spatial sizes; evaluated per input size (see plan.node_sizes)
 
 
 @dataclass
@@ -46,6 +51,8 @@ class Analysis:
     verdicts: dict  # fx.Node -> ops.Local | ops.Window
     layouts: dict  # fx.Node -> ops.Layout
     ndim: int
+    dynamic: frozenset = frozenset()  # trunk nodes whose window depends on spatial sizes
+    size_nodes: list = None  # shape/size fx.Nodes the dynamic nodes need, in graph order
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -74,7 +81,7 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
         end = find_boundary(gm, boundary)
         scope = nx.ancestors(dag, end) | {end}
     _record_constant_shapes(gm, dag)
-    states, layouts, verdicts = _walk(gm, image, ndim, scope)
+    states, layouts, verdicts, dynamic = _walk(gm, image, ndim, scope)
     trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
     if boundary is not None:
         trunk_nodes &= scope
@@ -87,7 +94,10 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
     needed = nx.ancestors(dag, output) | {output}
     trunk = [n for n in graph.nodes if n in trunk_nodes and n in needed]
     constants = [n for n in graph.nodes if states.get(n) in (CONST, SHAPE) and n in needed and n.op != "output"]
-    return Analysis(gm, image, trunk, constants, output, verdicts, layouts, ndim)
+    dynamic = frozenset(n for n in trunk if n in dynamic)
+    size_needed = set().union(*(nx.ancestors(dag, n) for n in dynamic)) if dynamic else set()
+    size_nodes = [n for n in graph.nodes if n in size_needed and states.get(n) in (SIZE, SHAPE)]
+    return Analysis(gm, image, trunk, constants, output, verdicts, layouts, ndim, dynamic, size_nodes)
 
 
 def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> int | None:
@@ -150,6 +160,7 @@ def _walk(gm, image, ndim, scope):
     states: dict = {}
     layouts: dict = {image: (None, None) + tuple(range(ndim))}
     verdicts: dict = {}
+    dynamic: set = set()
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
@@ -173,6 +184,20 @@ def _walk(gm, image, ndim, scope):
             continue
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         ctx = ops.OpContext(node, module, layouts, ndim)
+        if SIZE in input_states and ops.pools_whole_map(ctx):
+            states[node] = GLOBAL  # a reduction: the head starts here
+            continue
+        if SIZE in input_states or ops.needs_sizes(ctx):
+            if not ops.accepts_sizes(ctx):
+                raise _unsupported(
+                    node,
+                    module,
+                    "it uses the spatial size of a tensor inside the trunk; fxstream evaluates sizes per input "
+                    "only for F.pad amounts, F.interpolate(size=...) and slicing",
+                    "compute this from constants, or pass boundary=... to stream only the part before it",
+                )
+            dynamic.add(node)
+            ctx.pending = True
         try:
             verdict = ops.classify(ctx)
         except Exception as exc:  # malformed arguments: report as unsupported, naming the node
@@ -186,7 +211,7 @@ def _walk(gm, image, ndim, scope):
         states[node] = SPATIAL
         verdicts[node] = verdict
         layouts[node] = verdict.layout if isinstance(verdict, ops.Local) else layouts[verdict.input]
-    return states, layouts, verdicts
+    return states, layouts, verdicts, dynamic
 
 
 def _merge_non_spatial(input_states: set) -> str:
@@ -194,6 +219,8 @@ def _merge_non_spatial(input_states: set) -> str:
         return GLOBAL
     if OTHER in input_states:
         return OTHER
+    if SIZE in input_states:
+        return SIZE
     return CONST
 
 
@@ -209,6 +236,8 @@ def _size_query(node: fx.Node, layouts: dict) -> str | None:
         return None
     if node.op == "call_method" and target == "dim":
         return CONST
+    if node.op == "call_function" and target is getattr and node.args[1] in METADATA:
+        return CONST  # x.ndim, x.dtype, x.device...: the same in every tile
     if node.op == "call_method" and target == "size":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return SHAPE if dim is None else _dim_state(layouts[source], dim)
@@ -228,7 +257,7 @@ def _is_shape(node: fx.Node | object) -> bool:
 def _dim_state(layout: ops.Layout, dim) -> str:
     if isinstance(dim, int) and layout[dim % len(layout)] is None:
         return CONST
-    return GLOBAL
+    return SIZE if isinstance(dim, (int, slice)) else GLOBAL
 
 
 def _check_inputs(node: fx.Node, module, states: dict) -> None:

@@ -20,6 +20,7 @@ Example tile code for ``Conv2d(3, 8, 3, padding=1) -> ReLU``::
 
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import Any
 
@@ -28,13 +29,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops, runtime
+from . import kernels, ops, progress, rng, runtime, transfer
 from .analyze import Analysis
 from .errors import BoundaryError, InputShapeError
-from .plan import Plan, ShapePlan, TrunkGeometry, plan_shape
+from .plan import Plan, ShapePlan, TrunkGeometry, node_sizes, plan_shape
 
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_CONV_TRANSPOSE = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
 
 
 def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
@@ -72,13 +74,27 @@ def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
 
 def _emit_window(graph: fx.Graph, node: fx.Node, verdict: ops.Window, win: fx.Node, env, geometry, geo) -> fx.Node:
     p = verdict.params
-    ndim = len(verdict.stencils)
+    ndim = geo.ndim
     if verdict.kind == "pad":
         return win  # the window already holds the padded region
     if verdict.kind == "conv":
         weight, bias = (_value(graph, p[k], env) for k in ("weight", "bias"))
         args = (win, weight, bias, tuple(p["stride"]), 0, tuple(p["dilation"]), p["groups"])
         return graph.create_node("call_function", _CONV[ndim], args, name=node.name)
+    if verdict.kind in ("conv_transpose", "shuffle"):
+        if verdict.kind == "shuffle":
+            full = graph.call_function(F.pixel_shuffle, (win, p["factor"]))
+        else:
+            weight, bias = (_value(graph, p[k], env) for k in ("weight", "bias"))
+            args = (win, weight, bias, tuple(p["stride"]), 0, 0, p["groups"], tuple(p["dilation"]))
+            full = graph.call_function(_CONV_TRANSPOSE[ndim], args)
+        trim = graph.call_function(operator.getitem, (geometry, geo.slot("trim", node.name, verdict.input.name)))
+        return graph.create_node("call_function", runtime.window, (full, trim), name=node.name)
+    if verdict.kind == "unshuffle":
+        return graph.create_node("call_function", F.pixel_unshuffle, (win, p["factor"]), name=node.name)
+    if verdict.kind == "resample":
+        taps = graph.call_function(operator.getitem, (geometry, geo.slot("resample", node.name, verdict.input.name)))
+        return graph.create_node("call_function", kernels.resample, (win, taps), name=node.name)
     if verdict.kind == "max_pool":
         args = (win, tuple(p["kernel"]), tuple(p["stride"]), 0, tuple(p["dilation"]), False)
         return graph.create_node("call_function", _MAX_POOL[ndim], args, name=node.name)
@@ -154,16 +170,33 @@ def _fetch(root: nn.Module, target: str) -> Any:
 
 
 class StreamedTrunk(nn.Module):
-    """Runs the tile GraphModule over the tiles of each input (see :class:`runtime.StreamFunction`)."""
+    """Runs the tile GraphModule over the tiles of each input (see :class:`runtime.StreamFunction`).
 
-    def __init__(self, tile: fx.GraphModule, geometry: TrunkGeometry, plan: Plan):
+    ``settings`` (:class:`runtime.StreamSettings`, shared by all programs of one
+    StreamedModule) holds the input transform, the output device, the progress flag,
+    the statistics and the whole-batch interception hook used by ``serial_backward``.
+    Training-mode dropout and stochastic depth in the tile code are replaced by
+    position-keyed draws (see ``fxstream.rng``)."""
+
+    def __init__(self, tile: fx.GraphModule, geometry: TrunkGeometry, plan: Plan, settings=None):
         super().__init__()
         self.tile = tile
         self.geometry = geometry
         self.plan = plan
+        self.settings = settings if settings is not None else runtime.StreamSettings()
         self.input_dims = geometry.axis_dims(geometry.image)
         self.output_dims = geometry.axis_dims(geometry.output)
+        self.random_ops = rng.rewrite_random(tile, geometry)
         self._shape_plans: dict = {}
+        self._origins: dict = {}
+
+    @property
+    def stats(self):
+        return self.settings.stats
+
+    @property
+    def output_device(self) -> torch.device | None:
+        return self.settings.output_device
 
     def shape_plan(self, size: tuple[int, ...]) -> ShapePlan:
         if size not in self._shape_plans:
@@ -177,11 +210,59 @@ class StreamedTrunk(nn.Module):
                 f"fxstream compiled this model for (N, C, *spatial) inputs with {self.geometry.ndim} spatial "
                 f"dims, got {shape}"
             )
+        if self.settings.intercept is not None:
+            return self.settings.intercept(self, x)
+        return self.stream(x)
+
+    def stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The streamed trunk output for ``x`` (a differentiable autograd.Function)."""
         size = tuple(x.shape[d] for d in self.input_dims)
         params = [p for p in self.tile.parameters() if p.requires_grad]
         return runtime.StreamFunction.apply(x, self, self.shape_plan(size), *params)
 
-    def run_tile(self, x: torch.Tensor, tile) -> torch.Tensor:
-        block = self.tile(x, tile.geometry)
+    def compute_device(self, x: torch.Tensor) -> torch.device:
+        """Where tiles run: the device of the trunk's parameters (or of ``x`` without any)."""
+        for t in itertools.chain(self.tile.parameters(), self.tile.buffers()):
+            return t.device
+        return x.device
+
+    def tiles(self, x: torch.Tensor, shape_plan: ShapePlan, device: torch.device, phase: str):
+        """``(tile, crop of x on device)`` for every tile, with a progress bar if enabled."""
+        loaded = transfer.load_tiles(x, shape_plan.tiles, self.input_dims, device)
+        return progress.tiles_progress(loaded, len(shape_plan.tiles), self.settings.progress, f"fxstream {phase}")
+
+    def prepare(self, crop: torch.Tensor) -> torch.Tensor:
+        """The trunk's input for a loaded crop: the input transform applied, or a copy
+        when the crop is an autograd leaf (in-place ops must not touch the leaf)."""
+        transform = self.settings.input_transform
+        if transform is not None:
+            return transform(crop, self._floating_dtype())
+        return crop.clone() if crop.requires_grad else crop
+
+    def _floating_dtype(self) -> torch.dtype:
+        for t in itertools.chain(self.tile.parameters(), self.tile.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
+
+    def random_draws(self, x: torch.Tensor):
+        """The random draws of one forward call on ``x`` (None when the trunk draws nothing)."""
+        if not self.random_ops:
+            return None
+        return rng.Draws(self.random_ops, self._tile_origins, self.compute_device(x))
+
+    def _tile_origins(self, shape_plan: ShapePlan) -> tuple:
+        size = shape_plan.input_size
+        if size not in self._origins:
+            blocks = [tile.block for tile in shape_plan.tiles]
+            sizes = node_sizes(self.geometry, size)
+            self._origins[size] = rng.node_origins(self.geometry, sizes, blocks, self.random_ops.keyed)
+        return self._origins[size]
+
+    def run_tile(self, x: torch.Tensor, tile, random=None) -> torch.Tensor:
+        if self.random_ops.keyed:
+            block = self.tile(x, tile.geometry, random)
+        else:
+            block = self.tile(x, tile.geometry)
         runtime.check_block(block, self.output_dims, tile)
         return block

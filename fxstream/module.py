@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -12,6 +14,8 @@ from .analyze import Analysis, analyze
 from .codegen import StreamedTrunk, graph_module, outer_graph, tile_graph
 from .errors import TileSizeError
 from .plan import Plan, TrunkGeometry, build_geometry, build_plan
+from .progress import StreamStats
+from .runtime import StreamSettings
 from .trace import trace
 
 TileSize = Union[int, tuple[int, ...]]  # noqa: UP007 (runtime alias, Python 3.10)
@@ -62,7 +66,7 @@ class StreamedModule(nn.Module):
     (and raise :class:`UnsupportedOpError` there if the new mode is not streamable).
     """
 
-    def __init__(self, model: nn.Module, tile_size: TileSize, boundary: str | None = None):
+    def __init__(self, model: nn.Module, tile_size: TileSize, boundary: str | None = None, settings=None):
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -75,6 +79,7 @@ class StreamedModule(nn.Module):
         self.__dict__["_source"] = model
         self.__dict__["_config"] = (tile_size, boundary)
         self.__dict__["_programs"] = {}
+        self.__dict__["settings"] = settings if settings is not None else StreamSettings()
         self.program()  # compile now, so errors surface at compile time
 
     def _mode_key(self) -> tuple:
@@ -111,7 +116,7 @@ class StreamedModule(nn.Module):
         program = self.program()
         if program.module is None:
             tile = graph_module(self, program.tile_graph, "StreamedTile")
-            trunk = StreamedTrunk(tile, program.geometry, program.plan)
+            trunk = StreamedTrunk(tile, program.geometry, program.plan, self.settings)
             program.module = graph_module(self, program.outer_graph, "StreamedModel", {"fxstream_trunk": trunk})
         return program.module
 
@@ -124,12 +129,38 @@ class StreamedModule(nn.Module):
             program.module = None  # rebuilt against the moved tensors
         return result
 
+    @property
+    def progress(self) -> bool:
+        """Whether a tqdm bar shows the tiles of every pass (settable)."""
+        return self.settings.progress
+
+    @progress.setter
+    def progress(self, value: bool) -> None:
+        self.settings.progress = bool(value)
+
+    @property
+    def last_stats(self) -> StreamStats:
+        """Tiles, time and peak memory of the streaming work since the last reset
+        (``serial_backward`` resets it at the start of each step)."""
+        return self.settings.stats
+
     def extra_repr(self) -> str:
         tile_size, boundary = self._config
         return f"tile_size={tile_size}, boundary={boundary!r}"
 
 
-def compile(model: nn.Module, tile_size: TileSize, *, boundary: str | None = None) -> StreamedModule:
+def compile(
+    model: nn.Module,
+    tile_size: TileSize,
+    *,
+    boundary: str | None = None,
+    input_transform: Callable | None = None,
+    output_device: str | torch.device | None = None,
+    progress: bool = False,
+    memory_budget: int | str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    verbose: bool = False,
+) -> StreamedModule:
     """Compile ``model`` so its local trunk runs tile by tile with exact gradients.
 
     Args:
@@ -140,6 +171,20 @@ def compile(model: nn.Module, tile_size: TileSize, *, boundary: str | None = Non
             spatial dim. It bounds the memory of one tile.
         boundary: optional node name or module path of the last op to stream; the rest
             runs normally on the assembled feature map.
+        input_transform: optional ``transform(tile, dtype)`` applied to every tile on the
+            trunk's device before the trunk, e.g. ``fxstream.Normalize(mean, std,
+            scale=1/255)`` to feed a host-resident ``uint8`` image.
+        output_device: where the trunk output and its gradient are assembled (default:
+            the trunk's device); ``"cpu"`` for dense outputs as large as the image.
+        progress: show a tqdm bar over the tiles of every pass (needs tqdm).
+        memory_budget, input_shape: with ``tile_size="auto"``, the largest square tile
+            whose predicted training peak for inputs of ``input_shape`` (N, C, *spatial)
+            fits ``memory_budget`` (bytes or e.g. ``"8GiB"``); with ``boundary="auto"``,
+            the streamed prefix predicted fastest within the budget (see ``fxstream.auto``).
+        verbose: print the automatic choice and the reason.
+
+    After a call, ``smodel.last_stats`` summarises the streaming work (tiles, time,
+    peak memory); ``fxstream.serial_backward`` resets it at the start of each step.
 
     Raises:
         UnsupportedOpError: a non-local or unknown op inside the trunk.
@@ -155,5 +200,14 @@ def compile(model: nn.Module, tile_size: TileSize, *, boundary: str | None = Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxstream.compile expects an nn.Module, got {type(model).__name__}")
+    if tile_size == "auto" or boundary == "auto":
+        from .auto import choose
+
+        choice = choose(model, tile_size, boundary, memory_budget, input_shape)
+        tile_size, boundary = choice.tile_size, choice.boundary
+        if verbose:
+            print(choice.reason)
     validate_tile_size(tile_size)
-    return StreamedModule(model, tile_size, boundary)
+    device = torch.device(output_device) if output_device is not None else None
+    settings = StreamSettings(input_transform=input_transform, output_device=device, progress=progress)
+    return StreamedModule(model, tile_size, boundary, settings)

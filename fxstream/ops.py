@@ -19,6 +19,7 @@ Supporting a new op means adding one row here and one model to the test zoo.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .geometry import Stencil
+from .geometry import Resample, Shuffle, Stencil, Transposed
 
 Layout = tuple[int | None, ...]
 
@@ -41,11 +42,12 @@ class Local:
 
 @dataclass(frozen=True)
 class Window:
-    """A sliding-window op. ``kind`` is 'conv', 'max_pool', 'avg_pool' or 'pad'."""
+    """A window op: 'conv', 'max_pool', 'avg_pool', 'pad', 'conv_transpose', 'shuffle',
+    'unshuffle' or 'resample'. ``stencils`` holds one axis op per spatial axis."""
 
     kind: str
     input: fx.Node
-    stencils: tuple[Stencil, ...]
+    stencils: tuple
     fill: str = "constant"  # border fill: 'constant', 'reflect' or 'replicate'
     value: float = 0.0  # constant fill value
     params: dict = field(default_factory=dict)
@@ -76,11 +78,21 @@ class OpContext:
     module: nn.Module | None
     layouts: dict  # fx.Node -> Layout, for spatial nodes
     ndim: int
+    # Dynamic ops (arguments computed from spatial sizes): ``pending`` at analysis time, when
+    # only the kind of window is decided; per input size the planner passes the values of the
+    # size nodes and the spatial size of every spatial node, and the stencils follow.
+    pending: bool = False
+    values: dict | None = None  # fx.Node -> evaluated value
+    sizes: dict | None = None  # fx.Node -> spatial size tuple
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         if index < len(self.node.args):
-            return self.node.args[index]
-        return self.node.kwargs.get(name, default)
+            value = self.node.args[index]
+        else:
+            value = self.node.kwargs.get(name, default)
+        if self.values:
+            value = fx.node.map_arg(value, lambda n: self.values.get(n, n))
+        return value
 
     def spatial_inputs(self) -> list[fx.Node]:
         return [n for n in self.node.all_input_nodes if n in self.layouts]
@@ -170,17 +182,20 @@ def batch_norm_function(ctx: OpContext) -> Verdict:
     return channel_op(ctx)
 
 
-def dropout(training_index: int, p_index: int) -> Callable[[OpContext], Verdict]:
+def dropout(training_index: int, p_index: int, keyed: bool = True) -> Callable[[OpContext], Verdict]:
+    """Dropout and stochastic depth: local. In training mode the tile code draws their
+    masks by global position (``fxstream.rng``), so every tile and the backward
+    recomputation see the same draws; alpha dropout is not keyed and is rejected."""
+
     def classify(ctx: OpContext) -> Verdict:
         if ctx.module is not None:
             training, p = ctx.module.training, ctx.module.p
         else:
             training = ctx.arg(training_index, "training", True)
             p = ctx.arg(p_index, "p", 0.5)
-        if training and p != 0:
+        if training and p != 0 and not keyed:
             return Rejected(
-                "random dropout in training mode draws different masks per tile; fxstream does "
-                "not replay random draws yet",
+                "alpha dropout in training mode draws random masks that fxstream does not replay per tile",
                 EVAL_FIX,
             )
         return Local(ctx.layout)
@@ -241,13 +256,6 @@ def reduction(ctx: OpContext) -> Verdict:
 
 def rejected(reason: str, fix: str = BOUNDARY_FIX) -> Callable[[OpContext], Verdict]:
     return lambda ctx: Rejected(reason, fix)
-
-
-def not_yet(what: str) -> Callable[[OpContext], Verdict]:
-    return rejected(f"{what} is not supported by fxstream yet")
-
-
-# --- Window ops --------------------------------------------------------------------
 
 
 def _tuple(value: Any, ndim: int) -> tuple[int, ...]:
@@ -431,9 +439,15 @@ def _pad_window(ctx: OpContext, input: fx.Node, pad: tuple[int, ...], mode: str,
 
 
 def pad_function(ctx: OpContext) -> Verdict:
-    return _pad_window(
-        ctx, ctx.arg(0, "input"), tuple(ctx.arg(1, "pad")), ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
+    pad = ctx.arg(1, "pad")
+    if ctx.pending:  # the amounts depend on sizes: window kind and fill now, amounts per input size
+        pad = (0,) * len(pad) if isinstance(pad, (tuple, list)) else (0,) * (2 * ctx.ndim)
+    verdict = _pad_window(
+        ctx, ctx.arg(0, "input"), tuple(pad), ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
     )
+    if ctx.pending and isinstance(verdict, Window):
+        verdict = dataclasses.replace(verdict, stencils=None)
+    return verdict
 
 
 def pad_module(ctx: OpContext) -> Verdict:
@@ -448,6 +462,215 @@ def pad_module(ctx: OpContext) -> Verdict:
     elif mode is None:
         mode = "constant"
     return _pad_window(ctx, ctx.node.args[0], tuple(m.padding), mode, getattr(m, "value", 0.0))
+
+
+# --- Ops with fractional stride ----------------------------------------------------
+
+
+def _conv_transpose(ctx, input, weight_shape, weight, bias, stride, padding, output_padding, groups, dilation):
+    ndim = ctx.ndim
+    if len(weight_shape) != ndim + 2:
+        return Rejected(
+            f"a {len(weight_shape) - 2}D transposed convolution in a {ndim}D trunk", "use one dimensionality"
+        )
+    kernel = tuple(weight_shape[2:])
+    stride, dilation = _tuple(stride, ndim), _tuple(dilation, ndim)
+    padding, output_padding = _tuple(padding, ndim), _tuple(output_padding, ndim)
+    stencils = tuple(
+        Transposed(d * (k - 1) + 1, s, p, op)
+        for k, s, p, op, d in zip(kernel, stride, padding, output_padding, dilation)
+    )
+    params = dict(weight=weight, bias=bias, stride=stride, dilation=dilation, groups=groups)
+    return Window("conv_transpose", input, stencils, params=params)
+
+
+def conv_transpose_module(ctx: OpContext) -> Verdict:
+    m = ctx.module
+    bad = _requires_canonical(ctx)
+    if bad:
+        return bad
+    if m.padding_mode != "zeros":
+        return Rejected(f"padding_mode='{m.padding_mode}' in a transposed convolution", "use padding_mode='zeros'")
+    if ctx.arg(1, "output_size") is not None:
+        return Rejected(
+            "output_size= makes the output padding depend on the whole image's size",
+            "set output_padding on the module instead of passing output_size",
+        )
+    target = ctx.node.target
+    bias = f"{target}.bias" if m.bias is not None else None
+    return _conv_transpose(
+        ctx,
+        ctx.node.args[0],
+        m.weight.shape,
+        f"{target}.weight",
+        bias,
+        m.stride,
+        m.padding,
+        m.output_padding,
+        m.groups,
+        m.dilation,
+    )
+
+
+def conv_transpose_function(ctx: OpContext) -> Verdict:
+    bad = _requires_canonical(ctx)
+    if bad:
+        return bad
+    weight = ctx.arg(1, "weight")
+    if weight in ctx.layouts:
+        return Rejected("the convolution weight depends on the image", BOUNDARY_FIX)
+    return _conv_transpose(
+        ctx,
+        ctx.arg(0, "input"),
+        _weight_shape(ctx, weight),
+        weight,
+        ctx.arg(2, "bias"),
+        ctx.arg(3, "stride", 1),
+        ctx.arg(4, "padding", 0),
+        ctx.arg(5, "output_padding", 0),
+        ctx.arg(6, "groups", 1),
+        ctx.arg(7, "dilation", 1),
+    )
+
+
+_SIZE_FIX = "use scale_factor=..., or pass boundary=... to stream only the part before it"
+_MODES = {
+    "nearest": "nearest",
+    "nearest-exact": "nearest-exact",
+    "linear": "linear",
+    "bilinear": "linear",
+    "trilinear": "linear",
+    "bicubic": "cubic",
+}
+
+
+def _resample(ctx, input, size, scale_factor, mode, align_corners, recompute, antialias=False) -> Verdict:
+    bad = _requires_canonical(ctx)
+    if bad:
+        return bad
+    if mode not in _MODES:
+        return Rejected(
+            f"interpolation mode '{mode}' is not supported", "use nearest, nearest-exact, (bi/tri)linear or bicubic"
+        )
+    if antialias:
+        return Rejected("antialiased interpolation (a downsampling filter) is not supported", "use antialias=False")
+    if size is not None and ctx.pending:
+        return Window("resample", input, None)
+    if size is not None and ctx.sizes is not None:  # size computed from other tensors' sizes
+        n_in = ctx.sizes[input]
+        sizes = _tuple(size, ctx.ndim)
+        stencils = tuple(
+            Resample(_MODES[mode], n_out / n, int(n_out), bool(align_corners)) for n, n_out in zip(n_in, sizes)
+        )
+        return Window("resample", input, stencils)
+    if size is not None:
+        return Rejected(
+            f"interpolation to a fixed size={size} does not depend on the input size, so every output pixel "
+            "depends on how large the whole image is (non-local)",
+            "compute size from another tensor of the trunk (size=skip.shape[2:]), use scale_factor=..., or "
+            "pass boundary=... to stream only the part before it",
+        )
+    if scale_factor is None or isinstance(scale_factor, fx.Node):
+        return Rejected("interpolation without a constant scale_factor", _SIZE_FIX)
+    scales = _tuple(scale_factor, ctx.ndim) if isinstance(scale_factor, (tuple, list)) else (scale_factor,) * ctx.ndim
+    if any(not isinstance(f, (int, float)) or f <= 0 for f in scales):
+        return Rejected(f"interpolation with scale_factor={scale_factor}", _SIZE_FIX)
+    stencils = tuple(Resample(_MODES[mode], float(f), None, bool(align_corners), bool(recompute)) for f in scales)
+    return Window("resample", input, stencils)
+
+
+def interpolate_function(ctx: OpContext) -> Verdict:
+    return _resample(
+        ctx,
+        ctx.arg(0, "input"),
+        ctx.arg(1, "size"),
+        ctx.arg(2, "scale_factor"),
+        ctx.arg(3, "mode", "nearest"),
+        ctx.arg(4, "align_corners"),
+        ctx.arg(5, "recompute_scale_factor"),
+        ctx.arg(6, "antialias", False),
+    )
+
+
+def upsample_module(ctx: OpContext) -> Verdict:
+    m = ctx.module
+    return _resample(
+        ctx,
+        ctx.node.args[0],
+        m.size,
+        m.scale_factor,
+        m.mode,
+        m.align_corners,
+        getattr(m, "recompute_scale_factor", None),
+    )
+
+
+def _shuffle(ctx: OpContext, input: fx.Node, factor: int, up: bool) -> Verdict:
+    bad = _requires_canonical(ctx)
+    if bad:
+        return bad
+    if ctx.ndim != 2:
+        return Rejected("pixel (un)shuffle acts on the last two dims only", "use it in a 2D trunk")
+    if up:
+        return Window("shuffle", input, (Shuffle(factor),) * 2, params=dict(factor=factor))
+    return Window("unshuffle", input, (Stencil(factor, factor),) * 2, params=dict(factor=factor))
+
+
+def pixel_shuffle(up: bool) -> Callable[[OpContext], Verdict]:
+    def rule(ctx: OpContext) -> Verdict:
+        if ctx.module is not None:
+            factor = ctx.module.upscale_factor if up else ctx.module.downscale_factor
+            return _shuffle(ctx, ctx.node.args[0], factor, up)
+        name = "upscale_factor" if up else "downscale_factor"
+        return _shuffle(ctx, ctx.arg(0, "input"), ctx.arg(1, name), up)
+
+    return rule
+
+
+# --- Dynamic ops: windows that depend on spatial sizes ------------------------------------
+
+
+def needs_sizes(ctx: OpContext) -> bool:
+    """Slicing a spatial dim: its crop depends on the tensor's size (``x[..., 1:-1]``)."""
+    node = ctx.node
+    return node.op == "call_function" and node.target is operator.getitem and node.args[0] in ctx.layouts
+
+
+def pools_whole_map(ctx: OpContext) -> bool:
+    """``F.avg_pool2d(x, x.shape[2:])`` and the like: a global pooling spelled with sizes."""
+    return FUNCTIONS.get(ctx.node.target) in (avg_pool, max_pool) and isinstance(ctx.arg(1, "kernel_size"), fx.Node)
+
+
+def accepts_sizes(ctx: OpContext) -> bool:
+    node = ctx.node
+    return node.op == "call_function" and node.target in (F.pad, F.interpolate, F.upsample, operator.getitem)
+
+
+def slicing(ctx: OpContext) -> Verdict:
+    """``x[:, :, a:b, c:d]``: a crop of spatial dims, i.e. a pad with negative amounts."""
+    source, index = ctx.node.args[0], ctx.arg(1, "index")
+    layout = ctx.layouts[source]
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in index) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return Rejected("indexing a spatial tensor other than by slices", "slice with a:b (step 1) only")
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(layout) - len(index) + 1) + index[at + 1 :]
+    index = index + (slice(None),) * (len(layout) - len(index))
+    if any(layout[d] is None and i != slice(None) for d, i in enumerate(index)):
+        return Rejected("it slices the batch or channel dim of a spatial tensor", BOUNDARY_FIX)
+    if ctx.pending:
+        return Window("pad", source, None)
+    stencils = []
+    size = ctx.sizes[source]
+    for axis in range(ctx.ndim):
+        n = size[axis]
+        start, stop, step = index[layout.index(axis)].indices(n)
+        if step != 1:
+            return Rejected(f"a strided slice (step {step}) of a spatial dim", "slice with step 1")
+        stop = max(stop, start)
+        stencils.append(Stencil(1, 1, -start, stop - n))
+    return Window("pad", source, tuple(stencils))
 
 
 # --- The table -----------------------------------------------------------------------
@@ -508,7 +731,7 @@ _POINTWISE_FUNCTIONS = [
     operator.imul,
     operator.itruediv,
 ]
-_INPLACE_FUNCTIONS = ["relu_", "leaky_relu_", "elu_", "hardtanh_", "rrelu_"]
+_INPLACE_FUNCTIONS = ["relu_", "leaky_relu_", "elu_", "hardtanh_"]
 
 FUNCTIONS: dict[Any, Callable[[OpContext], Verdict]] = {f: pointwise for f in _POINTWISE_FUNCTIONS}
 FUNCTIONS.update({getattr(F, name): pointwise for name in _INPLACE_FUNCTIONS if hasattr(F, name)})
@@ -537,8 +760,8 @@ FUNCTIONS.update(
         F.dropout1d: dropout(2, 1),
         F.dropout2d: dropout(2, 1),
         F.dropout3d: dropout(2, 1),
-        F.alpha_dropout: dropout(2, 1),
-        F.feature_alpha_dropout: dropout(2, 1),
+        F.alpha_dropout: dropout(2, 1, keyed=False),
+        F.feature_alpha_dropout: dropout(2, 1, keyed=False),
         F.conv1d: conv_function,
         F.conv2d: conv_function,
         F.conv3d: conv_function,
@@ -546,14 +769,16 @@ FUNCTIONS.update(
         F.avg_pool2d: avg_pool,
         F.avg_pool3d: avg_pool,
         F.pad: pad_function,
+        operator.getitem: slicing,
         F.group_norm: rejected("GroupNorm normalises with statistics over the whole image"),
         F.instance_norm: rejected("InstanceNorm normalises with statistics over the whole image"),
-        F.interpolate: not_yet("interpolation (upsampling)"),
-        F.pixel_shuffle: not_yet("pixel_shuffle"),
-        F.pixel_unshuffle: not_yet("pixel_unshuffle"),
-        F.conv_transpose1d: not_yet("transposed convolution"),
-        F.conv_transpose2d: not_yet("transposed convolution"),
-        F.conv_transpose3d: not_yet("transposed convolution"),
+        F.interpolate: interpolate_function,
+        F.upsample: interpolate_function,
+        F.pixel_shuffle: pixel_shuffle(up=True),
+        F.pixel_unshuffle: pixel_shuffle(up=False),
+        F.conv_transpose1d: conv_transpose_function,
+        F.conv_transpose2d: conv_transpose_function,
+        F.conv_transpose3d: conv_transpose_function,
     }
 )
 for _name in ["max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d", "_max_pool3d"]:
@@ -669,12 +894,8 @@ MODULES.update({m: conv_module for m in (nn.Conv1d, nn.Conv2d, nn.Conv3d)})
 MODULES.update({m: max_pool for m in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)})
 MODULES.update({m: avg_pool for m in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)})
 MODULES.update({m: batch_norm_module for m in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)})
-MODULES.update(
-    {
-        m: dropout(0, 0)
-        for m in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-    }
-)
+MODULES.update({m: dropout(0, 0) for m in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)})
+MODULES.update({m: dropout(0, 0, keyed=False) for m in (nn.AlphaDropout, nn.FeatureAlphaDropout)})
 MODULES.update(
     {
         m: pad_module
@@ -723,14 +944,14 @@ MODULES.update(
         nn.InstanceNorm1d: rejected("InstanceNorm normalises with statistics over the whole image"),
         nn.InstanceNorm2d: rejected("InstanceNorm normalises with statistics over the whole image"),
         nn.InstanceNorm3d: rejected("InstanceNorm normalises with statistics over the whole image"),
-        nn.Upsample: not_yet("upsampling"),
-        nn.UpsamplingNearest2d: not_yet("upsampling"),
-        nn.UpsamplingBilinear2d: not_yet("upsampling"),
-        nn.ConvTranspose1d: not_yet("transposed convolution"),
-        nn.ConvTranspose2d: not_yet("transposed convolution"),
-        nn.ConvTranspose3d: not_yet("transposed convolution"),
-        nn.PixelShuffle: not_yet("PixelShuffle"),
-        nn.PixelUnshuffle: not_yet("PixelUnshuffle"),
+        nn.Upsample: upsample_module,
+        nn.UpsamplingNearest2d: upsample_module,
+        nn.UpsamplingBilinear2d: upsample_module,
+        nn.ConvTranspose1d: conv_transpose_module,
+        nn.ConvTranspose2d: conv_transpose_module,
+        nn.ConvTranspose3d: conv_transpose_module,
+        nn.PixelShuffle: pixel_shuffle(up=True),
+        nn.PixelUnshuffle: pixel_shuffle(up=False),
         nn.MultiheadAttention: rejected("attention over pixels mixes the whole image"),
     }
 )

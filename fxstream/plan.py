@@ -12,17 +12,19 @@ All three are frozen values holding ints, tuples and strings (no fx.Node, no sym
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import sympy
 
 from . import geometry as g
-from . import ops
+from . import ops, shapes
 from .analyze import Analysis
 from .errors import InputShapeError, PlannerError, TileSizeError, UnsupportedOpError
 from .trace import module_path, source_line
@@ -32,33 +34,52 @@ Pair = tuple[int, int]
 
 @dataclass(frozen=True)
 class Step:
-    """One trunk node. ``kind`` is 'local' or a window kind ('conv', 'max_pool', 'avg_pool', 'pad')."""
+    """One trunk node. ``kind`` is 'local' or a window kind ('conv', 'max_pool', 'avg_pool', 'pad',
+    'conv_transpose', 'shuffle', 'unshuffle', 'resample'); ``stencils`` holds one axis op per
+    spatial axis (``geometry.Stencil``, ``Transposed``, ``Shuffle`` or ``Resample``)."""
 
     name: str
     kind: str
     op: str
     module_path: str
     inputs: tuple[str, ...]
-    stencils: tuple[g.Stencil, ...] | None = None
+    stencils: tuple | None = None
     fill: str = "constant"
     include_pad: bool = True
     divisor: int | None = None
     source: str = ""  # the user's source line, for error messages
+    # dynamic steps (window set by sizes, e.g. F.pad(x, [dx // 2, ...])): stencils per input size
+    resolve: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def needs_counts(self) -> bool:
         return self.kind == "avg_pool" and self.divisor is None
 
+    @property
+    def needs_trim(self) -> bool:
+        """The op yields more than the node's region on its window (see ``Stencil.produced``)."""
+        return self.kind in ("conv_transpose", "shuffle")
+
 
 @dataclass(frozen=True)
 class Slot:
-    """One entry of a tile's geometry tuple: the crop/pad of an edge ('window'),
-    or the divisors of an average pooling ('counts'). ``consumer`` is '' for the
-    final crop of the trunk output."""
+    """One entry of a tile's geometry tuple: the crop/pad of an edge ('window'), the
+    divisors of an average pooling ('counts'), the crop of an op's result to the node's
+    region ('trim'), or the taps of a resampling ('resample'). ``consumer`` is '' for
+    the final crop of the trunk output."""
 
     kind: str
     consumer: str
     producer: str
+
+
+@dataclass(frozen=True)
+class SizeNode:
+    """A shape/size value that dynamic steps need: evaluated before step ``before``."""
+
+    name: str
+    before: int
+    evaluate: Callable = dataclasses.field(compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,7 @@ class TrunkGeometry:
     steps: tuple[Step, ...]
     dims: tuple[tuple[str, tuple[int, ...]], ...]  # node -> tensor dim of each spatial axis
     slots: tuple[Slot, ...]
+    size_nodes: tuple[SizeNode, ...] = ()
 
     @functools.cached_property
     def steps_by_name(self) -> dict:
@@ -87,6 +109,11 @@ class TrunkGeometry:
 
 def build_geometry(analysis: Analysis) -> TrunkGeometry:
     steps, slots = [], []
+    order = {n: i for i, n in enumerate(analysis.gm.graph.nodes)}
+    size_nodes = tuple(
+        SizeNode(n.name, sum(order[t] < order[n] for t in analysis.trunk), shapes.size_evaluator(n, analysis.layouts))
+        for n in analysis.size_nodes or ()
+    )
     for node in analysis.trunk:
         verdict = analysis.verdicts[node]
         inputs = tuple(dict.fromkeys(n.name for n in node.all_input_nodes if n in analysis.layouts))
@@ -104,14 +131,38 @@ def build_geometry(analysis: Analysis) -> TrunkGeometry:
                 verdict.params.get("divisor"),
                 step.source,
             )
+        if node in analysis.dynamic:
+            module = analysis.gm.get_submodule(node.target) if node.op == "call_module" else None
+            resolve = shapes.window_resolver(node, module, analysis.layouts, analysis.ndim)
+            step = dataclasses.replace(step, resolve=resolve)
         steps.append(step)
         slots += [Slot("window", node.name, producer) for producer in step.inputs]
         if step.needs_counts:
             slots.append(Slot("counts", node.name, step.inputs[0]))
+        if step.needs_trim:
+            slots.append(Slot("trim", node.name, step.inputs[0]))
+        if step.kind == "resample":
+            slots.append(Slot("resample", node.name, step.inputs[0]))
     slots.append(Slot("window", "", analysis.output.name))
     nodes = [analysis.image] + analysis.trunk
     dims = tuple((n.name, tuple(analysis.layouts[n].index(a) for a in range(analysis.ndim))) for n in nodes)
-    return TrunkGeometry(analysis.ndim, analysis.image.name, analysis.output.name, tuple(steps), dims, tuple(slots))
+    return TrunkGeometry(
+        analysis.ndim, analysis.image.name, analysis.output.name, tuple(steps), dims, tuple(slots), size_nodes
+    )
+
+
+# Dynamic steps get their compile-time stencils from this input size (per axis): large enough
+# for any downsampling, and divisible by 2**12, 3**2, 5 and 7, so that sizes divide evenly.
+REFERENCE_SIZE = 2**12 * 3**2 * 5 * 7
+
+
+def resolved(geo: TrunkGeometry, input_size: tuple[int, ...]) -> TrunkGeometry:
+    """``geo`` with the stencils of dynamic steps evaluated for ``input_size``."""
+    if not any(step.resolve for step in geo.steps):
+        return geo
+    _, stencils = _evaluate(geo, input_size)
+    steps = tuple(dataclasses.replace(s, stencils=stencils[s.name]) if s.resolve else s for s in geo.steps)
+    return dataclasses.replace(geo, steps=steps)
 
 
 def _op_name(analysis: Analysis, node) -> str:
@@ -131,10 +182,10 @@ class NodePlan:
     op: str
     module_path: str
     kernel: tuple[int, ...] | None  # window extent per axis (dilation included)
-    op_stride: tuple[int, ...] | None
+    op_stride: tuple[int | float, ...] | None  # < 1 for upsampling ops
     padding: tuple[Pair, ...] | None
-    stride: tuple[int, ...]  # cumulative, image pixels per pixel of this node
-    receptive_field: tuple[int, ...]
+    stride: tuple[int | float, ...]  # cumulative, image pixels per pixel of this node (0.5 after a 2x upsampling)
+    receptive_field: tuple[int, ...]  # exact, or an upper bound once the path upsamples
     halo: tuple[Pair, ...]  # (left, right) image pixels beyond the node's own footprint
 
 
@@ -145,11 +196,14 @@ class Plan:
     ndim: int
     tile_size: tuple[int, ...]
     block: tuple[int, ...]  # trunk-output pixels per tile, per axis
-    stride: tuple[int, ...]
+    stride: tuple[int | float, ...]
     receptive_field: tuple[int, ...]
     halo: tuple[Pair, ...]
     boundary: str
     nodes: tuple[NodePlan, ...]
+    # False once the trunk upsamples: receptive field, halo and block then come from affine
+    # bounds, and each input size gets the largest block that really fits tile_size.
+    exact: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,6 +227,11 @@ class Plan:
             f"receptive field: {_fmt(self.receptive_field)}, stride: {_fmt(self.stride)}, "
             f"halo (left,right): {self.halo}",
         ]
+        if not self.exact:
+            lines.append(
+                "(the trunk upsamples: receptive field, halo and block are upper bounds; each input size "
+                "gets the largest block that fits tile_size)"
+            )
         return "\n".join(lines)
 
 
@@ -181,6 +240,7 @@ def _fmt(values: tuple) -> str:
 
 
 def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...]) -> Plan:
+    geo = resolved(geo, (REFERENCE_SIZE,) * geo.ndim)
     maps = {geo.image: [g.AxisMap.identity()] * geo.ndim}
     nodes = []
     for step in geo.steps:
@@ -200,6 +260,11 @@ def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...]) -> Plan:
     stride = next(n.stride for n in nodes if n.name == geo.output)
     halo = next(n.halo for n in nodes if n.name == geo.output)
     block = tuple(g.block_for_tile(axis, t) for axis, t in zip(out, tile_size))
+    exact = all(isinstance(op, g.Stencil) for step in geo.steps for op in step.stencils or ()) and not any(
+        step.resolve for step in geo.steps
+    )
+    if not exact:  # bounds only: each input size finds its real block (plan_shape), or raises there
+        block = tuple(max(b, 1) for b in block)
     if min(block) < 1:
         raise TileSizeError(
             f"tile_size={_fmt(tile_size)} is too small: the trunk (up to '{geo.output}') has a receptive field "
@@ -208,14 +273,14 @@ def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...]) -> Plan:
             f"{_fmt(tuple(4 * r for r in receptive_field))}) to keep the halo overhead small.",
             minimum=receptive_field,
         )
-    return Plan(geo.ndim, tile_size, block, stride, receptive_field, halo, geo.output, tuple(nodes))
+    return Plan(geo.ndim, tile_size, block, stride, receptive_field, halo, geo.output, tuple(nodes), exact)
 
 
 def _check_same_stride(step: Step, inputs: list) -> None:
     """A merge of branches with different cumulative strides is not translation
     equivariant (the shapes only agree at some image sizes): it cannot be tiled."""
     strides = {sympy.simplify(m.stride) for m in inputs}
-    if len(strides) > 1 or any(s.free_symbols or not s.is_integer for s in strides):
+    if len(strides) > 1 or any(s.free_symbols for s in strides):
         where = f"\n  at {step.source}" if step.source else ""
         raise UnsupportedOpError(
             f"cannot stream {step.op}: it merges inputs with different cumulative strides "
@@ -229,18 +294,29 @@ def _check_same_stride(step: Step, inputs: list) -> None:
 
 
 def _node_plan(step: Step, axes: list) -> NodePlan:
-    stencils = step.stencils
+    described = [_describe(s) for s in step.stencils] if step.stencils else None
     return NodePlan(
         step.name,
         step.op,
         step.module_path,
-        tuple(s.extent for s in stencils) if stencils else None,
-        tuple(s.stride for s in stencils) if stencils else None,
-        tuple((s.pad_lo, s.pad_hi) for s in stencils) if stencils else None,
-        tuple(g.as_int(a.stride, f"stride of {step.name}") for a in axes),
-        tuple(g.as_int(a.receptive_field, f"receptive field of {step.name}") for a in axes),
-        tuple(tuple(g.as_int(h, f"halo of {step.name}") for h in a.halo) for a in axes),
+        tuple(d[0] for d in described) if described else None,
+        tuple(d[1] for d in described) if described else None,
+        tuple(d[2] for d in described) if described else None,
+        tuple(g.as_number(a.stride, f"stride of {step.name}") for a in axes),
+        tuple(g.ceil_int(a.receptive_field, f"receptive field of {step.name}") for a in axes),
+        tuple(tuple(g.ceil_int(h, f"halo of {step.name}") for h in a.halo) for a in axes),
     )
+
+
+def _describe(op) -> tuple:
+    """(kernel extent, op stride, (pad left, pad right)) of one axis op, for the table."""
+    if isinstance(op, g.Stencil):
+        return op.extent, op.stride, (op.pad_lo, op.pad_hi)
+    if isinstance(op, g.Transposed):
+        return op.extent, 1 / op.stride, (op.pad, op.pad)
+    if isinstance(op, g.Shuffle):
+        return 1, 1 / op.factor, (0, 0)
+    return 1, g.as_number(1 / op.ratio, "resampling stride"), (0, 0)
 
 
 # --- Per-shape tiling (ints) -------------------------------------------------------------
@@ -269,8 +345,20 @@ class ShapePlan:
 
 
 def node_sizes(geo: TrunkGeometry, input_size: tuple[int, ...]) -> dict:
+    return _evaluate(geo, input_size)[0]
+
+
+def _evaluate(geo: TrunkGeometry, input_size: tuple[int, ...]) -> tuple[dict, dict]:
+    """Spatial size of every node, and the stencils of every step, for ``input_size``."""
     sizes = {geo.image: tuple(input_size)}
-    for step in geo.steps:
+    stencils: dict = {}
+    values: dict = {}
+    pending = list(geo.size_nodes)
+    for index, step in enumerate(geo.steps):
+        while pending and pending[0].before <= index:
+            size_node = pending.pop(0)
+            values[size_node.name] = size_node.evaluate(values, sizes)
+        stencils[step.name] = step.resolve(values, sizes) if step.resolve else step.stencils
         ins = {sizes[p] for p in step.inputs}
         if len(ins) > 1:
             raise InputShapeError(
@@ -278,34 +366,40 @@ def node_sizes(geo: TrunkGeometry, input_size: tuple[int, ...]) -> dict:
                 f"sizes {sorted(ins)} for an input of size {input_size}; the model itself cannot run on it"
             )
         (size,) = ins
-        if step.stencils:
-            size = tuple(s.out_size(n) for s, n in zip(step.stencils, size))
+        if stencils[step.name]:
+            size = tuple(s.out_size(n) for s, n in zip(stencils[step.name], size))
         if min(size) < 1:
             raise InputShapeError(
                 f"an input of spatial size {input_size} is too small: '{step.name}' ({step.op}, module "
                 f"'{step.module_path}') would have size {size}"
             )
         sizes[step.name] = size
-    return sizes
+    return sizes, stencils
 
 
 def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...]) -> ShapePlan:
+    geo = resolved(geo, input_size)
     sizes = node_sizes(geo, input_size)
     out_size = sizes[geo.output]
-    starts = [range(0, n, b) for n, b in zip(out_size, plan.block)]
-    tiles = []
-    computed = 0
-    for corner in itertools.product(*starts):
-        block = tuple(g.Interval(lo, min(lo + b, n)) for lo, b, n in zip(corner, plan.block, out_size))
-        tile, work = _tile(geo, sizes, block)
+    splits = _splits(geo, plan, sizes)
+    tiles, computed = [], 0
+    for corner in itertools.product(*splits):
+        tile, work = _tile(geo, sizes, corner)
         tiles.append(tile)
         computed += work
     whole = sum(math.prod(sizes[s.name]) for s in geo.steps)
-    grid = tuple(len(s) for s in starts)
+    grid = tuple(len(s) for s in splits)
     return ShapePlan(tuple(input_size), out_size, grid, tuple(tiles), computed, whole)
 
 
-def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
+def _splits(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[g.Interval]]:
+    """Per axis, the trunk-output blocks of the tiles (``geo`` resolved for these sizes)."""
+    out_size = sizes[geo.output]
+    block = plan.block if plan.exact else _fit_block(geo, sizes, out_size, plan)
+    return [balanced_split(n, b) for n, b in zip(out_size, block)]
+
+
+def _regions(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[dict, dict]:
     """Walk the trunk backwards from the output block: the region every node computes,
     and for every edge the raw interval its consumer reads (padding included)."""
     need: dict = {geo.output: list(block)}
@@ -316,16 +410,92 @@ def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
             continue  # not needed by this tile (cannot happen for a pruned trunk)
         region = need[step.name] = [_non_empty(r, n) for r, n in zip(region, sizes[step.name])]
         for producer in step.inputs:
-            edge = [s.need(r) for s, r in zip(step.stencils, region)] if step.stencils else region
+            if step.stencils:
+                edge = [s.read(r, n) for s, r, n in zip(step.stencils, region, sizes[producer])]
+            else:
+                edge = region
             raw[(step.name, producer)] = edge
             src = [g.source_interval(e, n, step.fill) for e, n in zip(edge, sizes[producer])]
             old = need.get(producer)
             need[producer] = [_hull(s, o) for s, o in zip(src, old)] if old else src
     need[geo.image] = [_non_empty(r, n) for r, n in zip(need[geo.image], sizes[geo.image])]
     raw[("", geo.output)] = list(block)
+    return need, raw
+
+
+def _fit_block(geo: TrunkGeometry, sizes: dict, out_size: tuple, plan: Plan) -> tuple[int, ...]:
+    """For a plan from bounds (the trunk upsamples): per axis, the largest block whose tiles'
+    exact input regions fit ``tile_size`` at this input size. Axes are independent (every
+    op acts on each axis separately), so each is searched with one-pixel blocks on the others."""
+    ndim = len(out_size)
+    block = []
+    for axis, (n, limit, guess) in enumerate(zip(out_size, plan.tile_size, plan.block)):
+
+        def fits(b: int, axis=axis, n=n, limit=limit) -> bool:
+            for part in balanced_split(n, b):
+                corner = tuple(part if a == axis else g.Interval(0, 1) for a in range(ndim))
+                region = _regions(geo, sizes, corner)[0][geo.image][axis]
+                if region.hi - region.lo > limit:
+                    return False
+            return True
+
+        if not fits(1):
+            raise TileSizeError(
+                f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])}: one "
+                f"output pixel of '{geo.output}' reads more than {limit} pixels along spatial axis {axis}",
+                minimum=None,
+            )
+        lo, hi = 1, n  # fits(lo) holds; find the largest fitting block by galloping from the guess
+        probe = min(max(guess, 1), n)
+        while probe < n and fits(probe):
+            lo, probe = probe, min(2 * probe, n)
+        if probe == n and fits(n):
+            lo = n
+        else:
+            hi = probe - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        block.append(lo)
+    return tuple(block)
+
+
+def balanced_split(n: int, block: int) -> list[g.Interval]:
+    """Cut ``[0, n)`` into the fewest blocks of at most ``block``, of near-equal sizes: the
+    same number of tiles as ``block``-sized ones with a ragged last, but a smaller largest
+    tile (less peak memory) and fewer distinct tile shapes."""
+    count = -(-n // block)
+    base, extra = divmod(n, count)
+    bounds = [0]
+    for i in range(count):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    return [g.Interval(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
+    """The tile of one output block: its image region and its geometry tuple."""
+    need, raw = _regions(geo, sizes, block)
     steps = geo.steps_by_name
     entries = []
     for slot in geo.slots:
+        if slot.kind == "trim":
+            step = steps[slot.consumer]
+            entries.append(
+                _trim_entry(step, need[step.name], raw[(step.name, slot.producer)], sizes[slot.producer], geo)
+            )
+            continue
+        if slot.kind == "resample":
+            step = steps[slot.consumer]
+            raw_edge = raw[(step.name, slot.producer)]
+            entries.append(
+                tuple(
+                    _resample_entry(op, r, e, n, dim)
+                    for op, r, e, n, dim in zip(
+                        step.stencils, need[step.name], raw_edge, sizes[slot.producer], geo.axis_dims(step.name)
+                    )
+                )
+            )
+            continue
         if slot.kind == "counts":
             step = steps[slot.consumer]
             entries.append(
@@ -348,6 +518,27 @@ def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
     work = sum(math.prod(r.length for r in need[s.name]) for s in geo.steps)
     as_pairs = lambda intervals: tuple((int(r.lo), int(r.hi)) for r in intervals)  # noqa: E731
     return Tile(as_pairs(block), as_pairs(need[geo.image]), tuple(entries)), work
+
+
+def _trim_entry(step: Step, region: list, raw: list, size: tuple, geo: TrunkGeometry) -> tuple:
+    """Crop the op's result on its window (``produced``) to the node's region."""
+    entry = []
+    for op, r, e, n, dim in zip(step.stencils, region, raw, size, geo.axis_dims(step.name)):
+        made = op.produced(e, n)
+        if not (made.lo <= r.lo and r.hi <= made.hi):
+            raise PlannerError(f"planner: {step.name} yields {made}, its region is {r}")
+        entry.append(Crop(dim, r.lo - made.lo, r.hi - made.lo, 0, 0))
+    return tuple(entry)
+
+
+def _resample_entry(op: g.Resample, region: g.Interval, raw: g.Interval, size: int, dim: int) -> Resampling:
+    """The taps of the outputs in ``region``, indexed from the window's start ``raw.lo``."""
+    index, weight = g.resample_taps(op, size)
+    taps = len(index[0])
+    rows = range(region.lo, region.hi)
+    idx = tuple(tuple(index[i][k] - raw.lo for i in rows) for k in range(taps))
+    wts = None if weight is None else tuple(tuple(weight[i][k] for i in rows) for k in range(taps))
+    return Resampling(dim, idx, wts)
 
 
 def _hull(a: g.Interval, b: g.Interval) -> g.Interval:
@@ -386,6 +577,15 @@ class Gather(NamedTuple):
     index: tuple
 
 
+class Resampling(NamedTuple):
+    """Along ``dim``, output ``i`` is ``sum_k weight[k][i] * x[index[k][i]]`` (one tap of
+    weight 1 when ``weight`` is None); indices are relative to the window."""
+
+    dim: int
+    index: tuple
+    weight: tuple | None
+
+
 def _window_entry(raw, region, size, dims, fill) -> tuple:
     """How a consumer reads its producer: per axis a :class:`Crop` or a :class:`Gather`
     whose result covers the consumer's raw interval exactly."""
@@ -406,6 +606,32 @@ def _window_entry(raw, region, size, dims, fill) -> tuple:
 
 def input_region(geo: TrunkGeometry, input_size: tuple[int, ...], block: tuple[Pair, ...]) -> tuple[Pair, ...]:
     """The image region that the trunk-output ``block`` (per axis ``(lo, hi)``) reads."""
+    geo = resolved(geo, tuple(input_size))
     sizes = node_sizes(geo, tuple(input_size))
     tile, _ = _tile(geo, sizes, tuple(g.Interval(lo, hi) for lo, hi in block))
     return tile.region
+
+
+def node_regions(geo: TrunkGeometry, input_size: tuple[int, ...], block: tuple[Pair, ...]) -> dict:
+    """Node name (the image included) -> the region, per axis ``(lo, hi)``, that the
+    trunk-output ``block`` makes it compute (read-only; used by the memory model)."""
+    return node_windows(geo, input_size, block)[0]
+
+
+def node_windows(geo: TrunkGeometry, input_size: tuple[int, ...], block: tuple[Pair, ...]) -> tuple[dict, dict]:
+    """:func:`node_regions`, and ``(consumer, producer)`` -> the raw interval per axis that
+    the consumer reads of its producer, padding included (it leaves ``[0, size)`` where
+    the window is padded at the image border)."""
+    geo = resolved(geo, tuple(input_size))
+    sizes = node_sizes(geo, tuple(input_size))
+    need, raw = _regions(geo, sizes, tuple(g.Interval(lo, hi) for lo, hi in block))
+    pairs = lambda intervals: tuple((int(r.lo), int(r.hi)) for r in intervals)  # noqa: E731
+    return {name: pairs(region) for name, region in need.items()}, {k: pairs(v) for k, v in raw.items() if k[0]}
+
+
+def tile_splits(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...]) -> list[list[Pair]]:
+    """Per spatial axis, the trunk-output blocks ``(lo, hi)`` that :func:`plan_shape` cuts an
+    input of ``input_size`` into; the tiles are their products (read-only; for the memory model)."""
+    geo = resolved(geo, tuple(input_size))
+    splits = _splits(geo, plan, node_sizes(geo, tuple(input_size)))
+    return [[(int(r.lo), int(r.hi)) for r in split] for split in splits]

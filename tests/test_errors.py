@@ -48,6 +48,15 @@ class Roll(nn.Module):
         return torch.roll(x, 1, dims=3)
 
 
+class Interp(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=2, mode="bilinear", **self.kwargs)
+
+
 class SpatialLayerNorm(nn.Module):
     def __init__(self):
         super().__init__()
@@ -71,9 +80,10 @@ REJECTED = {
     "circular_conv": (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), "circular"),
     "circular_pad": (CircularPad, "circular"),
     "unknown_op": (Roll, "does not know"),
-    "dropout_train": (lambda: nn.Dropout2d(0.5).train(), "dropout"),
+    "dropout_train": (lambda: nn.AlphaDropout(0.5).train(), "alpha dropout"),
     "maxpool_indices": (lambda: nn.MaxPool2d(2, return_indices=True), "return_indices"),
-    "upsample_not_yet": (lambda: nn.Upsample(scale_factor=2), "not supported by fxstream yet"),
+    "upsample_fixed_size": (lambda: nn.Upsample(size=(16, 16)), "fixed size"),
+    "interpolate_antialias": (lambda: Interp(antialias=True), "antialias"),
 }
 
 
@@ -214,7 +224,7 @@ class UsesSpatialSize(nn.Module):
 
 
 def test_spatial_size_inside_trunk_is_rejected():
-    with pytest.raises(fxstream.UnsupportedOpError, match="depends on the whole image"):
+    with pytest.raises(fxstream.UnsupportedOpError, match="uses the spatial size of a tensor inside the trunk"):
         fxstream.compile(UsesSpatialSize(), tile_size=16)
 
 

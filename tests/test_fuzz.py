@@ -5,7 +5,10 @@ strides, int/tuple/'same'/'valid' padding, dilation, groups, bias, zeros/reflect
 padding modes, shared weights), max/avg pooling (ceil_mode, count_include_pad,
 divisor_override, dilation), F.pad (constant/reflect/replicate, asymmetric, negative),
 pointwise activations (also in place), eval BatchNorm, per-channel and scalar
-arithmetic, add/sub/mul merges (also in place) and channel concatenation - a random
+arithmetic, add/sub/mul merges (also in place), channel concatenation, and the ops with
+fractional stride: ConvTranspose2d (stride, padding, output_padding, dilation, groups),
+nn.Upsample (nearest, nearest-exact, bilinear, bicubic; align_corners; integer,
+fractional and per-axis scale factors) and PixelShuffle/PixelUnshuffle - a random
 non-square image, and a tile size just above the trunk's minimum, so that the image is
 cut into many tiles with ragged last tiles. The streamed model must match the
 unstreamed one on the output, every parameter gradient and the input gradient to
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+from fractions import Fraction
 
 import pytest
 import torch
@@ -121,6 +125,13 @@ def make_module(kind: str, p: dict) -> nn.Module | None:
         return bn
     if kind == "act" and p["module"]:
         return ACT_MODULES[p["name"]](p)
+    if kind == "convT":
+        return nn.ConvTranspose2d(p["cin"], p["cout"], p["kernel"], p["stride"], p["padding"], p["output_padding"],
+                                  p["groups"], p["bias"], p["dilation"])
+    if kind == "upsample":
+        return nn.Upsample(scale_factor=p["scale"], mode=p["mode"], align_corners=p["align_corners"])
+    if kind == "shuffle":
+        return nn.PixelShuffle(2) if p["up"] else nn.PixelUnshuffle(2)
     if kind == "chmul":
         holder = Params()
         holder.scale = nn.Parameter(torch.randn(p["c"], 1, 1))
@@ -131,7 +142,7 @@ def make_module(kind: str, p: dict) -> nn.Module | None:
 def apply_op(kind: str, p: dict, mod, args: list):
     """Run one op spec on its inputs (shared by FuzzNet.forward and the dry run)."""
     x = args[0]
-    if kind in ("conv", "maxpool", "avgpool", "bn", "reuse"):
+    if kind in ("conv", "maxpool", "avgpool", "bn", "reuse", "convT", "upsample", "shuffle"):
         return mod(x)
     if kind == "fconv":
         return F.conv2d(x, mod.weight, mod.bias, p["stride"], p["padding"], p["dilation"], p["groups"])
@@ -204,8 +215,10 @@ def is_inplace(kind: str, p: dict) -> bool:
 def _channels(in_channels: int, ops: list) -> int:
     channels = [in_channels]
     for kind, inputs, p in ops:
-        if kind in ("conv", "fconv"):
+        if kind in ("conv", "fconv", "convT"):
             channels.append(p["cout"])
+        elif kind == "shuffle":
+            channels.append(channels[inputs[0]] // 4 if p["up"] else channels[inputs[0]] * 4)
         elif kind == "reuse":
             channels.append(ops[p["of"]][2]["cout"])
         elif kind == "cat":
@@ -279,7 +292,36 @@ def draw_pad(data):
     return dict(pad=pad, mode=mode, value=value)
 
 
+def draw_conv_transpose(data, c):
+    cout = data.draw(st.integers(1, 4), label="cout")
+    groups = data.draw(st.sampled_from([g for g in _divisors(c) if cout % g == 0]), label="groups")
+    stride = _pair(data, 1, 3, "convT stride")
+    dilation = _pair(data, 1, 2, "convT dilation")
+    # torch requires output_padding < max(stride, dilation) per axis
+    limit = [max(s, d) - 1 for s, d in zip(_t(stride), _t(dilation))]
+    output_padding = tuple(data.draw(st.integers(0, m), label="output_padding") for m in limit)
+    return dict(cin=c, cout=cout, kernel=_pair(data, 1, 4, "convT kernel"), stride=stride,
+                padding=_pair(data, 0, 2, "convT padding"), output_padding=output_padding, dilation=dilation,
+                groups=groups, bias=data.draw(st.booleans(), label="bias"))
+
+
+def draw_upsample(data):
+    mode = data.draw(st.sampled_from(["nearest", "nearest-exact", "bilinear", "bicubic"]), label="upsample mode")
+    scale = data.draw(st.sampled_from([2, 3, 1.5, 2.5, (2, 1), (1.5, 3)]), label="scale")
+    align = data.draw(st.booleans(), label="align_corners") if mode in ("bilinear", "bicubic") else None
+    return dict(scale=scale, mode=mode, align_corners=align)
+
+
 def cumulative_stride(kind, p, stride):
+    if kind == "convT":
+        s = tuple(Fraction(1, v) for v in _t(p["stride"]))
+        return (stride[0] * s[0], stride[1] * s[1])
+    if kind == "upsample":
+        s = tuple(1 / Fraction(v).limit_denominator(16) for v in _t(p["scale"]))
+        return (stride[0] * s[0], stride[1] * s[1])
+    if kind == "shuffle":
+        s = Fraction(1, 2) if p["up"] else 2
+        return (stride[0] * s, stride[1] * s)
     if kind in ("conv", "fconv", "reuse"):
         s = _t(p["stride"])
     elif kind in ("maxpool", "fmaxpool", "avgpool", "favgpool"):
@@ -290,7 +332,8 @@ def cumulative_stride(kind, p, stride):
 
 
 OP_KINDS = ["conv", "conv", "conv", "fconv", "reuse", "maxpool", "fmaxpool", "avgpool", "favgpool", "pad",
-            "act", "act", "act", "bn", "chmul", "scalar", "merge", "merge", "cat"]
+            "act", "act", "act", "bn", "chmul", "scalar", "merge", "merge", "cat", "convT", "upsample", "shuffle"]
+MAX_SIDE = 150  # upsampling ops that would grow a map beyond this are skipped
 
 
 def draw_network(data, batch, in_channels, size):
@@ -308,6 +351,12 @@ def draw_network(data, batch, in_channels, size):
         inputs = (src,)
         if kind in ("conv", "fconv"):
             p = draw_conv(data, c, kind == "fconv")
+        elif kind == "convT":
+            p = draw_conv_transpose(data, c)
+        elif kind == "upsample":
+            p = draw_upsample(data)
+        elif kind == "shuffle":
+            p = dict(up=data.draw(st.booleans(), label="shuffle up"))
         elif kind == "reuse":  # apply an earlier Conv2d module again (shared weights)
             convs = [i for i, (k, _, q) in enumerate(ops) if k == "conv" and q["cin"] == c]
             if not convs:
@@ -374,7 +423,7 @@ def draw_network(data, batch, in_channels, size):
                 y = apply_op(kind, p, mod, [vals[j] for j in inputs])
         except (RuntimeError, ValueError):
             continue
-        if min(y.shape[2:]) < 1:
+        if min(y.shape[2:]) < 1 or max(y.shape[2:]) > MAX_SIDE or y.shape[1] > 4 * MAX_CHANNELS:
             continue
         if not torch.isfinite(y).all():
             # A dilated max-pool window whose taps all fall in the padding gives -inf, and
@@ -426,8 +475,10 @@ def test_random_local_network_streams_exactly(data):
         return
 
     try:
-        fxstream.compile(model, tile_size=1)
-        minimum = (1, 1)  # a pointwise trunk: one-pixel tiles are valid
+        plan = fxstream.compile(model, tile_size=1).plan
+        # a pointwise trunk: one-pixel tiles are valid. A trunk that upsamples has a plan from
+        # bounds: it compiles at any tile size, and its receptive field bound is a valid tile.
+        minimum = (1, 1) if plan.exact else plan.receptive_field
     except fxstream.TileSizeError as exc:
         minimum = exc.minimum
     assert minimum is not None and len(minimum) == 2, minimum
@@ -436,6 +487,7 @@ def test_random_local_network_streams_exactly(data):
     # makes the tile ragged inside one stride); keep at most MAX_TILES_PER_DIM tiles per dim.
     tile = []
     for axis, (m, s, n) in enumerate(zip(minimum, out_stride, out.shape[2:])):
+        s = math.ceil(s)  # after upsampling the stride is a fraction; the tile stays an int
         if data.draw(st.integers(0, 9), label=f"whole tile {axis}") == 0:
             tile.append(m + s * n + data.draw(st.integers(0, 5), label=f"extra {axis}"))
             continue

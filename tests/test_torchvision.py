@@ -87,8 +87,8 @@ def image(batch: int, h: int, w: int, dtype=torch.float64, seed: int = 1) -> tor
 
 
 def assert_tiling(smodel, size, out_size, block, grid):
-    """The tiles of ``size`` form exactly the expected grid of ``block``-sized output
-    blocks over ``out_size``, the last one per axis ragged where ``block`` does not divide."""
+    """The tiles of ``size`` form exactly the expected grid of output blocks over ``out_size``:
+    per axis the fewest blocks of at most ``block``, their sizes differing by at most one."""
     sp = smodel.shape_plan(*size)
     block = (block,) * len(size) if isinstance(block, int) else tuple(block)
     assert tuple(sp.output_size) == tuple(out_size)
@@ -97,8 +97,11 @@ def assert_tiling(smodel, size, out_size, block, grid):
     assert tuple(grid) == tuple(math.ceil(n / b) for n, b in zip(out_size, block))
     assert len(sp.tiles) == math.prod(grid)
     for axis, (n, b) in enumerate(zip(out_size, block)):
-        expected = [(lo, min(lo + b, n)) for lo in range(0, n, b)]
-        assert sorted({t.block[axis] for t in sp.tiles}) == expected
+        spans = sorted({t.block[axis] for t in sp.tiles})
+        assert spans[0][0] == 0 and spans[-1][1] == n and len(spans) == math.ceil(n / b)
+        assert all(prev[1] == nxt[0] for prev, nxt in zip(spans, spans[1:]))  # contiguous partition
+        lengths = {hi - lo for lo, hi in spans}
+        assert max(lengths) <= b and max(lengths) - min(lengths) <= 1
     return sp
 
 
@@ -219,3 +222,35 @@ def test_resnet18_plan_nodes():
     assert nodes["layer1_1_relu_1"].stride == (4, 4) and nodes["layer1_1_relu_1"].receptive_field == (43, 43)
     assert nodes["layer4_1_relu_1"].stride == (32, 32) and nodes["layer4_1_relu_1"].receptive_field == (435, 435)
     assert "avgpool" not in nodes and "fc" not in nodes  # the head is not streamed
+
+
+# --- Dense output: torchvision's FCN (IntermediateLayerGetter, FCNHead, dict output, bilinear
+# upsampling to the input's size: `size=` computed from the image's shape). ---------------------
+
+
+class SegmentationOut(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)["out"]
+
+
+def fcn(layer: str, channels: int) -> nn.Module:
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+    backbone = IntermediateLayerGetter(tvm.resnet18(weights=None), {layer: "out"})
+    return randomize(SegmentationOut(FCN(backbone, FCNHead(channels, 3))), seed=5).double().eval()
+
+
+@pytest.mark.parametrize("tile, min_tiles", [(10_000, 1), ((150, 170), 4)])
+def test_fcn_dense_output_streams_exactly(tile, min_tiles):
+    model = fcn("layer2", 128)  # stride 8, bilinear x8 back to the input size
+    check_streamed(model, image(1, 157, 131), tile, min_tiles=min_tiles)
+
+
+def test_fcn_resnet18_full_depth_dense_output_one_tile():
+    model = fcn("layer4", 512)  # stride 32: receptive field 531 px, so one tile at this size
+    check_streamed(model, image(1, 120, 97), 700)

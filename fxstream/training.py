@@ -1,0 +1,210 @@
+"""Serial mini-batch training: a batch processed a few images at a time, with the
+gradients of the whole batch.
+
+``serial_backward`` runs forward and backward per micro-batch and accumulates into
+``.grad``; streaming bounds the memory of one image, and the serial loop keeps the batch
+size from multiplying it. Under ``DistributedDataParallel`` the micro-batches before the
+last run under ``no_sync()``, so gradients are all-reduced once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .module import StreamedModule
+
+Batch = torch.Tensor | Sequence[torch.Tensor]
+
+
+def serial_backward(
+    model: nn.Module,
+    loss_fn: Callable,
+    inputs: Batch,
+    targets,
+    micro_batch_size: int = 1,
+    *,
+    reduction: str = "mean",
+    whole_batch_head: bool = False,
+    scaler=None,
+    verbose: bool = False,
+) -> torch.Tensor:
+    """Accumulate into ``.grad`` the gradients of ``loss_fn(model(inputs), targets)``,
+    computed ``micro_batch_size`` images at a time. Returns the batch loss (detached).
+
+    Args:
+        model: a module returned by :func:`fxstream.compile`, a module containing one,
+            or either wrapped in ``DistributedDataParallel``.
+        loss_fn: ``loss_fn(output, targets) -> scalar``, reduced over the samples it
+            gets as ``reduction`` says.
+        inputs: a tensor with the batch in dim 0, or a sequence of tensors that are the
+            micro-batches themselves (e.g. images of different sizes, one per entry).
+        targets: a tensor (or anything sliceable) with the batch in dim 0, or a sequence
+            with one entry per micro-batch when ``inputs`` is a sequence; may be None.
+        reduction: how ``loss_fn`` reduces over samples. ``"mean"`` (default): each
+            micro-batch loss is weighted by its share of the batch, so the gradients are
+            those of the mean over the whole batch. ``"sum"``: micro-batch losses are
+            added unweighted. Any other per-batch normalisation (a mean over pixels, a
+            weighted mean whose weights depend on the batch) does not split over
+            micro-batches: write ``loss_fn`` as a sum and divide by the batch's
+            normaliser yourself, with ``reduction="sum"``.
+        whole_batch_head: for heads that need the whole batch at once (training-mode
+            BatchNorm in the head, contrastive losses): stream every micro-batch's trunk
+            forward, run the head and the loss once on the stacked trunk outputs, then
+            stream every trunk backward with its slice of the gradient. ``reduction``
+            does not apply: the loss is computed once on the whole batch.
+        scaler: a ``torch.amp.GradScaler``; the backward passes use its scaled loss.
+        verbose: print the step's streaming summary (tiles, time, peak memory).
+
+    The returned loss and the gradients equal those of one whole-batch
+    ``loss_fn(model(inputs), targets).backward()`` (up to summation order).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    streamed = _streamed_modules(model)
+    for smodel in streamed:
+        smodel.last_stats.reset(_device_of(smodel))
+    if whole_batch_head:
+        loss = _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_size, scaler)
+    else:
+        loss = _per_micro_batch(model, loss_fn, inputs, targets, micro_batch_size, reduction, scaler)
+    if verbose:
+        for smodel in streamed:
+            print(f"fxstream step: loss {loss.item():.4g}; {smodel.last_stats}")
+    return loss
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    inputs: Batch,
+    targets,
+    micro_batch_size: int = 1,
+    *,
+    scaler=None,
+    **options,
+) -> torch.Tensor:
+    """One optimiser step: zero the gradients, :func:`serial_backward` (``options`` are
+    passed on), then ``optimizer.step()`` (through ``scaler`` if given, followed by
+    ``scaler.update()``). Returns the batch loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = serial_backward(model, loss_fn, inputs, targets, micro_batch_size, scaler=scaler, **options)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss
+
+
+def _per_micro_batch(model, loss_fn, inputs, targets, micro_batch_size, reduction, scaler) -> torch.Tensor:
+    chunks = list(_micro_batches(inputs, targets, micro_batch_size))
+    total_size = sum(len(x) for x, _ in chunks)
+    total = None
+    for i, (x, y) in enumerate(chunks):
+        sync = i == len(chunks) - 1
+        with contextlib.nullcontext() if sync else _no_sync(model):
+            loss = loss_fn(model(x), y)
+            if reduction == "mean":
+                loss = loss * (len(x) / total_size)
+            _backward(loss, scaler)
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+class _TrunkCaptured(Exception):
+    """Raised by the trunk interception to stop a forward pass at the trunk output."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+
+def _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_size, scaler) -> torch.Tensor:
+    if len(streamed) != 1:
+        raise ValueError(f"whole_batch_head=True needs a model with one fxstream trunk, found {len(streamed)}")
+    settings = streamed[0].settings
+    inner = model.module if _is_ddp(model) else model
+
+    def capture(trunk, x):
+        raise _TrunkCaptured(trunk.stream(x))
+
+    features = []
+    for x, _ in _micro_batches(inputs, None, micro_batch_size):
+        with _intercepted(settings, capture):
+            try:
+                inner(x)
+            except _TrunkCaptured as captured:
+                features.append(captured.output)  # streamed forward; backward streams later
+            else:
+                raise RuntimeError("whole_batch_head=True: the model's forward never called its fxstream trunk")
+    stacked = torch.cat(features)
+    calls = []
+
+    def provide(trunk, x):
+        if calls or x.shape[0] != stacked.shape[0]:
+            raise RuntimeError("whole_batch_head=True needs a model that calls its fxstream trunk once on the batch")
+        calls.append(x)
+        return stacked
+
+    if not isinstance(inputs, torch.Tensor):  # explicit micro-batches: a batch-sized view, no copy
+        first = inputs[0][:1]
+        inputs = first.expand(stacked.shape[0], *first.shape[1:])
+        targets = torch.cat(list(targets)) if targets is not None else None
+    with _intercepted(settings, provide):
+        loss = loss_fn(model(inputs), targets)
+    _backward(loss, scaler)
+    return loss.detach()
+
+
+def _micro_batches(inputs: Batch, targets, micro_batch_size: int) -> Iterator[tuple]:
+    if not isinstance(inputs, torch.Tensor):  # explicit micro-batches
+        for i, x in enumerate(inputs):
+            yield x, (targets[i] if targets is not None else None)
+        return
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    for start in range(0, len(inputs), micro_batch_size):
+        stop = start + micro_batch_size
+        yield inputs[start:stop], (targets[start:stop] if targets is not None else None)
+
+
+def _backward(loss: torch.Tensor, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _streamed_modules(model: nn.Module) -> list[StreamedModule]:
+    found = [m for m in model.modules() if isinstance(m, StreamedModule)]
+    if not found:
+        raise TypeError(
+            f"serial_backward expects a model compiled with fxstream.compile (or containing one), "
+            f"got {type(model).__name__}"
+        )
+    return found
+
+
+def _device_of(smodel: StreamedModule) -> torch.device | None:
+    for t in smodel.parameters():
+        return t.device
+    return None
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _no_sync(model: nn.Module):
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _intercepted(settings, hook) -> Iterator[None]:
+    previous, settings.intercept = settings.intercept, hook
+    try:
+        yield
+    finally:
+        settings.intercept = previous
