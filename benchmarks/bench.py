@@ -454,7 +454,6 @@ def annotate(result: dict) -> None:
     """Ratios against plain autograd (same config and size) and fxstream's floor."""
     rows = result["rows"]
     plain = {(r["arch"], r["upto"], r["precision"], r["size"]): r for r in rows if r["method"] == "plain"}
-    errors = {(r["method"], r["arch"], r["upto"]): r.get("errors") for r in result.get("error_rows", [])}
     for r in rows:
         p = plain.get((r["arch"], r["upto"], r["precision"], r["size"]))
         ok = r["status"] == "ok" and p is not None and p["status"] == "ok"
@@ -465,8 +464,6 @@ def annotate(result: dict) -> None:
             if "floor_ratio" in r.get("info", {}):
                 r["floor_s"] = r["info"]["floor_ratio"] * p["time_s"]
                 r["time_x_floor"] = r["time_s"] / r["floor_s"]
-        if "errors" not in r and errors.get((r["method"], r["arch"], r["upto"])) and r["precision"] == "fp32":
-            r["errors_at_error_size"] = errors[(r["method"], r["arch"], r["upto"])]
 
 
 def _gib(b) -> str:
@@ -485,7 +482,7 @@ def table(result: dict) -> str:
         if r["status"] != "ok":
             lines.append(f"| {cfg} | {image} | {r['method']} | {r['status']} |" + " |" * 11)
             continue
-        info, err = r.get("info", {}), r.get("errors") or r.get("errors_at_error_size") or {}
+        info, err = r.get("info", {}), r.get("errors") or {}
         fx = "h" in info
         cells = [
             cfg,
