@@ -396,7 +396,16 @@ def _splits(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[g.Interval
     """Per axis, the trunk-output blocks of the tiles (``geo`` resolved for these sizes)."""
     out_size = sizes[geo.output]
     block = plan.block if plan.exact else _fit_block(geo, sizes, out_size, plan)
+    # An axis whose whole extent fits in the tile is one block: the plan's block assumes
+    # interior tiles with a halo on both sides, which an image this small does not have.
+    block = [n if size <= t else b for n, b, size, t in zip(out_size, block, sizes[geo.image], plan.tile_size)]
     return [balanced_split(n, b) for n, b in zip(out_size, block)]
+
+
+def plan_splits(plan: Plan, out_size: tuple[int, ...]) -> list[list[g.Interval]]:
+    """The plan's uniform split (blocks of at most ``plan.block``), without the per-input
+    refinements of :func:`_splits`. Tests use it to force many tiles on small images."""
+    return [balanced_split(n, b) for n, b in zip(out_size, plan.block)]
 
 
 def _regions(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[dict, dict]:

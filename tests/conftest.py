@@ -1,9 +1,22 @@
 import os
 import sys
 
+import pytest
 import torch
+
+import fxstream
 
 sys.path.insert(0, os.path.dirname(__file__))  # for `from exactness import ...`
 # One thread: most tests run many tiny tiles, where OpenMP fan-out costs more than it
 # gains (measured about 10x slower with 2 threads on a loaded 2-core machine).
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def uniform_tiles(monkeypatch):
+    """Tile with the plan's uniform blocks (``plan.plan_splits``) instead of the per-input
+    split, which puts an axis that fits in one tile into one block. Suites that force many
+    small tiles on small images, to exercise tile borders, use it."""
+    monkeypatch.setattr(
+        fxstream.plan, "_splits", lambda geo, plan, sizes: fxstream.plan.plan_splits(plan, sizes[geo.output])
+    )

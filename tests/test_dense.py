@@ -52,16 +52,9 @@ SIZES = {
 MANY = {1: 8, 2: 4, 3: 3}
 
 
-@pytest.fixture(autouse=True)
-def bound_blocks(monkeypatch):
-    """Tile with the plan's bound-based blocks, as the tile sizes below are computed from them.
-
-    Once a trunk upsamples, the plan's block comes from bounds, and each input size normally
-    gets the largest block that really fits tile_size (``plan._fit_block``). On the small
-    images here every tile reads the whole image, so that would always give one tile; these
-    tests want many tiles whose regions cross the border. tests/test_dense_fit.py tests the
-    fitting itself."""
-    monkeypatch.setattr(fxstream.plan, "_fit_block", lambda geo, sizes, out_size, plan: plan.block)
+# Bound-based uniform blocks: the tile sizes below are computed from them, and on these
+# small images the per-input split would often make one tile (see conftest.uniform_tiles).
+pytestmark = pytest.mark.usefixtures("uniform_tiles")
 
 
 def minimum_tile(model) -> tuple[int, ...]:

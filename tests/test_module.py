@@ -136,3 +136,16 @@ def test_shape_plan_grid_and_halo_overhead():
     covered = sum((b[0][1] - b[0][0]) * (b[1][1] - b[1][0]) for b in blocks)
     assert covered == shape_plan.output_size[0] * shape_plan.output_size[1]  # a partition
     assert shape_plan.halo_overhead >= 1.0
+
+
+def test_an_axis_that_fits_in_the_tile_is_one_block():
+    """The plan's block assumes interior tiles (halo on both sides); an image axis no longer
+    than the tile is cut into one block, whatever the receptive field."""
+    import torchvision
+
+    smodel = fxstream.compile(torchvision.models.resnet18(weights=None).eval(), tile_size=640)
+    assert smodel.plan.block == (7, 7)  # (640 - receptive field) / 32 + 1, for interior tiles
+    one = smodel.shape_plan(256, 200)
+    assert len(one.tiles) == 1 and one.halo_overhead == 1.0
+    strip = smodel.shape_plan(2000, 600)  # only the long axis is tiled
+    assert strip.grid[1] == 1 and strip.grid[0] == -(-strip.output_size[0] // 7)

@@ -12,6 +12,9 @@ from zoo import ZOO, build
 
 import fxstream
 
+# Tile sizes here are chosen to force several tiles on small images (conftest.uniform_tiles).
+pytestmark = pytest.mark.usefixtures("uniform_tiles")
+
 SIZES = [(37, 29), (50, 41)]
 
 

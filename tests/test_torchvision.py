@@ -27,6 +27,9 @@ from torchvision import models as tvm
 
 import fxstream
 
+# Tile sizes here are chosen to force several tiles on small images (conftest.uniform_tiles).
+pytestmark = pytest.mark.usefixtures("uniform_tiles")
+
 # name -> (receptive field, cumulative stride, boundary node, the global op that consumes it)
 STRUCTURE = {
     "resnet18": (435, 32, "layer4_1_relu_1", "avgpool"),
