@@ -314,13 +314,21 @@ def conv_module(ctx: OpContext) -> Verdict:
     )
 
 
-def conv_function(ctx: OpContext) -> Verdict:
+def _functional_weight(ctx: OpContext) -> Rejected | None:
+    """Why a functional (transposed) convolution cannot stream, or None."""
     bad = _requires_canonical(ctx)
     if bad:
         return bad
-    weight = ctx.arg(1, "weight")
-    if weight in ctx.layouts:
+    if ctx.arg(1, "weight") in ctx.layouts:
         return Rejected("the convolution weight depends on the image", BOUNDARY_FIX)
+    return None
+
+
+def conv_function(ctx: OpContext) -> Verdict:
+    bad = _functional_weight(ctx)
+    if bad:
+        return bad
+    weight = ctx.arg(1, "weight")
     shape = _weight_shape(ctx, weight)
     return _conv(
         ctx,
@@ -513,12 +521,10 @@ def conv_transpose_module(ctx: OpContext) -> Verdict:
 
 
 def conv_transpose_function(ctx: OpContext) -> Verdict:
-    bad = _requires_canonical(ctx)
+    bad = _functional_weight(ctx)
     if bad:
         return bad
     weight = ctx.arg(1, "weight")
-    if weight in ctx.layouts:
-        return Rejected("the convolution weight depends on the image", BOUNDARY_FIX)
     return _conv_transpose(
         ctx,
         ctx.arg(0, "input"),
