@@ -218,6 +218,8 @@ class StreamedTrunk(nn.Module):
         """The streamed trunk output for ``x`` (a differentiable autograd.Function)."""
         size = tuple(x.shape[d] for d in self.input_dims)
         params = [p for p in self.tile.parameters() if p.requires_grad]
+        if not torch.is_grad_enabled():  # inference: nothing to differentiate (and no graph to keep)
+            x, params = x.detach(), []
         return runtime.StreamFunction.apply(x, self, self.shape_plan(size), *params)
 
     def compute_device(self, x: torch.Tensor) -> torch.device:

@@ -149,3 +149,27 @@ def test_an_axis_that_fits_in_the_tile_is_one_block():
     assert len(one.tiles) == 1 and one.halo_overhead == 1.0
     strip = smodel.shape_plan(2000, 600)  # only the long axis is tiled
     assert strip.grid[1] == 1 and strip.grid[0] == -(-strip.output_size[0] // 7)
+
+
+def test_inference_under_no_grad_keeps_no_graph():
+    """Under no_grad the streamed forward keeps nothing for a backward pass: the last tile's
+    graph is kept only when gradients are wanted."""
+    model, channels = build("conv_variety")
+    x = torch.randn(1, channels, 61, 47, dtype=torch.float64)
+    smodel = fxstream.compile(model, tile_size=(40, 30))
+    trunk = smodel.streamed_trunk
+    kept = []
+    run_tile = trunk.run_tile
+
+    def recording(crop, tile, random=None):
+        block = run_tile(crop, tile, random)
+        kept.append(block.requires_grad)
+        return block
+
+    trunk.run_tile = recording
+    with torch.no_grad():
+        smodel(x)
+    assert kept and not any(kept)
+    kept.clear()
+    smodel(x.requires_grad_(True))
+    assert kept[-1] and not any(kept[:-1])  # only the last forward tile records a graph
