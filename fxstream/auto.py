@@ -118,6 +118,8 @@ def choose(
             part, build_plan(part, _tile_tuple(tile, geo.ndim)), stats, params, input_shape[0], trunk=geo
         )
         tile = largest_tile(model_for(probe_tile), spatial, budget) if auto_tile else probe_tile
+        if auto_tile and tile is not None:
+            tile = exact_fit(model_for, spatial, tile, budget)
         candidates.append(_candidate(model_for, stats, geo, spatial, tile, budget, cut))
     fitting = [c for c in candidates if c.cost != float("inf")]
     if not fitting:
@@ -162,6 +164,18 @@ def largest_tile(memory: MemoryModel, spatial: tuple[int, ...], budget: int) -> 
         else:
             hi = mid - 1
     return lo
+
+
+def exact_fit(model_for, spatial: tuple[int, ...], tile: int, budget: int) -> int | None:
+    """Shrink ``tile`` (from the interior-tile formula) until the exact tiles of this input fit
+    ``budget``: the planner gives border tiles, whose halo is clipped, larger blocks than
+    interior ones, so their deeper layers can need more than the formula's interior tile."""
+    smallest = max(model_for(tile).plan.receptive_field)
+    while tile >= smallest:
+        if model_for(tile).estimate(spatial).streamed_training.total <= budget:
+            return tile
+        tile -= max(1, tile // 32)
+    return None
 
 
 def _candidate(model_for, stats: TrunkStats, geo, spatial, tile, budget, cut) -> Candidate:

@@ -393,13 +393,71 @@ def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...]) -> S
 
 
 def _splits(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[g.Interval]]:
-    """Per axis, the trunk-output blocks of the tiles (``geo`` resolved for these sizes)."""
-    out_size = sizes[geo.output]
-    block = plan.block if plan.exact else _fit_block(geo, sizes, out_size, plan)
-    # An axis whose whole extent fits in the tile is one block: the plan's block assumes
-    # interior tiles with a halo on both sides, which an image this small does not have.
-    block = [n if size <= t else b for n, b, size, t in zip(out_size, block, sizes[geo.image], plan.tile_size)]
-    return [balanced_split(n, b) for n, b in zip(out_size, block)]
+    """Per axis, the trunk-output blocks of the tiles (``geo`` resolved for these sizes):
+    the fewest blocks whose exact input regions fit ``tile_size`` (:func:`fitted_split`)."""
+    splits = []
+    for axis, (n, limit) in enumerate(zip(sizes[geo.output], plan.tile_size)):
+        split = fitted_split(_axis_width(geo, sizes, axis), n, limit)
+        if split is None:
+            raise TileSizeError(
+                f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])}: "
+                f"one output pixel of '{geo.output}' reads more than {limit} pixels along spatial axis {axis}. "
+                f"The plan's receptive field is {_fmt(plan.receptive_field)}.",
+                minimum=plan.receptive_field,
+            )
+        splits.append(split)
+    return splits
+
+
+def _axis_width(geo: TrunkGeometry, sizes: dict, axis: int):
+    """``width(lo, hi)``: the extent along ``axis`` of the image region that the trunk-output
+    block ``[lo, hi)`` reads (every op acts on each axis separately, so the other axes do not
+    matter: one pixel there)."""
+    ndim = len(sizes[geo.output])
+
+    def width(lo: int, hi: int) -> int:
+        corner = tuple(g.Interval(lo, hi) if a == axis else g.Interval(0, 1) for a in range(ndim))
+        region = _regions(geo, sizes, corner)[0][geo.image][axis]
+        return region.hi - region.lo
+
+    return width
+
+
+def fitted_split(width, n: int, limit: int) -> list[g.Interval] | None:
+    """Cut ``[0, n)`` into the fewest blocks whose regions (``width``) fit ``limit``, then even
+    them out: among splits with that many blocks, the one with the smallest largest region.
+
+    Tiles at the image border read less than interior ones (their halo is clipped), so they
+    get larger blocks, and an image that fits in one tile is one tile. None if a one-pixel
+    block does not fit."""
+    parts = _greedy_split(width, n, limit)
+    if parts is None:
+        return None
+    lo, hi = 1, limit  # the smallest limit that still needs no more blocks
+    while lo < hi:
+        mid = (lo + hi) // 2
+        trial = _greedy_split(width, n, mid)
+        if trial is not None and len(trial) <= len(parts):
+            hi = mid
+        else:
+            lo = mid + 1
+    return _greedy_split(width, n, lo)
+
+
+def _greedy_split(width, n: int, limit: int) -> list[g.Interval] | None:
+    """Left to right, each block as long as its region fits ``limit`` (the fewest blocks,
+    as regions grow with their blocks); None if a one-pixel block does not fit."""
+    parts, start = [], 0
+    while start < n:
+        if width(start, start + 1) > limit:
+            return None
+        lo, hi = 1, n - start
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if width(start, start + mid) <= limit else (lo, mid - 1)
+        parts.append(g.Interval(start, start + lo))
+        start += lo
+    return parts
 
 
 def plan_splits(plan: Plan, out_size: tuple[int, ...]) -> list[list[g.Interval]]:
@@ -430,43 +488,6 @@ def _regions(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[dict, dict]
     need[geo.image] = [_non_empty(r, n) for r, n in zip(need[geo.image], sizes[geo.image])]
     raw[("", geo.output)] = list(block)
     return need, raw
-
-
-def _fit_block(geo: TrunkGeometry, sizes: dict, out_size: tuple, plan: Plan) -> tuple[int, ...]:
-    """For a plan from bounds (the trunk upsamples): per axis, the largest block whose tiles'
-    exact input regions fit ``tile_size`` at this input size. Axes are independent (every
-    op acts on each axis separately), so each is searched with one-pixel blocks on the others."""
-    ndim = len(out_size)
-    block = []
-    for axis, (n, limit, guess) in enumerate(zip(out_size, plan.tile_size, plan.block)):
-
-        def fits(b: int, axis=axis, n=n, limit=limit) -> bool:
-            for part in balanced_split(n, b):
-                corner = tuple(part if a == axis else g.Interval(0, 1) for a in range(ndim))
-                region = _regions(geo, sizes, corner)[0][geo.image][axis]
-                if region.hi - region.lo > limit:
-                    return False
-            return True
-
-        if not fits(1):
-            raise TileSizeError(
-                f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])}: one "
-                f"output pixel of '{geo.output}' reads more than {limit} pixels along spatial axis {axis}",
-                minimum=None,
-            )
-        lo, hi = 1, n  # fits(lo) holds; find the largest fitting block by galloping from the guess
-        probe = min(max(guess, 1), n)
-        while probe < n and fits(probe):
-            lo, probe = probe, min(2 * probe, n)
-        if probe == n and fits(n):
-            lo = n
-        else:
-            hi = probe - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        block.append(lo)
-    return tuple(block)
 
 
 def balanced_split(n: int, block: int) -> list[g.Interval]:

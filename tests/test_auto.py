@@ -11,7 +11,7 @@ from exactness import check_streamed
 from test_cli import HandDAG
 
 import fxstream
-from fxstream.auto import choose, cut_candidates, parse_bytes
+from fxstream.auto import choose, cut_candidates, largest_tile, parse_bytes
 from fxstream.errors import TileSizeError
 from fxstream.memory import MemoryModel, parameter_bytes
 from fxstream.nodestats import measure
@@ -43,8 +43,12 @@ def test_auto_tile_is_the_largest_that_fits():
     choice = choose(model, "auto", None, budget, shape)
     tile = choice.tile_size
     memory = _memory(model, tile, shape)
-    assert memory.training_peak(shape[2:], tile) <= budget < memory.training_peak(shape[2:], tile + 1)
-    assert memory.estimate(shape[2:]).streamed_training.total <= budget  # the exact tiles fit too
+    formula = largest_tile(memory, shape[2:], budget)  # the largest by the interior-tile formula
+    assert memory.training_peak(shape[2:], formula) <= budget < memory.training_peak(shape[2:], formula + 1)
+    assert tile <= formula  # then shrunk until the exact tiles of this input fit
+    assert memory.estimate(shape[2:]).streamed_training.total <= budget
+    step = max(1, tile // 32)
+    assert _memory(model, tile + step, shape).estimate(shape[2:]).streamed_training.total > budget or tile == formula
     assert choice.boundary is None and "within the budget" in choice.reason
     assert choose(model, "auto", None, "64GiB", shape).tile_size >= 3000  # one tile covers the image
 

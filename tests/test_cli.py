@@ -68,8 +68,10 @@ def test_json_resnet34_textbook_geometry(capsys):
     assert data["receptive_field"] == [899, 899] and data["stride"] == [32, 32]
     assert data["halo"] == [[449, 418], [449, 418]]
     assert data["tile_size"] == [2048, 2048] and data["output_block"] == [36, 36]
-    assert data["grid"] == [8, 8] and data["num_tiles"] == 64
-    assert data["largest_block"] == [32, 32]  # 256 output pixels in 8 balanced blocks
+    # Interior tiles: 32*36 + 867 <= 2048. Border tiles read 418 px of halo on one side only,
+    # so up to 50 output px fit: 256 = 2 borders + 5 interior blocks, evened out to at most 47.
+    assert data["grid"] == [7, 7] and data["num_tiles"] == 49
+    assert data["largest_block"] == [47, 47]
     assert data["boundary"] == "layer4_2_relu_1" and data["trunk_output_shape"] == [1, 512, 256, 256]
     assert data["nodes"][0]["name"] == "conv1" and data["nodes"][0]["kernel"] == [7, 7]
     assert data["nodes"][-1]["receptive_field"] == [899, 899]
@@ -86,8 +88,10 @@ def test_json_hand_computed_dag(capsys):
     assert data["receptive_field"] == [16, 16] and data["stride"] == [2, 2]
     assert data["halo"] == [[7, 7], [7, 7]]
     assert data["output_block"] == [25, 25]  # 2*25 + 7 + 7 <= 64
-    assert data["grid"] == [6, 4] and data["num_tiles"] == 24  # trunk output 150x100 in blocks of 25
-    assert data["largest_block"] == [25, 25]
+    # trunk output 150x100: border blocks up to 28 (2*28 + 7 <= 64), interior 25: 6 x 4 blocks,
+    # evened out to at most 27
+    assert data["grid"] == [6, 4] and data["num_tiles"] == 24
+    assert data["largest_block"] == [27, 27]
     nodes = {n["name"]: n for n in data["nodes"]}
     # An interior tile: 25 output pixels need add[-2, +2] = 29; a is read by b1 over 2*29+3 = 61
     # and by the pool over 2*31 = 62 pixels; the image region is the tile, 64.
@@ -111,7 +115,7 @@ def test_dot_marks_trunk_head_and_boundary(capsys):
 
 
 EXPECTED = {
-    "text": ["receptive field, stride     899x899 px, 32x32 px", "tile grid                   4x4 = 16 tiles"],
+    "text": ["receptive field, stride     899x899 px, 32x32 px", "tile grid                   3x3 = 9 tiles"],
     "json": ['"receptive_field": [\n    899,'],
     "dot": [
         '"layer4_2_relu_1" [label="layer4_2_relu_1\\nrelu", fillcolor="#f4a3a3"',
@@ -171,7 +175,7 @@ def test_python_dash_m_subprocess():
         capture_output=True, text=True, cwd=ROOT, check=False, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "899x899 px, 32x32 px" in proc.stdout and "8x8 = 64 tiles" in proc.stdout
+    assert "899x899 px, 32x32 px" in proc.stdout and "7x7 = 49 tiles" in proc.stdout
 
 
 BAD = [

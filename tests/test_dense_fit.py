@@ -2,7 +2,7 @@
 
 Their shape-independent plan comes from affine bounds of floor/ceiling regions, so its
 receptive field and block are conservative. Each input size therefore gets, per axis, the
-largest block whose tiles' exact input regions fit ``tile_size`` (``plan._fit_block``):
+fewest blocks whose exact input regions fit ``tile_size`` (``plan._splits``):
 fewer, larger tiles than the bounds allow, and ``tile_size`` still holds for every tile.
 """
 
@@ -33,7 +33,7 @@ def test_fitted_blocks_are_larger_than_bounds_and_respect_tile_size(name, size, 
     assert len(fitted.tiles) >= 2
 
     with monkeypatch.context() as m:  # the same tile size with the plan's bound-based blocks
-        m.setattr(fxstream.plan, "_fit_block", lambda geo, sizes, out_size, plan: plan.block)
+        m.setattr(fxstream.plan, "_splits", lambda geo, plan, sizes: fxstream.plan.plan_splits(plan, sizes[geo.output]))
         bounded = fxstream.compile(model, tile_size=tile).shape_plan(*size)
     assert len(fitted.tiles) < len(bounded.tiles), (len(fitted.tiles), len(bounded.tiles))
     assert fitted.halo_overhead < bounded.halo_overhead
