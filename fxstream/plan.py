@@ -161,7 +161,10 @@ def resolved(geo: TrunkGeometry, input_size: tuple[int, ...]) -> TrunkGeometry:
     if not any(step.resolve for step in geo.steps):
         return geo
     _, stencils = _evaluate(geo, input_size)
-    steps = tuple(dataclasses.replace(s, stencils=stencils[s.name]) if s.resolve else s for s in geo.steps)
+    # resolved steps are plain for this size: node_sizes and the region walk need not resolve them again
+    steps = tuple(
+        dataclasses.replace(s, stencils=stencils[s.name], resolve=None) if s.resolve else s for s in geo.steps
+    )
     return dataclasses.replace(geo, steps=steps)
 
 
@@ -201,8 +204,8 @@ class Plan:
     halo: tuple[Pair, ...]
     boundary: str
     nodes: tuple[NodePlan, ...]
-    # False once the trunk upsamples: receptive field, halo and block then come from affine
-    # bounds, and each input size gets the largest block that really fits tile_size.
+    # False once the trunk upsamples (or has size-dependent windows): receptive field, halo and
+    # block then come from affine bounds; the tiles of each input size fit their exact regions.
     exact: bool = True
 
     def to_dict(self) -> dict:
@@ -230,7 +233,7 @@ class Plan:
         if not self.exact:
             lines.append(
                 "(the trunk upsamples: receptive field, halo and block are upper bounds; each input size "
-                "gets the largest block that fits tile_size)"
+                "gets the fewest tiles whose exact regions fit tile_size)"
             )
         return "\n".join(lines)
 
@@ -240,6 +243,7 @@ def _fmt(values: tuple) -> str:
 
 
 def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...]) -> Plan:
+    dynamic = any(step.resolve for step in geo.steps)
     geo = resolved(geo, (REFERENCE_SIZE,) * geo.ndim)
     maps = {geo.image: [g.AxisMap.identity()] * geo.ndim}
     nodes = []
@@ -260,9 +264,7 @@ def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...]) -> Plan:
     stride = next(n.stride for n in nodes if n.name == geo.output)
     halo = next(n.halo for n in nodes if n.name == geo.output)
     block = tuple(g.block_for_tile(axis, t) for axis, t in zip(out, tile_size))
-    exact = all(isinstance(op, g.Stencil) for step in geo.steps for op in step.stencils or ()) and not any(
-        step.resolve for step in geo.steps
-    )
+    exact = not dynamic and all(isinstance(op, g.Stencil) for step in geo.steps for op in step.stencils or ())
     if not exact:  # bounds only: each input size finds its real block (plan_shape), or raises there
         block = tuple(max(b, 1) for b in block)
     if min(block) < 1:
