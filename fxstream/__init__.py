@@ -13,7 +13,9 @@ from .errors import (
     UnsupportedOpError,
 )
 from .module import StreamedModule, compile
-from .plan import Plan, ShapePlan
+from .plan import Plan
+from .schedule import Schedule
+from .tiling import ShapePlan
 from .progress import StreamStats
 from .trace import trace
 from .training import serial_backward, train_step
@@ -31,6 +33,7 @@ __all__ = [
     "StreamStats",
     "Plan",
     "ShapePlan",
+    "Schedule",
     "FxStreamError",
     "UnsupportedOpError",
     "TraceError",

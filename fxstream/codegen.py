@@ -1,15 +1,18 @@
 """Stage 4, generate: :class:`Analysis` + :class:`TrunkGeometry` -> FX graphs.
 
-* the *tile graph* computes one tile: ``forward(x, geometry)`` takes the image crop
-  and the tile's geometry tuple (plain ints from the ShapePlan). Every spatial edge
-  goes through ``fxstream.runtime.window`` (crop to the region the consumer reads,
-  pad at the image border), and window ops run with ``padding=0``;
+* the *tile graph* computes one tile: ``forward(x, geometry, carry)`` takes the image
+  crop, the tile's geometry tuple (plain ints from the ShapePlan) and the executor's
+  :class:`~fxstream.executor.TileRun`. Every node that other nodes read passes through
+  ``carry.region(name, cell)``, which returns the region its consumers read (under the
+  carry schedule, the cell with the stripes of earlier tiles). Every spatial edge goes
+  through ``fxstream.runtime.window`` (crop to the region the consumer reads, pad at the
+  image border), and window ops run with ``padding=0``;
 * the *outer graph* is the original graph with the trunk replaced by one call to the
   ``fxstream_trunk`` module (:class:`StreamedTrunk`), followed by the unchanged head.
 
 Example tile code for ``Conv2d(3, 8, 3, padding=1) -> ReLU``::
 
-    def forward(self, x, geometry):
+    def forward(self, x, geometry, carry):
         getitem = geometry[0]
         window = fxstream_runtime_window(x, getitem, 'constant', 0.0)
         conv_weight = self.conv.weight
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -32,7 +36,10 @@ import torch.nn.functional as F
 from . import kernels, ops, progress, rng, runtime, transfer
 from .analyze import Analysis
 from .errors import BoundaryError, InputShapeError
-from .plan import Plan, ShapePlan, TrunkGeometry, node_sizes, plan_shape
+from .executor import StreamFunction, Stripes
+from .plan import Plan, TrunkGeometry
+from .schedule import as_schedule
+from .tiling import ShapePlan, plan_shape
 
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -43,7 +50,9 @@ def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
     graph = fx.Graph()
     x = graph.placeholder("x")
     geometry = graph.placeholder("geometry")
+    carry = graph.placeholder("carry")
     env: dict = {analysis.image: x}
+    producers = {p for step in geo.steps for p in step.inputs}
     by_name = {n.name: n for n in [analysis.image] + analysis.trunk}
     steps = dict(zip(analysis.trunk, geo.steps))
     constants = set(analysis.constants)
@@ -66,6 +75,8 @@ def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
             env[node] = graph.node_copy(node, lambda n, windows=windows: windows.get(n, env.get(n)))
         else:
             env[node] = _emit_window(graph, node, verdict, windows[verdict.input], env, geometry, geo)
+        if node.name in producers:  # its region: its cell, and under carry the stripes of earlier tiles
+            env[node] = graph.call_method("region", (carry, node.name, env[node]))
     spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", "", analysis.output.name)))
     graph.output(graph.call_function(runtime.window, (env[analysis.output], spec)))
     graph.lint()
@@ -170,25 +181,31 @@ def _fetch(root: nn.Module, target: str) -> Any:
 
 
 class StreamedTrunk(nn.Module):
-    """Runs the tile GraphModule over the tiles of each input (see :class:`runtime.StreamFunction`).
+    """Runs the tile GraphModule over the tiles of each input under a :class:`Schedule`
+    (see :class:`fxstream.executor.StreamFunction`).
 
     ``settings`` (:class:`runtime.StreamSettings`, shared by all programs of one
     StreamedModule) holds the input transform, the output device, the progress flag,
     the statistics and the whole-batch interception hook used by ``serial_backward``.
     Training-mode dropout and stochastic depth in the tile code are replaced by
-    position-keyed draws (see ``fxstream.rng``)."""
+    position-keyed draws (see ``fxstream.rng``). The tilings of the most recent input
+    sizes are cached (at most ``CACHE_SIZE``)."""
 
-    def __init__(self, tile: fx.GraphModule, geometry: TrunkGeometry, plan: Plan, settings=None):
+    CACHE_SIZE = 8
+
+    def __init__(self, tile: fx.GraphModule, geometry: TrunkGeometry, plan: Plan, settings=None, schedule=None):
         super().__init__()
         self.tile = tile
         self.geometry = geometry
         self.plan = plan
+        self.schedule = as_schedule(schedule)
         self.settings = settings if settings is not None else runtime.StreamSettings()
         self.input_dims = geometry.axis_dims(geometry.image)
         self.output_dims = geometry.axis_dims(geometry.output)
+        self.node_dims = {name: dims for name, dims in geometry.dims}
         self.random_ops = rng.rewrite_random(tile, geometry)
-        self._shape_plans: dict = {}
-        self._origins: dict = {}
+        self._shape_plans: OrderedDict = OrderedDict()
+        self._stripes: OrderedDict = OrderedDict()
 
     @property
     def stats(self):
@@ -199,9 +216,13 @@ class StreamedTrunk(nn.Module):
         return self.settings.output_device
 
     def shape_plan(self, size: tuple[int, ...]) -> ShapePlan:
-        if size not in self._shape_plans:
-            self._shape_plans[size] = plan_shape(self.geometry, self.plan, size)
-        return self._shape_plans[size]
+        return _cached(self._shape_plans, size, lambda: plan_shape(self.geometry, self.plan, size, self.schedule))
+
+    def stripes(self, shape_plan: ShapePlan) -> Stripes | None:
+        """The stripe bookkeeping of a carry tiling (None under recompute)."""
+        if not shape_plan.schedule.carries:
+            return None
+        return _cached(self._stripes, shape_plan.input_size, lambda: Stripes.of(shape_plan))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != self.geometry.ndim + 2:
@@ -220,7 +241,7 @@ class StreamedTrunk(nn.Module):
         params = [p for p in self.tile.parameters() if p.requires_grad]
         if not torch.is_grad_enabled():  # inference: nothing to differentiate (and no graph to keep)
             x, params = x.detach(), []
-        return runtime.StreamFunction.apply(x, self, self.shape_plan(size), *params)
+        return StreamFunction.apply(x, self, self.shape_plan(size), *params)
 
     def compute_device(self, x: torch.Tensor) -> torch.device:
         """Where tiles run: the device of the trunk's parameters (or of ``x`` without any)."""
@@ -228,10 +249,23 @@ class StreamedTrunk(nn.Module):
             return t.device
         return x.device
 
-    def tiles(self, x: torch.Tensor, shape_plan: ShapePlan, device: torch.device, phase: str):
-        """``(tile, crop of x on device)`` for every tile, with a progress bar if enabled."""
-        loaded = transfer.load_tiles(x, shape_plan.tiles, self.input_dims, device)
-        return progress.tiles_progress(loaded, len(shape_plan.tiles), self.settings.progress, f"fxstream {phase}")
+    def tiles(self, x: torch.Tensor, shape_plan: ShapePlan, device: torch.device, phase: str, order, skip=()):
+        """``(position, tile, crop of x on device)`` for the tiles at ``order`` (crop None
+        for the positions in ``skip``), with a progress bar if enabled."""
+        order = list(order)
+        tiles = shape_plan.tiles
+        wanted = [tiles[p] for p in order if p not in skip]
+        loaded = transfer.load_tiles(x, wanted, self.input_dims, device)
+
+        def merged():
+            for position in order:
+                if position in skip:
+                    yield position, tiles[position], None
+                else:
+                    tile, crop = next(loaded)
+                    yield position, tile, crop
+
+        return progress.tiles_progress(merged(), len(order), self.settings.progress, f"fxstream {phase}")
 
     def prepare(self, crop: torch.Tensor) -> torch.Tensor:
         """The trunk's input for a loaded crop: the input transform applied, or a copy
@@ -251,20 +285,25 @@ class StreamedTrunk(nn.Module):
         """The random draws of one forward call on ``x`` (None when the trunk draws nothing)."""
         if not self.random_ops:
             return None
-        return rng.Draws(self.random_ops, self._tile_origins, self.compute_device(x))
+        keyed = self.random_ops.keyed
+        return rng.Draws(self.random_ops, lambda sp, i: sp.origins(i, keyed), self.compute_device(x))
 
-    def _tile_origins(self, shape_plan: ShapePlan) -> tuple:
-        size = shape_plan.input_size
-        if size not in self._origins:
-            blocks = [tile.block for tile in shape_plan.tiles]
-            sizes = node_sizes(self.geometry, size)
-            self._origins[size] = rng.node_origins(self.geometry, sizes, blocks, self.random_ops.keyed)
-        return self._origins[size]
-
-    def run_tile(self, x: torch.Tensor, tile, random=None) -> torch.Tensor:
+    def run_tile(self, x: torch.Tensor, tile, run, random=None) -> torch.Tensor:
         if self.random_ops.keyed:
-            block = self.tile(x, tile.geometry, random)
+            block = self.tile(x, tile.geometry, run, random)
         else:
-            block = self.tile(x, tile.geometry)
+            block = self.tile(x, tile.geometry, run)
         runtime.check_block(block, self.output_dims, tile)
         return block
+
+
+def _cached(cache: OrderedDict, key, make):
+    """``cache[key]``, made on a miss; the least recently used entry beyond
+    ``StreamedTrunk.CACHE_SIZE`` is dropped."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = make()
+    while len(cache) > StreamedTrunk.CACHE_SIZE:
+        cache.popitem(last=False)
+    return value

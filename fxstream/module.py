@@ -16,6 +16,7 @@ from .errors import TileSizeError
 from .plan import Plan, TrunkGeometry, build_geometry, build_plan
 from .progress import StreamStats
 from .runtime import StreamSettings
+from .schedule import Schedule, as_schedule
 from .trace import trace
 
 TileSize = Union[int, tuple[int, ...]]  # noqa: UP007 (runtime alias, Python 3.10)
@@ -28,18 +29,20 @@ class Program:
     analysis: Analysis
     geometry: TrunkGeometry
     plan: Plan
+    schedule: Schedule
     tile_graph: fx.Graph
     outer_graph: fx.Graph
     module: fx.GraphModule | None = None  # built on demand, dropped by .to()/.cuda()
 
 
-def build_program(model: nn.Module, tile_size: TileSize, boundary: str | None) -> Program:
+def build_program(model: nn.Module, tile_size: TileSize, boundary: str | None, schedule=None) -> Program:
     gm = trace(model)  # nn.Module -> fx.GraphModule
     ndim = len(tile_size) if isinstance(tile_size, tuple) else None
     analysis = analyze(gm, boundary, ndim)  # -> Analysis: trunk, boundary, layouts
     geometry = build_geometry(analysis)  # -> TrunkGeometry: plain data
     plan = build_plan(geometry, _tile_tuple(tile_size, analysis.ndim))  # -> Plan (sympy)
-    return Program(analysis, geometry, plan, tile_graph(analysis, geometry), outer_graph(analysis))
+    schedule = as_schedule(schedule)  # -> Schedule: how the tiles run
+    return Program(analysis, geometry, plan, schedule, tile_graph(analysis, geometry), outer_graph(analysis))
 
 
 def _tile_tuple(tile_size: TileSize, ndim: int) -> tuple[int, ...]:
@@ -66,7 +69,9 @@ class StreamedModule(nn.Module):
     (and raise :class:`UnsupportedOpError` there if the new mode is not streamable).
     """
 
-    def __init__(self, model: nn.Module, tile_size: TileSize, boundary: str | None = None, settings=None):
+    def __init__(
+        self, model: nn.Module, tile_size: TileSize, boundary: str | None = None, settings=None, schedule=None
+    ):
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -77,7 +82,7 @@ class StreamedModule(nn.Module):
         self.training = model.training
         # Plain attributes (not registered): the compiled programs are derived state.
         self.__dict__["_source"] = model
-        self.__dict__["_config"] = (tile_size, boundary)
+        self.__dict__["_config"] = (tile_size, boundary, as_schedule(schedule))
         self.__dict__["_programs"] = {}
         self.__dict__["settings"] = settings if settings is not None else StreamSettings()
         self.program()  # compile now, so errors surface at compile time
@@ -98,6 +103,11 @@ class StreamedModule(nn.Module):
         return self.program().plan
 
     @property
+    def schedule(self) -> Schedule:
+        """How the tiles run: ``Schedule('carry')`` or ``Schedule('recompute')``."""
+        return self.program().schedule
+
+    @property
     def streamed_trunk(self) -> StreamedTrunk:
         """The streamed trunk; ``streamed_trunk.tile.code`` is the generated per-tile code."""
         return self._graph_module().fxstream_trunk
@@ -116,7 +126,7 @@ class StreamedModule(nn.Module):
         program = self.program()
         if program.module is None:
             tile = graph_module(self, program.tile_graph, "StreamedTile")
-            trunk = StreamedTrunk(tile, program.geometry, program.plan, self.settings)
+            trunk = StreamedTrunk(tile, program.geometry, program.plan, self.settings, program.schedule)
             program.module = graph_module(self, program.outer_graph, "StreamedModel", {"fxstream_trunk": trunk})
         return program.module
 
@@ -145,8 +155,8 @@ class StreamedModule(nn.Module):
         return self.settings.stats
 
     def extra_repr(self) -> str:
-        tile_size, boundary = self._config
-        return f"tile_size={tile_size}, boundary={boundary!r}"
+        tile_size, boundary, schedule = self._config
+        return f"tile_size={tile_size}, boundary={boundary!r}, schedule={schedule.kind!r}"
 
 
 def compile(
@@ -160,6 +170,7 @@ def compile(
     memory_budget: int | str | None = None,
     input_shape: tuple[int, ...] | None = None,
     verbose: bool = False,
+    schedule: str | Schedule | None = None,
 ) -> StreamedModule:
     """Compile ``model`` so its local trunk runs tile by tile with exact gradients.
 
@@ -182,6 +193,10 @@ def compile(
             fits ``memory_budget`` (bytes or e.g. ``"8GiB"``); with ``boundary="auto"``,
             the streamed prefix predicted fastest within the budget (see ``fxstream.auto``).
         verbose: print the automatic choice and the reason.
+        schedule: how the tiles run (see :mod:`fxstream.schedule`): ``"carry"`` (the
+            default) computes every activation once and carries thin stripes between
+            neighbouring tiles; ``"recompute"`` makes tiles independent by recomputing
+            each tile's halo. Both are exact.
 
     After a call, ``smodel.last_stats`` summarises the streaming work (tiles, time,
     peak memory); ``fxstream.serial_backward`` resets it at the start of each step.
@@ -208,6 +223,7 @@ def compile(
         if verbose:
             print(choice.reason)
     validate_tile_size(tile_size)
+    schedule = as_schedule(schedule)
     device = torch.device(output_device) if output_device is not None else None
     settings = StreamSettings(input_transform=input_transform, output_device=device, progress=progress)
-    return StreamedModule(model, tile_size, boundary, settings)
+    return StreamedModule(model, tile_size, boundary, settings, schedule)

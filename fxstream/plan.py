@@ -1,22 +1,21 @@
-"""Stage 3, plan: :class:`Analysis` -> :class:`TrunkGeometry` -> :class:`Plan` -> :class:`ShapePlan`.
+"""Stage 3, plan: :class:`Analysis` -> :class:`TrunkGeometry` -> :class:`Plan`.
 
 * :class:`TrunkGeometry` - the trunk as plain data: per node its stencils and inputs.
 * :class:`Plan`          - compile time, shape-independent, derived with sympy: cumulative
                            stride, receptive field and per-side halo of every node, and the
                            output block that fits ``tile_size``.
-* :class:`ShapePlan`     - for one input size, in ints: the tile grid and, for every tile,
-                           the exact region each node computes and the crop/pad of each edge.
 
-All three are frozen values holding ints, tuples and strings (no fx.Node, no sympy).
+Both are frozen values holding ints, tuples and strings (no fx.Node, no sympy). This
+module also holds the exact per-shape region walk (:func:`node_regions`), the per-axis
+split of the recompute schedule (:func:`_splits`) and the tile ABI entries (:class:`Crop`,
+:class:`Gather`, :class:`Resampling`); :mod:`fxstream.tiling` cuts the tiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -324,28 +323,6 @@ def _describe(op) -> tuple:
 # --- Per-shape tiling (ints) -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tile:
-    block: tuple[Pair, ...]  # trunk-output block per axis, [lo, hi)
-    region: tuple[Pair, ...]  # image region read, per axis
-    geometry: tuple  # one entry per TrunkGeometry.slots
-
-
-@dataclass(frozen=True)
-class ShapePlan:
-    input_size: tuple[int, ...]
-    output_size: tuple[int, ...]
-    grid: tuple[int, ...]  # tiles per axis
-    tiles: tuple[Tile, ...]
-    computed: int  # pixels computed over all tiles and nodes
-    whole: int  # pixels of one whole-image pass over all nodes
-
-    @property
-    def halo_overhead(self) -> float:
-        """h: work computed over all tiles divided by one whole-image pass."""
-        return self.computed / self.whole
-
-
 def node_sizes(geo: TrunkGeometry, input_size: tuple[int, ...]) -> dict:
     return _evaluate(geo, input_size)[0]
 
@@ -377,21 +354,6 @@ def _evaluate(geo: TrunkGeometry, input_size: tuple[int, ...]) -> tuple[dict, di
             )
         sizes[step.name] = size
     return sizes, stencils
-
-
-def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...]) -> ShapePlan:
-    geo = resolved(geo, input_size)
-    sizes = node_sizes(geo, input_size)
-    out_size = sizes[geo.output]
-    splits = _splits(geo, plan, sizes)
-    tiles, computed = [], 0
-    for corner in itertools.product(*splits):
-        tile, work = _tile(geo, sizes, corner)
-        tiles.append(tile)
-        computed += work
-    whole = sum(math.prod(sizes[s.name]) for s in geo.steps)
-    grid = tuple(len(s) for s in splits)
-    return ShapePlan(tuple(input_size), out_size, grid, tuple(tiles), computed, whole)
 
 
 def _splits(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[g.Interval]]:
@@ -504,65 +466,6 @@ def balanced_split(n: int, block: int) -> list[g.Interval]:
     return [g.Interval(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
-def _tile(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[Tile, int]:
-    """The tile of one output block: its image region and its geometry tuple."""
-    need, raw = _regions(geo, sizes, block)
-    steps = geo.steps_by_name
-    entries = []
-    for slot in geo.slots:
-        if slot.kind == "trim":
-            step = steps[slot.consumer]
-            entries.append(
-                _trim_entry(step, need[step.name], raw[(step.name, slot.producer)], sizes[slot.producer], geo)
-            )
-            continue
-        if slot.kind == "resample":
-            step = steps[slot.consumer]
-            raw_edge = raw[(step.name, slot.producer)]
-            entries.append(
-                tuple(
-                    _resample_entry(op, r, e, n, dim)
-                    for op, r, e, n, dim in zip(
-                        step.stencils, need[step.name], raw_edge, sizes[slot.producer], geo.axis_dims(step.name)
-                    )
-                )
-            )
-            continue
-        if slot.kind == "counts":
-            step = steps[slot.consumer]
-            entries.append(
-                tuple(
-                    s.window_counts(r, n, step.include_pad)
-                    for s, r, n in zip(step.stencils, need[step.name], sizes[slot.producer])
-                )
-            )
-            continue
-        fill = steps[slot.consumer].fill if slot.consumer else "constant"
-        entries.append(
-            _window_entry(
-                raw[(slot.consumer, slot.producer)],
-                need[slot.producer],
-                sizes[slot.producer],
-                geo.axis_dims(slot.producer),
-                fill,
-            )
-        )
-    work = sum(math.prod(r.length for r in need[s.name]) for s in geo.steps)
-    as_pairs = lambda intervals: tuple((int(r.lo), int(r.hi)) for r in intervals)  # noqa: E731
-    return Tile(as_pairs(block), as_pairs(need[geo.image]), tuple(entries)), work
-
-
-def _trim_entry(step: Step, region: list, raw: list, size: tuple, geo: TrunkGeometry) -> tuple:
-    """Crop the op's result on its window (``produced``) to the node's region."""
-    entry = []
-    for op, r, e, n, dim in zip(step.stencils, region, raw, size, geo.axis_dims(step.name)):
-        made = op.produced(e, n)
-        if not (made.lo <= r.lo and r.hi <= made.hi):
-            raise PlannerError(f"planner: {step.name} yields {made}, its region is {r}")
-        entry.append(Crop(dim, r.lo - made.lo, r.hi - made.lo, 0, 0))
-    return tuple(entry)
-
-
 def _resample_entry(op: g.Resample, region: g.Interval, raw: g.Interval, size: int, dim: int) -> Resampling:
     """The taps of the outputs in ``region``, indexed from the window's start ``raw.lo``."""
     index, weight = g.resample_taps(op, size)
@@ -638,10 +541,7 @@ def _window_entry(raw, region, size, dims, fill) -> tuple:
 
 def input_region(geo: TrunkGeometry, input_size: tuple[int, ...], block: tuple[Pair, ...]) -> tuple[Pair, ...]:
     """The image region that the trunk-output ``block`` (per axis ``(lo, hi)``) reads."""
-    geo = resolved(geo, tuple(input_size))
-    sizes = node_sizes(geo, tuple(input_size))
-    tile, _ = _tile(geo, sizes, tuple(g.Interval(lo, hi) for lo, hi in block))
-    return tile.region
+    return node_regions(geo, input_size, block)[geo.image]
 
 
 def node_regions(geo: TrunkGeometry, input_size: tuple[int, ...], block: tuple[Pair, ...]) -> dict:

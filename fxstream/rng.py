@@ -276,26 +276,15 @@ class Draws:
     def __init__(self, ops: RandomOps, origins, device: torch.device):
         self.seed = draw_seed() if ops.keyed else 0
         self.states = GeneratorStates(device) if ops.generator else None
-        self.origins = origins  # ShapePlan -> per tile {node: origin}
+        self.origins = origins  # (ShapePlan, tile position) -> {node: origin}
 
     @contextlib.contextmanager
     def tile(self, shape_plan, index: int, advance: bool) -> Iterator[TileRandom]:
         """Run one tile: with ``advance`` the generators advance as in a whole-image pass
         (the first forward tile); otherwise their state is restored afterwards."""
-        random = TileRandom(self.seed, self.origins(shape_plan)[index])
+        random = TileRandom(self.seed, self.origins(shape_plan, index))
         if self.states is None or advance:
             yield random
             return
         with self.states.replayed():
             yield random
-
-
-def node_origins(geometry, sizes: dict, blocks: Sequence, names: Sequence[str]) -> tuple[dict, ...]:
-    """For every tile (output ``blocks``), the global start of each node's region."""
-    from .plan import node_regions  # the planner's region walk
-
-    result = []
-    for block in blocks:
-        need = node_regions(geometry, sizes[geometry.image], block)
-        result.append({name: tuple(lo for lo, _ in need[name]) for name in names})
-    return tuple(result)

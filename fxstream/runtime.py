@@ -1,17 +1,5 @@
-"""What the generated code calls at run time: tile windows, tiled average pooling,
-and the streaming autograd.Function that runs the tiles.
-
-Forward: every tile runs under ``no_grad`` and writes its block of the trunk output.
-Backward: every tile is recomputed with autograd and back-propagated with its own
-block of the output gradient. Back-propagation is linear in the output gradient and
-the blocks partition it, so the summed tile gradients are the whole-image gradients.
-When gradients are wanted, the last forward tile runs with autograd and keeps its graph,
-so the backward pass does not recompute it (one tile of activations stays alive while
-the head runs; backward handles that tile first and frees it).
-
-The recomputation must compute what the forward pass computed: it re-enters the
-forward pass's autocast state (:class:`AutocastState`) and replays its random draws
-(``fxstream.rng``).
+"""What the generated tile code calls at run time (tile windows, tiled average pooling),
+and the run-time settings and autocast state the executor (:mod:`fxstream.executor`) uses.
 """
 
 from __future__ import annotations
@@ -22,12 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .errors import PlannerError
 from .plan import Gather
-from .progress import StreamStats, Timer
-from .transfer import crop as crop_view
+from .progress import StreamStats
 
 
 def window(t: torch.Tensor, spec: tuple, value: float = 0.0) -> torch.Tensor:
@@ -138,101 +124,6 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
         return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-
-
-class StreamFunction(torch.autograd.Function):
-    """Runs a trunk tile by tile. ``apply(x, trunk, shape_plan, *params)``.
-
-    ``x`` may live on another device than the trunk (a host-resident image): tiles are
-    copied to the trunk's device one at a time, input gradients are assembled next to
-    ``x``, and the output is assembled on ``trunk.output_device`` (default: the trunk's
-    device)."""
-
-    @staticmethod
-    def forward(ctx, x, trunk, shape_plan, *params):
-        ctx.trunk, ctx.shape_plan = trunk, shape_plan
-        ctx.save_for_backward(x, *params)
-        ctx.autocast = AutocastState()
-        ctx.random = trunk.random_draws(x)  # None, or the draws every tile replays
-        device = trunk.compute_device(x)
-        out = None
-        keep = len(shape_plan.tiles) - 1 if any(ctx.needs_input_grad) else None
-        ctx.kept = None
-        with torch.no_grad(), Timer(device) as timer:
-            for index, (tile, crop) in enumerate(trunk.tiles(x, shape_plan, device, "forward")):
-                with torch.set_grad_enabled(index == keep):
-                    with _random_tile(ctx.random, shape_plan, index, advance=index == 0) as random:
-                        leaf = crop.requires_grad_(ctx.needs_input_grad[0]) if index == keep else crop
-                        block = trunk.run_tile(trunk.prepare(leaf), tile, random)
-                if index == keep:
-                    ctx.kept = (index, leaf, block)
-                if out is None:
-                    out = _allocate(block, trunk.output_dims, shape_plan.output_size, trunk.output_device)
-                crop_view(out, trunk.output_dims, tile.block).copy_(block.detach())
-        trunk.stats.record("forward", len(shape_plan.tiles), timer.seconds, device)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, *params = ctx.saved_tensors
-        trunk, shape_plan = ctx.trunk, ctx.shape_plan
-        want_x = ctx.needs_input_grad[0]
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
-        grad_x = torch.zeros_like(x) if want_x else None
-        grads: list = [None] * len(wanted)
-        device = trunk.compute_device(x)
-        kept, ctx.kept = ctx.kept, None
-        with Timer(device) as timer:
-            for index, tile, crop in _kept_first(kept, shape_plan, trunk.tiles(x, shape_plan, device, "backward")):
-                with torch.enable_grad(), ctx.autocast.restored():
-                    if kept is not None and index == kept[0]:
-                        _, leaf, block = kept  # its graph from the forward pass: no recomputation
-                        kept = None
-                    else:
-                        with _random_tile(ctx.random, shape_plan, index, advance=False) as random:
-                            leaf = crop.requires_grad_(want_x)
-                            block = trunk.run_tile(trunk.prepare(leaf), tile, random)
-                    inputs = ([leaf] if want_x else []) + wanted
-                    grad_block = crop_view(grad_out, trunk.output_dims, tile.block).to(block.device)
-                    tile_grads = torch.autograd.grad(block, inputs, grad_block, allow_unused=True)
-                del block
-                if want_x:
-                    crop_view(grad_x, trunk.input_dims, tile.region).add_(tile_grads[0].to(grad_x.device))
-                    tile_grads = tile_grads[1:]
-                for i, tg in enumerate(tile_grads):
-                    if tg is not None:
-                        grads[i] = tg if grads[i] is None else grads[i].add_(tg)
-        trunk.stats.record("backward", len(shape_plan.tiles), timer.seconds, device)
-        result = iter(grads)
-        param_grads = [next(result) if need else None for need in ctx.needs_input_grad[3:]]
-        return (grad_x, None, None, *param_grads)
-
-
-def _kept_first(kept, shape_plan, loaded: Iterator) -> Iterator:
-    """``(index, tile, crop)`` for every tile, the kept tile (if any) first with no crop."""
-    if kept is not None:
-        yield kept[0], shape_plan.tiles[kept[0]], None
-    for index, (tile, crop) in enumerate(loaded):
-        if kept is None or index != kept[0]:
-            yield index, tile, crop
-
-
-@contextlib.contextmanager
-def _random_tile(draws, shape_plan, index: int, advance: bool) -> Iterator:
-    """The random context of one tile (see ``fxstream.rng.Draws.tile``), or None."""
-    if draws is None:
-        yield None
-        return
-    with draws.tile(shape_plan, index, advance) as random:
-        yield random
-
-
-def _allocate(block: torch.Tensor, dims: Sequence[int], size: Sequence[int], device=None) -> torch.Tensor:
-    shape = list(block.shape)
-    for dim, n in zip(dims, size):
-        shape[dim] = n
-    return block.new_empty(shape, device=device)
 
 
 def check_block(block: torch.Tensor, dims: Sequence[int], tile) -> None:
