@@ -14,9 +14,9 @@ from .errors import (
 )
 from .module import StreamedModule, compile
 from .plan import Plan
+from .progress import StreamStats
 from .schedule import Schedule
 from .tiling import ShapePlan
-from .progress import StreamStats
 from .trace import trace
 from .training import serial_backward, train_step
 from .transfer import Normalize

@@ -84,6 +84,7 @@ def choose(
     budget: int | str | None,
     input_shape: tuple[int, ...] | None,
     dtype: torch.dtype | None = None,
+    schedule=None,
 ) -> Choice:
     """Resolve ``tile_size="auto"`` and/or ``boundary="auto"`` (see the module docstring)."""
     if input_shape is None or len(input_shape) < 3:
@@ -99,7 +100,8 @@ def choose(
         raise TileSizeError(f"memory_budget: {exc}") from None
     auto_tile = tile_size == "auto"
     probe_tile = (1 << 20) if auto_tile else tile_size
-    program = build_program(model, probe_tile, None if boundary == "auto" else boundary)
+    program = build_program(model, probe_tile, None if boundary == "auto" else boundary, schedule)
+    schedule = program.schedule
     geo = program.geometry
     spatial = tuple(input_shape[2:])
     if len(spatial) != geo.ndim:
@@ -115,7 +117,13 @@ def choose(
         part = prefix_geometry(geo, cut)
         params = parameter_bytes(program.analysis, {s.name for s in part.steps}, itemsize)
         model_for = lambda tile, part=part, params=params: MemoryModel(  # noqa: E731
-            part, build_plan(part, _tile_tuple(tile, geo.ndim)), stats, params, input_shape[0], trunk=geo
+            part,
+            build_plan(part, _tile_tuple(tile, geo.ndim), schedule.carries),
+            stats,
+            params,
+            input_shape[0],
+            trunk=geo,
+            schedule=schedule,
         )
         tile = largest_tile(model_for(probe_tile), spatial, budget) if auto_tile else probe_tile
         if auto_tile and tile is not None:
@@ -193,7 +201,8 @@ def _candidate(model_for, stats: TrunkStats, geo, spatial, tile, budget, cut) ->
 
 def predicted_cost(memory: MemoryModel, stats: TrunkStats, geo: TrunkGeometry, spatial: tuple[int, ...]) -> float:
     """Predicted time of a training step in whole-image trunk forward FLOPs:
-    ``4 * h * F_streamed + 3 * F_rest`` (see the module docstring)."""
+    ``4 * h * F_streamed + 3 * F_rest`` (see the module docstring), where ``h * F_streamed``
+    is what the schedule's tiles compute (``h = 1`` under carry)."""
     tiled, streamed, rest = trunk_flops(memory, stats, geo, spatial)
     return (4 * tiled + 3 * rest) / (streamed + rest)
 

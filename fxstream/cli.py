@@ -34,7 +34,6 @@ from . import render, report
 from .auto import choose, parse_bytes
 from .errors import FxStreamError
 from .module import compile as fx_compile
-from .plan import plan_shape
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -80,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         help="tile edge in pixels (halo included): T, T1,T2 per spatial dim, or 'auto' (needs --memory-budget)",
     )
     plan.add_argument("--boundary", metavar="NODE", help="node or module path of the last streamed op, or 'auto'")
+    plan.add_argument(
+        "--schedule", choices=["carry", "recompute"], default=None, help="how the tiles run (default: carry)"
+    )
     plan.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the memory prediction")
     plan.add_argument("--format", default="text", choices=("text", "json", "dot", "code"), help="output format")
     plan.add_argument("--png", metavar="FILE", help="also draw the tile grid into FILE (needs matplotlib)")
@@ -106,7 +108,7 @@ def plan_command(args: argparse.Namespace) -> int:
             raise UsageError("--tile-size auto and --boundary auto need --memory-budget (e.g. 8GiB)")
         choice = choose(model, tile_size, boundary, budget, input_shape, dtype)
         tile_size, boundary, reason = choice.tile_size, choice.boundary, choice.reason
-    smodel = fx_compile(model, tile_size, boundary=boundary)
+    smodel = fx_compile(model, tile_size, boundary=boundary, schedule=args.schedule)
     program = smodel.program()
     if len(input_shape) - 2 != program.geometry.ndim:
         raise UsageError(
@@ -116,7 +118,7 @@ def plan_command(args: argparse.Namespace) -> int:
     data = report.build(smodel, input_shape, dtype, model_name=args.model, budget=budget)
     data["choice"] = reason or None
     if args.png:
-        shape = plan_shape(program.geometry, program.plan, input_shape[2:])
+        shape = smodel.shape_plan(*input_shape[2:])
         render.png(shape, program.plan, args.png, title=args.model)
     sys.stdout.write(_render(args.format, data, smodel, reason))
     return 0

@@ -53,7 +53,9 @@ import torch.fx as fx
 from .analyze import Analysis
 from .errors import InputShapeError
 from .nodestats import TrunkStats
-from .plan import Plan, TrunkGeometry, node_regions, node_sizes, node_windows, tile_splits
+from .plan import Plan, TrunkGeometry, node_regions, node_sizes
+from .schedule import Schedule, as_schedule
+from .tiling import plan_shape
 
 # Window ops whose input window is a padded copy at the image border (a 'pad' node's
 # copy is its own output), and those that keep that copy for the backward pass.
@@ -162,11 +164,13 @@ class MemoryModel:
         batch: int,
         trunk: TrunkGeometry | None = None,
         input_grad: bool = False,
+        schedule: Schedule | None = None,
     ):
         """``geo``/``plan``: the streamed part. ``trunk``: the whole local trunk when
         ``geo`` is a prefix of it; its nodes after ``geo.output`` run with plain autograd."""
         self.geo, self.plan, self.params, self.batch = geo, plan, params, batch
         self.input_grad = input_grad
+        self.schedule = as_schedule(schedule)
         self.trunk = trunk or geo
         by_name = stats.by_name()
         streamed = [geo.image] + [s.name for s in geo.steps]
@@ -184,7 +188,7 @@ class MemoryModel:
         """:func:`tile_pixels` of the plan's tiling of ``input_size`` (cached)."""
         key = tuple(input_size)
         if key not in self._tile_shapes:
-            self._tile_shapes[key] = tile_pixels(self.geo, self.plan, key)
+            self._tile_shapes[key] = tile_pixels(self.geo, self.plan, key, self.schedule)
         return self._tile_shapes[key]
 
     # --- tile terms (ints or sympy) ---
@@ -246,7 +250,21 @@ class MemoryModel:
         parts = {"parameters": self.params.trunk + self.params.head + self.params.frozen, "input": image}
         if self.input_grad:
             parts["input grad"] = image
+        stripes = self.stripe_bytes(input_size)
+        if stripes:
+            parts["stripe store + pending grads"] = 2 * stripes
         return parts
+
+    def stripe_bytes(self, input_size: tuple[int, ...]) -> int:
+        """Bytes of the carry schedule's stripe store for ``input_size`` (0 under recompute);
+        the pending gradients of the backward pass are at most as large again."""
+        if not self.schedule.carries:
+            return 0
+        key = ("stripes", tuple(input_size))
+        if key not in self._tile_shapes:
+            shape = plan_shape(self.geo, self.plan, tuple(input_size), self.schedule)
+            self._tile_shapes[key] = sum(self.batch * self._bpp[name] * px for name, px in shape.stripe_pixels)
+        return self._tile_shapes[key]
 
     def full_size_terms(self, input_size: tuple[int, ...]) -> tuple[dict, dict]:
         """Node sizes of the image, and the trunk-output and plain-remainder parts."""
@@ -347,39 +365,51 @@ class TileShape(NamedTuple):
     count: int
 
 
-def tile_pixels(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...]) -> list[TileShape]:
-    """The distinct tiles of the plan's tiling of ``input_size``.
+def tile_pixels(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], schedule: Schedule) -> list[TileShape]:
+    """The distinct tiles of the schedule's tiling of ``input_size``.
 
     Regions are products of per-axis intervals and each axis's interval depends on the
-    block along that axis only, so the walk runs once per block position per axis."""
+    block along that axis only, so the walk runs once per block position per axis. Under
+    the carry schedule a node computes its cell, and a consumer of a node whose region
+    holds stripes of earlier cells reads an assembled copy of that region."""
+    shape = plan_shape(geo, plan, input_size, schedule)
     sizes = node_sizes(geo, input_size)
+    image = geo.image
     windows = {s.name for s in geo.steps if s.kind in COPIES_WINDOW}
     contiguous = {s.name for s in geo.steps if s.kind in CONTIGUOUS_INPUT}
     per_axis = []
-    for axis, split in enumerate(tile_splits(geo, plan, input_size)):
+    for axis, parts in enumerate(shape.axes):
         counts: dict = {}
-        for part in split:
-            block = tuple(part if k == axis else (0, 1) for k in range(geo.ndim))
-            regions, raw = node_windows(geo, input_size, block)
-            lengths = tuple(sorted((name, r[axis][1] - r[axis][0]) for name, r in regions.items()))
+        for part in parts:
+            computed, region = dict(part.computed), dict(part.region)
+            lengths = tuple(sorted((k or image, hi - lo) for k, (lo, hi) in computed.items()))
+            assembled = tuple(sorted((k, hi - lo) for k, (lo, hi) in region.items() if k and region[k] != computed[k]))
             edges = tuple(
                 sorted(
-                    (c, *_edge(r[axis], regions[p][axis], sizes[p][axis])) for (c, p), r in raw.items() if c in windows
+                    (c, *_edge(r, region[p if p != image else ""], sizes[p][axis]))
+                    for (c, p), r in part.reads
+                    if c in windows
                 )
             )
-            counts[(lengths, edges)] = counts.get((lengths, edges), 0) + 1
-        per_axis.append([(dict(lengths), edges, count) for (lengths, edges), count in counts.items()])
+            key = (lengths, edges, assembled)
+            counts[key] = counts.get(key, 0) + 1
+        per_axis.append([(dict(k[0]), k[1], dict(k[2]), count) for k, count in counts.items()])
     result = []
     for combo in itertools.product(*per_axis):
-        px = {name: math.prod(lengths[name] for lengths, _, _ in combo) for name in combo[0][0]}
+        px = {name: math.prod(lengths[name] for lengths, _, _, _ in combo) for name in combo[0][0]}
         copies, views = {}, {}
-        for edge in zip(*(edges for _, edges, _ in combo)):  # the same edge along every axis
+        for edge in zip(*(edges for _, edges, _, _ in combo)):  # the same edge along every axis
             consumer, pixels = edge[0][0], math.prod(length for _, length, _, _ in edge)
             if any(padded for _, _, padded, _ in edge):
                 copies[consumer] = pixels
             elif any(cropped for _, _, _, cropped in edge) and consumer in contiguous:
                 views[consumer] = pixels
-        result.append(TileShape(px, copies, views, math.prod(count for _, _, count in combo)))
+        for name in set().union(*(assembled for _, _, assembled, _ in combo)):
+            pixels = math.prod(assembled.get(name, lengths[name]) for lengths, _, assembled, _ in combo)
+            for step in geo.steps:
+                if name in step.inputs and step.name not in copies:
+                    copies[step.name] = pixels
+        result.append(TileShape(px, copies, views, math.prod(count for _, _, _, count in combo)))
     return result
 
 

@@ -40,8 +40,8 @@ def build_program(model: nn.Module, tile_size: TileSize, boundary: str | None, s
     ndim = len(tile_size) if isinstance(tile_size, tuple) else None
     analysis = analyze(gm, boundary, ndim)  # -> Analysis: trunk, boundary, layouts
     geometry = build_geometry(analysis)  # -> TrunkGeometry: plain data
-    plan = build_plan(geometry, _tile_tuple(tile_size, analysis.ndim))  # -> Plan (sympy)
     schedule = as_schedule(schedule)  # -> Schedule: how the tiles run
+    plan = build_plan(geometry, _tile_tuple(tile_size, analysis.ndim), schedule.carries)  # -> Plan (sympy)
     return Program(analysis, geometry, plan, schedule, tile_graph(analysis, geometry), outer_graph(analysis))
 
 
@@ -218,7 +218,7 @@ def compile(
     if tile_size == "auto" or boundary == "auto":
         from .auto import choose
 
-        choice = choose(model, tile_size, boundary, memory_budget, input_shape)
+        choice = choose(model, tile_size, boundary, memory_budget, input_shape, schedule=schedule)
         tile_size, boundary = choice.tile_size, choice.boundary
         if verbose:
             print(choice.reason)

@@ -241,7 +241,9 @@ def _fmt(values: tuple) -> str:
     return "x".join(str(v) for v in values)
 
 
-def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...]) -> Plan:
+def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...], carries: bool = False) -> Plan:
+    """The shape-independent plan. ``carries``: under the carry schedule a tile may be smaller
+    than the receptive field (each input size's tiling checks what its first tile needs)."""
     dynamic = any(step.resolve for step in geo.steps)
     geo = resolved(geo, (REFERENCE_SIZE,) * geo.ndim)
     maps = {geo.image: [g.AxisMap.identity()] * geo.ndim}
@@ -264,7 +266,7 @@ def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...]) -> Plan:
     halo = next(n.halo for n in nodes if n.name == geo.output)
     block = tuple(g.block_for_tile(axis, t) for axis, t in zip(out, tile_size))
     exact = not dynamic and all(isinstance(op, g.Stencil) for step in geo.steps for op in step.stencils or ())
-    if not exact:  # bounds only: each input size finds its real block (plan_shape), or raises there
+    if not exact or carries:  # bounds only: each input size finds its real blocks (tiling), or raises there
         block = tuple(max(b, 1) for b in block)
     if min(block) < 1:
         raise TileSizeError(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .auto import format_bytes
-from .plan import Plan, ShapePlan
+from .plan import Plan
+from .tiling import ShapePlan
 
 
 def _x(values) -> str:
@@ -77,6 +78,11 @@ def summary(report: dict) -> list[str]:
             "redundant compute",
             f"{report['redundant_compute_percent']:.1f}% of one whole-image pass (FLOPs; "
             f"pixel halo overhead h = {report['halo_overhead']:.2f})",
+        ),
+        (
+            "schedule",
+            f"{report['schedule']}: predicted step time {report['predicted_step_ratio']:.2f}x plain (FLOPs), "
+            f"stripe store {format_bytes(report['stripe_store_bytes'])}",
         ),
         (
             "predicted peak, training",

@@ -35,7 +35,7 @@ from .auto import trunk_flops
 from .memory import MemoryModel, parameter_bytes
 from .module import StreamedModule
 from .nodestats import measure
-from .plan import node_sizes, tile_splits
+from .plan import node_sizes
 
 SCHEMA = "fxstream.plan/1"
 
@@ -47,7 +47,8 @@ def memory_model(smodel: StreamedModule, input_shape: tuple[int, ...], dtype: to
     stats = measure(program.analysis, program.geometry, input_shape[1], dtype)
     streamed = {s.name for s in program.geometry.steps}
     params = parameter_bytes(program.analysis, streamed, torch.empty((), dtype=dtype).element_size())
-    return MemoryModel(program.geometry, program.plan, stats, params, input_shape[0]), stats
+    memory = MemoryModel(program.geometry, program.plan, stats, params, input_shape[0], schedule=program.schedule)
+    return memory, stats
 
 
 def build(
@@ -66,7 +67,8 @@ def build(
     shapes = model.tile_shapes(spatial)  # the distinct tiles, without cutting every one
     computed = sum(s.count * sum(s.px[step.name] for step in geo.steps) for s in shapes)
     whole = sum(math.prod(sizes[step.name]) for step in geo.steps)
-    splits = tile_splits(geo, plan, spatial)
+    shape_plan = smodel.shape_plan(*spatial)
+    splits = [[part.block for part in axis] for axis in shape_plan.axes]
     grid = [len(split) for split in splits]
     estimate = model.estimate(spatial)
     training = estimate.streamed_training.total
@@ -87,6 +89,9 @@ def build(
         "grid": grid,
         "num_tiles": math.prod(grid),
         "halo_overhead": computed / whole,
+        "schedule": shape_plan.schedule.kind,
+        "stripe_store_bytes": model.stripe_bytes(spatial),
+        "predicted_step_ratio": shape_plan.schedule.step_ratio(computed / whole),
         "redundant_compute_percent": (_flop_overhead(model, stats, spatial) - 1) * 100,
         "nodes": _nodes(model, stats, analysis, input_shape[0]),
         "memory": {

@@ -66,6 +66,7 @@ class AxisTile:
     computed: tuple[tuple[str, Pair], ...]  # node -> interval it computes (image: its crop)
     region: tuple[tuple[str, Pair], ...]  # node -> interval it offers its consumers
     entries: tuple  # one entry per TrunkGeometry.slots
+    reads: tuple[tuple[tuple[str, str], Pair], ...]  # (consumer, producer) -> raw interval read (padding included)
     # carry only: node -> ((cell index j, (lo, hi)), ...) covering the region, ascending j;
     # the last segment is the node's own cell
     pieces: tuple[tuple[str, tuple[tuple[int, Pair], ...]], ...] = ()
@@ -263,7 +264,8 @@ def _axis_tile(geo, sizes, axis, block, computed, region, raw, pieces=()) -> Axi
             dims = (geo.axis_dims(slot.producer)[axis],)
             entries.append(_window_entry([edge], [region[slot.producer]], [n], dims, fill)[0])
     pairs = lambda d: tuple(("" if k == geo.image else k, (int(v.lo), int(v.hi))) for k, v in d.items())  # noqa: E731
-    return AxisTile(block, pairs(computed), pairs(region), tuple(entries), pieces)
+    reads = tuple((edge, (int(r.lo), int(r.hi))) for edge, r in raw.items())
+    return AxisTile(block, pairs(computed), pairs(region), tuple(entries), reads, pieces)
 
 
 # --- Carry schedule: cells, regions and stripes -------------------------------------------
@@ -307,7 +309,7 @@ def carry_bounds(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[int]]
     for axis, limit in enumerate(plan.tile_size):
         n_out = sizes[geo.output][axis]
         width = functools.partial(_carry_width, geo, sizes, axis)
-        split = carry_split(width, n_out, limit)
+        split = carry_split(width, n_out, limit, plan.block[axis])
         if split is None:
             raise TileSizeError(
                 f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])} "
@@ -320,8 +322,9 @@ def carry_bounds(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[int]]
     return result
 
 
-def carry_split(width, n: int, limit: int):
-    """Hook for tests (``conftest.uniform_tiles``): the blocks of one axis."""
+def carry_split(width, n: int, limit: int, block: int):
+    """The output blocks of one axis: the fewest whose carry regions (``width``) fit
+    ``limit``. (``block``, the plan's block, is for tests that force small tiles.)"""
     return fitted_split(width, n, limit)
 
 
@@ -355,6 +358,8 @@ def _carry_regions(geo: TrunkGeometry, sizes: dict, axis: int, bounds: dict, k: 
     raw: dict = {}
     for step in geo.steps:
         cell = cells[step.name]
+        if cell.is_empty():  # only while fitting blocks (_carry_width); tiles have no empty cells
+            continue
         for producer in step.inputs:
             n = sizes[producer][axis]
             edge = step.stencils[axis].read(cell, n) if step.stencils else cell

@@ -20,3 +20,18 @@ def uniform_tiles(monkeypatch):
     monkeypatch.setattr(
         fxstream.plan, "_splits", lambda geo, plan, sizes: fxstream.plan.plan_splits(plan, sizes[geo.output])
     )
+
+
+@pytest.fixture(params=["carry", "recompute"])
+def schedule(request, monkeypatch):
+    """Run a test under both schedules (the default schedule of ``fxstream.compile``).
+
+    Under carry, tiles get the plan's uniform blocks (at most ``plan.block`` output pixels,
+    the recompute block for the same tile_size), so the suites that force many small tiles
+    get at least as many carry tiles, with cells much smaller than their halos."""
+    monkeypatch.setattr(fxstream.schedule, "DEFAULT", request.param)
+    if request.param == "carry":
+        monkeypatch.setattr(
+            fxstream.tiling, "carry_split", lambda width, n, limit, block: fxstream.plan.balanced_split(n, block)
+        )
+    return request.param

@@ -4,6 +4,7 @@ close to the unstreamed autocast result; GradScaler works through train_step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,6 +12,8 @@ from exactness import RTOL64, rel_err
 from tile_recorder import record_tiles
 
 import fxstream
+
+pytestmark = pytest.mark.usefixtures("schedule")
 
 # bf16 keeps 8 significant bits (relative spacing 2**-8 = 3.9e-3). Streamed and
 # whole-image convolutions sum in different orders, so an activation may round to the

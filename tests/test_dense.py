@@ -54,7 +54,7 @@ MANY = {1: 8, 2: 4, 3: 3}
 
 # Bound-based uniform blocks: the tile sizes below are computed from them, and on these
 # small images the per-input split would often make one tile (see conftest.uniform_tiles).
-pytestmark = pytest.mark.usefixtures("uniform_tiles")
+pytestmark = pytest.mark.usefixtures("uniform_tiles", "schedule")
 
 
 def minimum_tile(model) -> tuple[int, ...]:

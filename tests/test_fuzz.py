@@ -498,7 +498,9 @@ def test_random_local_network_streams_exactly(data):
     note(f"tile_size = {tile_size!r} (minimum {minimum})")
 
     x = torch.randn(batch, in_channels, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    smodel = fxstream.compile(model, tile_size)
+    schedule = data.draw(st.sampled_from(["carry", "recompute"]), label="schedule")
+    event(f"schedule: {schedule}")
+    smodel = fxstream.compile(model, tile_size, schedule=schedule)
     errors = check_streamed(model, x, tile_size, seed=seed, streamed=smodel)
     n_tiles = len(smodel.shape_plan(h, w).tiles)
     event(f"tiles: {'1' if n_tiles == 1 else '2-4' if n_tiles <= 4 else '5-12' if n_tiles <= 12 else '13+'}")

@@ -12,6 +12,8 @@ from exactness import RTOL64, rel_err
 
 import fxstream
 
+pytestmark = pytest.mark.usefixtures("schedule")
+
 MEAN, STD, SCALE = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255
 
 

@@ -69,7 +69,7 @@ def test_symbolic_peak_bounds_every_tile():
 
 def test_tile_shapes_cover_the_tiling():
     model, _ = _model(HandDAG(), 40, (1, 3, 300, 260))
-    shapes = tile_pixels(model.geo, model.plan, (300, 260))
+    shapes = tile_pixels(model.geo, model.plan, (300, 260), model.schedule)
     plan = fxstream.compile(HandDAG().eval(), tile_size=40).shape_plan(300, 260)
     assert sum(s.count for s in shapes) == len(plan.tiles)
     computed = sum(s.count * sum(s.px[n.name] for n in model.geo.steps) for s in shapes)

@@ -13,7 +13,7 @@ from zoo import ZOO, build
 import fxstream
 
 # Tile sizes here are chosen to force several tiles on small images (conftest.uniform_tiles).
-pytestmark = pytest.mark.usefixtures("uniform_tiles")
+pytestmark = pytest.mark.usefixtures("uniform_tiles", "schedule")
 
 SIZES = [(37, 29), (50, 41)]
 

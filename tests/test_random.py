@@ -13,6 +13,8 @@ from exactness import RTOL64, rel_err
 from tile_recorder import record_tiles
 
 import fxstream
+
+pytestmark = pytest.mark.usefixtures("schedule")
 from fxstream import rng
 
 

@@ -28,7 +28,7 @@ from torchvision import models as tvm
 import fxstream
 
 # Tile sizes here are chosen to force several tiles on small images (conftest.uniform_tiles).
-pytestmark = pytest.mark.usefixtures("uniform_tiles")
+pytestmark = pytest.mark.usefixtures("uniform_tiles", "schedule")
 
 # name -> (receptive field, cumulative stride, boundary node, the global op that consumes it)
 STRUCTURE = {

@@ -15,6 +15,8 @@ from exactness import RTOL64, rel_err
 
 import fxstream
 
+pytestmark = pytest.mark.usefixtures("schedule")
+
 
 class Net(nn.Module):
     """Conv trunk (eval BatchNorm) + pooled head; ``head_bn`` adds a BatchNorm1d."""

@@ -13,8 +13,8 @@ def record_tiles(smodel, n_tiles: int) -> dict:
     run_tile = trunk.run_tile
     calls = []
 
-    def recording(x, tile, random=None):
-        block = run_tile(x, tile, random)
+    def recording(x, tile, run, random=None):
+        block = run_tile(x, tile, run, random)
         phase = "forward" if len(calls) < n_tiles else "backward"
         calls.append(tile)
         blocks[phase][tile.block] = block.detach().clone()
