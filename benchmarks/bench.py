@@ -55,7 +55,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}  # CPU memory runs only (see examples/demo.py)
-ORDER = ("plain", "checkpoint", "lightstream", "fxstream", "fxstream-host")
+ORDER = ("plain", "checkpoint", "lightstream", "fxstream-recompute", "fxstream", "fxstream-host")
 # fxstream-host: fxstream with the image left in host memory (tiles copied to the GPU one
 # at a time); CUDA only, and in the default CUDA method list.
 
@@ -472,7 +472,7 @@ def _gib(b) -> str:
 
 def table(result: dict) -> str:
     lines = [
-        "| config | image | method | time / step | x plain | peak memory (GiB) | x plain | tiles | h | floor (1+3h)/3 "
+        "| config | image | method | time / step | x plain | peak memory (GiB) | x plain | tiles | h | FLOP floor (schedule) "
         "| time / floor | max rel err output | params | conv w | BN affine |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -488,7 +488,7 @@ def table(result: dict) -> str:
             cfg,
             image,
             r["method"]
-            + (f", tile {r['tile']}" if r["method"] in ("fxstream", "fxstream-host", "lightstream") else ""),
+            + (f", tile {r['tile']}" if r["method"] in ("fxstream", "fxstream-recompute", "fxstream-host", "lightstream") else ""),
             f"{r['time_s']:.3f} s",
             f"{r['time_x_plain']:.2f}x" if "time_x_plain" in r else "",
             _gib(r.get("peak_bytes")),

@@ -162,14 +162,21 @@ def lightstream_tiles(scnn, size: tuple[int, int]) -> dict:
     }
 
 
-def fxstream(net: models.Net, s: Setting) -> Prepared:
+def fxstream(net: models.Net, s: Setting, schedule: str | None = None) -> Prepared:
+    """fxstream with its default schedule (carry), or ``schedule``."""
     import fxstream as fx
 
     boundary = None if s.upto == models.TRUNK[-1] else f"trunk.{s.upto}"
-    smodel = fx.compile(net, tile_size=s.tile, boundary=boundary)
+    smodel = fx.compile(net, tile_size=s.tile, boundary=boundary, schedule=schedule)
     shape = smodel.shape_plan(*s.size)
     h = shape.halo_overhead
-    info = {"tiles": len(shape.tiles), "grid": list(shape.grid), "h": h, "floor_ratio": (1 + 3 * h) / 3}
+    info = {
+        "tiles": shape.num_tiles,
+        "grid": list(shape.grid),
+        "h": h,
+        "floor_ratio": shape.schedule.step_ratio(h),
+        "schedule": shape.schedule.kind,
+    }
 
     def step(x, target):
         net.zero_grad(set_to_none=True)
@@ -187,5 +194,6 @@ METHODS: dict[str, Callable[[models.Net, Setting], Prepared]] = {
     "checkpoint": checkpoint,
     "lightstream": lightstream,
     "fxstream": fxstream,
+    "fxstream-recompute": lambda net, s: fxstream(net, s, "recompute"),
     "fxstream-host": fxstream,  # the same; bench.py leaves the image in host memory
 }

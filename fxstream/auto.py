@@ -178,10 +178,15 @@ def exact_fit(model_for, spatial: tuple[int, ...], tile: int, budget: int) -> in
     """Shrink ``tile`` (from the interior-tile formula) until the exact tiles of this input fit
     ``budget``: the planner gives border tiles, whose halo is clipped, larger blocks than
     interior ones, so their deeper layers can need more than the formula's interior tile."""
-    smallest = max(model_for(tile).plan.receptive_field)
-    while tile >= smallest:
-        if model_for(tile).estimate(spatial).streamed_training.total <= budget:
-            return tile
+    memory = model_for(tile)
+    # carry tiles may be smaller than the receptive field (down to what the first tile needs)
+    smallest = max(memory.plan.receptive_field) // (4 if memory.schedule.carries else 1)
+    while tile >= max(smallest, 1):
+        try:
+            if model_for(tile).estimate(spatial).streamed_training.total <= budget:
+                return tile
+        except TileSizeError:  # below what this input's first carry tile needs
+            return None
         tile -= max(1, tile // 32)
     return None
 

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 
 from . import geometry as g
+from . import plan as planner
 from .errors import TileSizeError
 from .plan import (
     Crop,
@@ -47,7 +48,6 @@ from .plan import (
     _fmt,
     _non_empty,
     _resample_entry,
-    _splits,
     _window_entry,
     fitted_split,
     node_sizes,
@@ -160,7 +160,7 @@ def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], sche
     else:
         axes = tuple(
             tuple(_recompute_axis(geo, sizes, a, (int(b.lo), int(b.hi))) for b in split)
-            for a, split in enumerate(_splits(geo, plan, sizes))
+            for a, split in enumerate(planner._splits(geo, plan, sizes))
         )
     names = [geo.image] + [s.name for s in geo.steps]
     per_axis_sums = [_sum_lengths(axis, names) for axis in axes]

@@ -33,7 +33,9 @@ def check_streamed(model, x, tile_size, rtol=None, boundary=None, min_tiles=1, s
     smodel = streamed if streamed is not None else fxstream.compile(model, tile_size=tile_size, boundary=boundary)
     spatial = tuple(x.shape[2:])
     n_tiles = len(smodel.shape_plan(*spatial).tiles)
-    assert n_tiles >= min_tiles, f"expected at least {min_tiles} tiles, plan has {n_tiles}"
+    # Under carry, a block whose cells would be empty at some node merges into its neighbour,
+    # so a forced tiling of a small image can have fewer tiles (test_carry counts carry tiles).
+    assert n_tiles >= min_tiles or smodel.schedule.carries, f"expected at least {min_tiles} tiles, plan has {n_tiles}"
 
     params = [p for p in model.parameters() if p.requires_grad]
     x_ref = x.detach().clone().requires_grad_(True)

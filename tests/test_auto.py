@@ -28,6 +28,28 @@ def test_parse_bytes():
             parse_bytes(bad)
 
 
+@pytest.fixture(autouse=True)
+def recompute_default(monkeypatch):
+    """These tests check the recompute schedule's interior-tile formula against its exact
+    tiles; test_auto_tile_under_carry checks the carry schedule."""
+    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "recompute")
+
+
+def test_auto_tile_under_carry(monkeypatch):
+    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "carry")
+    model = torchvision.models.resnet18(weights=None).eval()
+    shape = (1, 3, 1500, 1300)
+    budget = 300 * 2**20
+    choice = choose(model, "auto", None, budget, shape)
+    smodel = fxstream.compile(model, tile_size=choice.tile_size)
+    assert smodel.schedule.kind == "carry" and smodel.shape_plan(*shape[2:]).num_tiles > 1
+    program = smodel.program()
+    stats = measure(program.analysis, program.geometry, shape[1], torch.float32)
+    params = parameter_bytes(program.analysis, {s.name for s in program.geometry.steps}, 4)
+    memory = MemoryModel(program.geometry, program.plan, stats, params, shape[0], schedule=program.schedule)
+    assert 0 < memory.stripe_bytes(shape[2:]) < memory.estimate(shape[2:]).streamed_training.total <= budget
+
+
 def _memory(model, tile, shape):
     program = fxstream.compile(model, tile_size=tile).program()
     stats = measure(program.analysis, program.geometry, shape[1], torch.float32)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fxstream
 from fxstream.cli import main
 
 HERE = os.path.abspath(__file__)
@@ -60,11 +61,11 @@ def run(capsys, *args) -> tuple[int, str, str]:
 def test_json_resnet34_textbook_geometry(capsys):
     code, out, _ = run(
         capsys, "resnet34", "--input-shape", "1,3,8192,8192", "--tile-size", "2048", "--format", "json",
-        "--memory-budget", "8GiB",
+        "--memory-budget", "8GiB", "--schedule", "recompute",
     )  # fmt: skip
     assert code == 0
     data = json.loads(out)
-    assert data["schema"] == "fxstream.plan/1"
+    assert data["schema"] == "fxstream.plan/1" and data["schedule"] == "recompute"
     assert data["receptive_field"] == [899, 899] and data["stride"] == [32, 32]
     assert data["halo"] == [[449, 418], [449, 418]]
     assert data["tile_size"] == [2048, 2048] and data["output_block"] == [36, 36]
@@ -125,12 +126,33 @@ EXPECTED = {
 }
 
 
+@pytest.fixture(autouse=True)
+def recompute_default(monkeypatch):
+    """Most figures below are the recompute schedule's (hand-computed grids and halos);
+    test_carry_schedule_in_the_report checks the default, carry."""
+    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "recompute")
+
+
+def test_carry_schedule_in_the_report(capsys):
+    code, out, _ = run(
+        capsys, "resnet18", "--input-shape", "1,3,2048,2048", "--tile-size", "512", "--format", "json",
+        "--schedule", "carry",
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    assert data["schedule"] == "carry" and data["halo_overhead"] == 1.0
+    assert abs(data["predicted_step_ratio"] - 4 / 3) < 1e-9 and data["stripe_store_bytes"] > 0
+    code, out, _ = run(capsys, "resnet18", "--input-shape", "1,3,2048,2048", "--tile-size", "512", "--schedule", "carry")
+    assert "carry: predicted step time 1.33x plain" in out
+
+
 @pytest.mark.parametrize("fmt", ["text", "json", "dot", "code"])
 @pytest.mark.parametrize("model", ["torchvision.models:resnet34", HAND], ids=["resnet34", "hand_dag"])
 def test_every_format_smoke(capsys, model, fmt):
     code, out, err = run(capsys, model, "--input-shape", "1,3,4096,4096", "--tile-size", "2048", "--format", fmt)
     assert code == 0 and err == ""
-    first = {"text": "node ", "json": "{", "dot": "digraph fxstream {", "code": "def forward(self, x, geometry)"}[fmt]
+    first = {"text": "node ", "json": "{", "dot": "digraph fxstream {", "code": "def forward(self, x, geometry, carry)"}
+    first = first[fmt]
     assert out.startswith(first)
     if model == HAND:
         return
@@ -171,7 +193,8 @@ def test_model_kwargs_and_auto_choice(capsys):
 
 def test_python_dash_m_subprocess():
     proc = subprocess.run(
-        [sys.executable, "-m", "fxstream", "plan", "resnet34", "--input-shape", "1,3,8192,8192", "--tile-size", "2048"],
+        [sys.executable, "-m", "fxstream", "plan", "resnet34", "--input-shape", "1,3,8192,8192", "--tile-size", "2048",
+         "--schedule", "recompute"],
         capture_output=True, text=True, cwd=ROOT, check=False, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -189,7 +212,9 @@ BAD = [
     (["resnet18", "--input-shape", "1,3,abc", "--tile-size", "512"], "--input-shape must be"),
     (["resnet18", "--input-shape", "1,3,64", "--tile-size", "512"], "has 1 spatial dims, the trunk has 2"),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "0"], "--tile-size must be"),
-    (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "100"], "tile_size=100x100 is too small"),
+    (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "100", "--schedule", "recompute"],
+     "tile_size=100x100 is too small"),
+    (["resnet18", "--input-shape", "1,3,4096,4096", "--tile-size", "100"], "under the carry schedule"),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "512", "--train"], "cannot stream BatchNorm2d"),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "512", "--boundary", "nowhere"], "names no node"),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "auto"], "need --memory-budget"),

@@ -16,6 +16,12 @@ from exactness import check_streamed
 import fxstream
 
 
+@pytest.fixture(autouse=True)
+def recompute_default(monkeypatch):
+    """These check the recompute schedule's fitted blocks against its bounds; test_carry checks carry tilings."""
+    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "recompute")
+
+
 def widest(shape_plan) -> tuple[int, ...]:
     ndim = len(shape_plan.input_size)
     return tuple(max(t.region[a][1] - t.region[a][0] for t in shape_plan.tiles) for a in range(ndim))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import sympy
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -17,6 +18,12 @@ import fxstream
 from fxstream.memory import tile_pixels
 from fxstream.plan import node_regions
 from fxstream.report import build, memory_model
+
+
+@pytest.fixture(autouse=True)
+def recompute_default(monkeypatch):
+    """The interior-tile formula and its bound are the recompute schedule's; test_auto checks the carry memory model against a budget."""
+    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "recompute")
 
 
 def _model(model, tile, shape, dtype=torch.float32):

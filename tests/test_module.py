@@ -163,8 +163,8 @@ def test_inference_under_no_grad_keeps_no_graph():
     kept = []
     run_tile = trunk.run_tile
 
-    def recording(crop, tile, random=None):
-        block = run_tile(crop, tile, random)
+    def recording(crop, tile, run, random=None):
+        block = run_tile(crop, tile, run, random)
         kept.append(block.requires_grad)
         return block
 

@@ -134,8 +134,8 @@ def test_per_sample_drop_path_is_the_same_in_every_tile():
     trunk = smodel.streamed_trunk
     run_tile = trunk.run_tile
 
-    def recording(x, tile, random=None):
-        block = run_tile(x, tile, random)
+    def recording(x, tile, run, random=None):
+        block = run_tile(x, tile, run, random)
         feats.setdefault(tile, block)
         return block
 

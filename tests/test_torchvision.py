@@ -205,7 +205,7 @@ def test_plan_structure(name):
 
     # The minimum tile is the receptive field, reported by the error.
     with pytest.raises(fxstream.TileSizeError) as info:
-        fxstream.compile(model, tile_size=1)
+        fxstream.compile(model, tile_size=1, schedule="recompute")
     assert tuple(info.value.minimum) == (rf, rf)
     with pytest.raises(fxstream.TileSizeError):
         fxstream.compile(model, tile_size=rf - 1)
