@@ -1,10 +1,19 @@
-"""The one exception hierarchy of fxstream.
+"""The one exception hierarchy of fxstream, and the one builder of its messages.
 
 Every error a user can trigger is a subclass of :class:`FxStreamError`. Messages
-name what went wrong, where (node, module path, source line) and how to fix it.
+name what went wrong, where (node, module path, source line) and how to fix it, in
+one layout built by :func:`user_error`::
+
+    cannot stream GroupNorm: it normalises over the whole image.
+      node 'norm' (%norm : [num_users=1] = call_module[target=norm](args = (%conv,), kwargs = {}))
+      in module 'block.norm'
+      at model.py:12: y = self.norm(self.conv(x))
+      fix: pass boundary=... to stream only the part before it
 """
 
 from __future__ import annotations
+
+from typing import Any, TypeVar
 
 
 class FxStreamError(Exception):
@@ -19,13 +28,15 @@ class TraceError(FxStreamError):
 class UnsupportedOpError(FxStreamError):
     """Raised by ``compile`` when the streamed trunk contains an op that is not
     local (its output at one pixel depends on the whole image, e.g. BatchNorm in
-    training mode, GroupNorm, squeeze-excitation) or that fxstream does not know.
+    training mode, GroupNorm, squeeze-excitation) or that fxstream does not know;
+    and by ``compile`` or the first call after registration when a hook sits on a
+    module inside the trunk (see ``docs/contract.md``).
 
     Attributes: ``node`` (FX node name), ``module_path`` (dotted path of the
     module the op belongs to, or ``""``), ``op`` (a short description).
     """
 
-    def __init__(self, message: str, *, node: str, module_path: str, op: str):
+    def __init__(self, message: str, *, node: str = "", module_path: str = "", op: str = ""):
         super().__init__(message)
         self.node = node
         self.module_path = module_path
@@ -33,8 +44,8 @@ class UnsupportedOpError(FxStreamError):
 
 
 class BoundaryError(FxStreamError):
-    """Raised by ``compile`` when ``boundary=`` names nothing streamable, or when
-    the trunk would have several outputs used by the head."""
+    """Raised by ``compile`` when ``boundary=`` is not a string, names nothing
+    streamable, or when the trunk would have several outputs used by the head."""
 
 
 class TileSizeError(FxStreamError):
@@ -52,6 +63,68 @@ class InputShapeError(FxStreamError):
     module: wrong number of dimensions, or too small for the network."""
 
 
+class ArgumentError(FxStreamError, ValueError):
+    """Raised when an argument of ``compile``, ``serial_backward``, ``train_step`` or
+    the ``fxstream`` command line is malformed or inconsistent with the others
+    (e.g. ``memory_budget`` without ``tile_size="auto"``). Also a ``ValueError``."""
+
+
+class ContractError(FxStreamError):
+    """Raised when the compiled module is used outside its contract (see
+    ``docs/contract.md``): double backward (``create_graph=True``), ``torch.func``
+    transforms over the streamed trunk, or a model changed after compile in a way
+    the compiled module cannot follow."""
+
+
 class PlannerError(FxStreamError):
     """An internal inconsistency between the plan and the computed tiles. It
     means a bug in fxstream: please report it with the model."""
+
+
+E = TypeVar("E", bound=FxStreamError)
+
+
+def user_error(
+    cls: type[E],
+    what: str,
+    *,
+    node: Any = None,
+    module_path: str | None = None,
+    source: str | None = None,
+    fix: str | None = None,
+    **fields: Any,
+) -> E:
+    """An error of class ``cls`` whose message is ``what``, then where (node, module
+    path, the user's source line) and the fix, one per indented line.
+
+    ``node`` is an ``fx.Node`` (its name, module path and source line are looked up;
+    ``module_path``/``source`` override them) or a plain name. ``fields`` go to the
+    class's constructor (``UnsupportedOpError`` gets ``node``, ``module_path`` and
+    ``op``; pass ``op=...``). Returns the error: ``raise user_error(...)``.
+    """
+    name, path, line, described = _where(node, module_path, source)
+    lines = [what.rstrip()]
+    if described:
+        lines.append(f"  {described}")
+    elif name:
+        lines.append(f"  node '{name}'")
+    if path:
+        lines.append(f"  in module '{path}'")
+    if line:
+        lines.append(f"  at {line}")
+    if fix:
+        lines.append(f"  fix: {fix}")
+    if issubclass(cls, UnsupportedOpError):
+        fields = {"node": name or "", "module_path": path or "", "op": "", **fields}
+    return cls("\n".join(lines), **fields)
+
+
+def _where(node: Any, module_path: str | None, source: str | None) -> tuple[str, str, str, str]:
+    """(node name, module path, source line, node description) for the message."""
+    if node is None or isinstance(node, str):
+        return node or "", module_path or "", source or "", ""
+    from . import trace  # the fx helpers; trace imports this module
+
+    path = module_path if module_path is not None else trace.module_path(node)
+    line = source if source is not None else trace.source_line(node)
+    return node.name, path, line, f"node '{node.name}' ({node.format_node()})"
