@@ -13,7 +13,11 @@ one layout built by :func:`user_error`::
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, TypeVar
+
+import torch
 
 
 class FxStreamError(Exception):
@@ -123,8 +127,29 @@ def _where(node: Any, module_path: str | None, source: str | None) -> tuple[str,
     """(node name, module path, source line, node description) for the message."""
     if node is None or isinstance(node, str):
         return node or "", module_path or "", source or "", ""
-    from . import trace  # the fx helpers; trace imports this module
+    from .trace import module_path as path_of  # the fx helpers; trace imports this module
+    from .trace import source_line
 
-    path = module_path if module_path is not None else trace.module_path(node)
-    line = source if source is not None else trace.source_line(node)
+    path = module_path if module_path is not None else path_of(node)
+    line = source if source is not None else source_line(node)
     return node.name, path, line, f"node '{node.name}' ({node.format_node()})"
+
+
+def first_order(backward: Callable) -> Callable:
+    """Decorate an autograd.Function's ``backward`` (outside ``once_differentiable``) to
+    raise :class:`ContractError` under ``create_graph=True``, where the engine runs
+    backward with grad mode on: the tile gradients are computed, not differentiable."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise user_error(
+                ContractError,
+                "double backward through the streamed trunk is not supported (create_graph=True): its gradients "
+                "are computed tile by tile and are not themselves differentiable",
+                fix="compute higher-order terms (gradient penalties, Hessian-vector products) with the plain model, "
+                "or put the part that needs them after boundary=...",
+            )
+        return backward(ctx, *grads)
+
+    return checked

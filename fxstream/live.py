@@ -17,6 +17,8 @@ those references when they are built, so a member replaced later
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -111,3 +113,31 @@ class Binding:
             object.__setattr__(target, atom, value)
         else:
             target.__dict__[slot][atom] = value
+
+
+def snapshot(root: nn.Module) -> tuple:
+    """Every tensor slot below ``root``: (module, slot, name, tensor), for :func:`restored`."""
+    return tuple(
+        (m, slot, name, t)
+        for m in root.modules()
+        for slot in ("_parameters", "_buffers")
+        for name, t in m.__dict__[slot].items()
+    )
+
+
+@contextlib.contextmanager
+def restored(entries: tuple) -> Iterator[None]:
+    """Put the tensors of a :func:`snapshot` back for the duration (the backward pass
+    recomputes tiles with the members of its forward pass, as autograd would have saved
+    them, even if ``functional_call`` or an assignment replaced them since)."""
+    changed = []
+    for module, slot, name, tensor in entries:
+        members = module.__dict__[slot]
+        if members.get(name) is not tensor:
+            changed.append((members, name, members.get(name)))
+            members[name] = tensor
+    try:
+        yield
+    finally:
+        for members, name, tensor in reversed(changed):
+            members[name] = tensor

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .errors import PlannerError
+from . import live
+from .errors import PlannerError, first_order
 from .plan import Gather
 from .progress import StreamStats, Timer
 from .transfer import crop as crop_view
@@ -154,6 +155,7 @@ class StreamFunction(torch.autograd.Function):
         ctx.save_for_backward(x, *params)
         ctx.autocast = AutocastState()
         ctx.random = trunk.random_draws(x)  # None, or the draws every tile replays
+        ctx.members = live.snapshot(trunk.tile)  # backward recomputes with these (see live.restored)
         device = trunk.compute_device(x)
         out = None
         keep = len(shape_plan.tiles) - 1 if any(ctx.needs_input_grad) else None
@@ -173,6 +175,7 @@ class StreamFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order  # create_graph=True raises ContractError
     @once_differentiable
     def backward(ctx, grad_out):
         x, *params = ctx.saved_tensors
@@ -183,7 +186,7 @@ class StreamFunction(torch.autograd.Function):
         grads: list = [None] * len(wanted)
         device = trunk.compute_device(x)
         kept, ctx.kept = ctx.kept, None
-        with Timer(device) as timer:
+        with Timer(device) as timer, live.restored(ctx.members):
             for index, tile, crop in _kept_first(kept, shape_plan, trunk.tiles(x, shape_plan, device, "backward")):
                 with torch.enable_grad(), ctx.autocast.restored():
                     if kept is not None and index == kept[0]:
