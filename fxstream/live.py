@@ -6,7 +6,7 @@ those references when they are built, so a member replaced later
 (``model.conv1.weight = nn.Parameter(...)``, ``load_state_dict(sd, assign=True)``,
 ``torch.func.functional_call``) would be missed. This module:
 
-* :func:`structure` fingerprints the module tree (names, identities, train flags): a
+* :func:`structure` fingerprints the module tree (names and identities): a
   change means the model must be traced and analysed again;
 * :class:`Binding` fingerprints every member a GraphModule fetches (identity and shape)
   and, when identities change, writes the current members into the GraphModule in
@@ -29,8 +29,9 @@ _SLOTS = ("_modules", "_parameters", "_buffers")
 
 
 def structure(root: nn.Module) -> tuple:
-    """The module tree below ``root``: (path, identity, training) of every submodule."""
-    return tuple((name, id(m), m.training) for name, m in root.named_modules() if name)
+    """The module tree below ``root``: (path, identity) of every submodule (train flags
+    are not part of it: programs are cached per mode)."""
+    return tuple((name, id(m)) for name, m in root.named_modules() if name)
 
 
 def targets(graph: fx.Graph, skip: tuple[str, ...] = ()) -> tuple[str, ...]:

@@ -374,3 +374,13 @@ def test_torch_compile_runs_the_trunk_eagerly_and_is_exact():
         for (name, p), g in zip(model.named_parameters(), streamed):
             assert rel_err(g, p.grad) < 1e-4, name
         model.zero_grad()
+
+
+def test_mode_switches_reuse_the_compiled_programs():
+    model = Features().double().eval()
+    smodel = fxstream.compile(model, tile_size=11)
+    first = smodel.program()
+    smodel.train()
+    assert smodel.program() is not first
+    smodel.eval()
+    assert smodel.program() is first
