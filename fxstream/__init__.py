@@ -4,7 +4,9 @@ Pipeline: trace -> analyse -> plan -> generate (see ``fxstream.module.build_prog
 """
 
 from .errors import (
+    ArgumentError,
     BoundaryError,
+    ContractError,
     FxStreamError,
     InputShapeError,
     PlannerError,
@@ -41,4 +43,6 @@ __all__ = [
     "BoundaryError",
     "InputShapeError",
     "PlannerError",
+    "ArgumentError",
+    "ContractError",
 ]

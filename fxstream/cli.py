@@ -12,7 +12,9 @@ or a bare torchvision model name (``resnet34``). A callable that takes ``weights
 for ``--memory-budget`` (see ``fxstream.auto``).
 
 Only shapes are used: the plan and tiling come from sizes, per-node channel counts from
-one run of the trunk on a tiny input. Bad input prints one line to stderr, exit status 2.
+one run of the trunk on a tiny input. Bad input (including a malformed command line) prints
+one line to stderr, exit status 2. ``--png FILE`` writes exactly FILE (no extension is
+added); a directory or an unwritable path is an error.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import os
 import sys
@@ -32,14 +35,22 @@ import torch.nn as nn
 
 from . import render, report
 from .auto import choose, parse_bytes
-from .errors import FxStreamError
+from .errors import ArgumentError, FxStreamError
 from .module import compile as fx_compile
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-class UsageError(Exception):
+class UsageError(ArgumentError):
     """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors printed as one line (exit status 2) like every other."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,15 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return plan_command(args)
-    except (UsageError, FxStreamError, ValueError, ImportError) as exc:
+    except (FxStreamError, ValueError, ImportError) as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"fxstream plan: error: {message}", file=sys.stderr)
         return 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxstream", description="fxstream command-line tools")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="fxstream", description="fxstream command-line tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     plan = sub.add_parser(
         "plan",
         help="show the streaming plan, tiling and predicted memory of a model",
@@ -97,8 +108,10 @@ def _parser() -> argparse.ArgumentParser:
 def plan_command(args: argparse.Namespace) -> int:
     input_shape = parse_shape(args.input_shape)
     tile_size = parse_tile(args.tile_size)
+    if args.png:
+        _check_writable(args.png)
     dtype = DTYPES[args.dtype]
-    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    budget = _budget(args.memory_budget) if args.memory_budget else None
     model = load_model(args.model)
     model.train(args.train)
     boundary = args.boundary
@@ -119,7 +132,9 @@ def plan_command(args: argparse.Namespace) -> int:
     data["choice"] = reason or None
     if args.png:
         shape = smodel.shape_plan(*input_shape[2:])
-        render.png(shape, program.plan, args.png, title=args.model)
+        image = io.BytesIO()
+        render.png(shape, program.plan, image, title=args.model)
+        _write(args.png, image.getvalue())
     sys.stdout.write(_render(args.format, data, smodel, reason))
     return 0
 
@@ -134,6 +149,32 @@ def _render(fmt: str, data: dict, smodel, reason: str) -> str:
         trunk = {n.name for n in program.analysis.trunk}
         return render.dot(program.analysis.gm.graph, trunk, program.geometry.image, program.plan.boundary)
     return (reason + "\n\n" if reason else "") + render.text(data) + "\n"
+
+
+def _budget(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise UsageError(f"--memory-budget: {exc}") from None
+
+
+def _check_writable(path: str) -> None:
+    """Fail before any work if ``--png`` cannot be written."""
+    if os.path.isdir(path):
+        raise UsageError(f"--png {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'tiles.png')!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--png {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"--png {path!r}: permission denied")
+
+
+def _write(path: str, data: bytes) -> None:
+    try:
+        with open(path, "wb") as file:
+            file.write(data)
+    except OSError as exc:
+        raise UsageError(f"--png {path!r}: cannot write: {exc.strerror or exc}") from None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

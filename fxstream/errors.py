@@ -1,10 +1,23 @@
-"""The one exception hierarchy of fxstream.
+"""The one exception hierarchy of fxstream, and the one builder of its messages.
 
 Every error a user can trigger is a subclass of :class:`FxStreamError`. Messages
-name what went wrong, where (node, module path, source line) and how to fix it.
+name what went wrong, where (node, module path, source line) and how to fix it, in
+one layout built by :func:`user_error`::
+
+    cannot stream GroupNorm: it normalises over the whole image.
+      node 'norm' (%norm : [num_users=1] = call_module[target=norm](args = (%conv,), kwargs = {}))
+      in module 'block.norm'
+      at model.py:12: y = self.norm(self.conv(x))
+      fix: pass boundary=... to stream only the part before it
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
 
 
 class FxStreamError(Exception):
@@ -19,13 +32,15 @@ class TraceError(FxStreamError):
 class UnsupportedOpError(FxStreamError):
     """Raised by ``compile`` when the streamed trunk contains an op that is not
     local (its output at one pixel depends on the whole image, e.g. BatchNorm in
-    training mode, GroupNorm, squeeze-excitation) or that fxstream does not know.
+    training mode, GroupNorm, squeeze-excitation) or that fxstream does not know;
+    and by ``compile`` or the first call after registration when a hook sits on a
+    module inside the trunk (see ``docs/contract.md``).
 
     Attributes: ``node`` (FX node name), ``module_path`` (dotted path of the
     module the op belongs to, or ``""``), ``op`` (a short description).
     """
 
-    def __init__(self, message: str, *, node: str, module_path: str, op: str):
+    def __init__(self, message: str, *, node: str = "", module_path: str = "", op: str = ""):
         super().__init__(message)
         self.node = node
         self.module_path = module_path
@@ -33,8 +48,8 @@ class UnsupportedOpError(FxStreamError):
 
 
 class BoundaryError(FxStreamError):
-    """Raised by ``compile`` when ``boundary=`` names nothing streamable, or when
-    the trunk would have several outputs used by the head."""
+    """Raised by ``compile`` when ``boundary=`` is not a string, names nothing
+    streamable, or when the trunk would have several outputs used by the head."""
 
 
 class TileSizeError(FxStreamError):
@@ -52,6 +67,89 @@ class InputShapeError(FxStreamError):
     module: wrong number of dimensions, or too small for the network."""
 
 
+class ArgumentError(FxStreamError, ValueError):
+    """Raised when an argument of ``compile``, ``serial_backward``, ``train_step`` or
+    the ``fxstream`` command line is malformed or inconsistent with the others
+    (e.g. ``memory_budget`` without ``tile_size="auto"``). Also a ``ValueError``."""
+
+
+class ContractError(FxStreamError):
+    """Raised when the compiled module is used outside its contract (see
+    ``docs/contract.md``): double backward (``create_graph=True``), ``torch.func``
+    transforms over the streamed trunk, or a model changed after compile in a way
+    the compiled module cannot follow."""
+
+
 class PlannerError(FxStreamError):
     """An internal inconsistency between the plan and the computed tiles. It
     means a bug in fxstream: please report it with the model."""
+
+
+E = TypeVar("E", bound=FxStreamError)
+
+
+def user_error(
+    cls: type[E],
+    what: str,
+    *,
+    node: Any = None,
+    module_path: str | None = None,
+    source: str | None = None,
+    fix: str | None = None,
+    **fields: Any,
+) -> E:
+    """An error of class ``cls`` whose message is ``what``, then where (node, module
+    path, the user's source line) and the fix, one per indented line.
+
+    ``node`` is an ``fx.Node`` (its name, module path and source line are looked up;
+    ``module_path``/``source`` override them) or a plain name. ``fields`` go to the
+    class's constructor (``UnsupportedOpError`` gets ``node``, ``module_path`` and
+    ``op``; pass ``op=...``). Returns the error: ``raise user_error(...)``.
+    """
+    name, path, line, described = _where(node, module_path, source)
+    lines = [what.rstrip()]
+    if described:
+        lines.append(f"  {described}")
+    elif name:
+        lines.append(f"  node '{name}'")
+    if path:
+        lines.append(f"  in module '{path}'")
+    if line:
+        lines.append(f"  at {line}")
+    if fix:
+        lines.append(f"  fix: {fix}")
+    if issubclass(cls, UnsupportedOpError):
+        fields = {"node": name or "", "module_path": path or "", "op": "", **fields}
+    return cls("\n".join(lines), **fields)
+
+
+def _where(node: Any, module_path: str | None, source: str | None) -> tuple[str, str, str, str]:
+    """(node name, module path, source line, node description) for the message."""
+    if node is None or isinstance(node, str):
+        return node or "", module_path or "", source or "", ""
+    from .trace import module_path as path_of  # the fx helpers; trace imports this module
+    from .trace import source_line
+
+    path = module_path if module_path is not None else path_of(node)
+    line = source if source is not None else source_line(node)
+    return node.name, path, line, f"node '{node.name}' ({node.format_node()})"
+
+
+def first_order(backward: Callable) -> Callable:
+    """Decorate an autograd.Function's ``backward`` (outside ``once_differentiable``) to
+    raise :class:`ContractError` under ``create_graph=True``, where the engine runs
+    backward with grad mode on: the tile gradients are computed, not differentiable."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise user_error(
+                ContractError,
+                "double backward through the streamed trunk is not supported (create_graph=True): its gradients "
+                "are computed tile by tile and are not themselves differentiable",
+                fix="compute higher-order terms (gradient penalties, Hessian-vector products) with the plain model, "
+                "or put the part that needs them after boundary=...",
+            )
+        return backward(ctx, *grads)
+
+    return checked

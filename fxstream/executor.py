@@ -33,16 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import FxStreamError
+from . import live
+from .errors import first_order
 from .progress import Timer
 from .runtime import AutocastState
 from .transfer import crop as crop_view
-
-
-class DoubleBackwardError(FxStreamError):
-    """Raised by the backward pass of a streamed trunk under ``create_graph=True``: the
-    streamed trunk is once differentiable."""
-
 
 Key = tuple  # (node name, global box): one stored stripe
 
@@ -142,72 +137,75 @@ class StreamFunction(torch.autograd.Function):
         ctx.save_for_backward(x, *params)
         ctx.autocast = AutocastState()
         ctx.random = trunk.random_draws(x)  # None, or the draws every tile replays
+        ctx.members = live.snapshot(trunk.tile)  # backward recomputes with these (see live.restored)
         wants_grad = any(ctx.needs_input_grad)
         keep = shape_plan.num_tiles - 1 if wants_grad else None
         ctx.store, ctx.kept, out = _run_forward(ctx, x, keep, advance=True, keep_store=wants_grad)
         return out
 
     @staticmethod
+    @first_order  # create_graph=True raises ContractError
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            raise DoubleBackwardError(
-                "the streamed trunk does not support create_graph=True (double backward, gradient penalties): "
-                "its backward pass is computed tile by tile. fix: compute the penalty on a plain (uncompiled) "
-                "model, or stream a prefix that ends before the layers it needs (boundary=...)"
-            )
-        x, *params = ctx.saved_tensors
-        trunk, shape_plan = ctx.trunk, ctx.shape_plan
-        if ctx.store is None and trunk.stripes(shape_plan) is None:
-            ctx.store = {}
-        if ctx.store is None:  # a second backward pass (retain_graph): rebuild the stripes, as in the forward
-            with ctx.autocast.restored():
-                ctx.store = _run_forward(ctx, x, None, advance=False, keep_store=True)[0]
-        want_x = ctx.needs_input_grad[0]
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
-        grad_x = torch.zeros_like(x) if want_x else None
-        grads: list = [None] * len(wanted)
-        stripes = trunk.stripes(shape_plan)
-        store, pending = ctx.store, {}
-        device = trunk.compute_device(x)
-        kept, ctx.kept = ctx.kept, None
-        order = range(shape_plan.num_tiles - 1, -1, -1)
-        skip = {kept.position} if kept is not None else set()
-        loaded = trunk.tiles(x, shape_plan, device, "backward", order, skip)
-        with Timer(device) as timer:
-            for position, tile, crop in loaded:
-                with torch.enable_grad(), ctx.autocast.restored():
-                    if kept is not None and position == kept.position:
-                        leaf, leaves, run, block = kept.leaf, kept.leaves, kept.run, kept.block
-                        kept = None
-                    else:
-                        with _random_tile(ctx.random, shape_plan, position, advance=False) as random:
-                            leaf = crop.requires_grad_(want_x)
-                            leaves = _leaves(tile, store, True)
-                            run = TileRun(tile, trunk.node_dims, leaves)
-                            block = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
-                    outputs = [block]
-                    grad_outputs = [crop_view(grad_out, trunk.output_dims, tile.block).to(block.device)]
-                    for name, grad in _pending_grads(pending.pop(position, {}), run, trunk.node_dims):
-                        outputs.append(run.fresh[name])
-                        grad_outputs.append(grad)
-                    keys = list(leaves)
-                    inputs = ([leaf] if want_x else []) + wanted + [leaves[k] for k in keys]
-                    tile_grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
-                del block, outputs, grad_outputs, run
-                if want_x:
-                    crop_view(grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(grad_x.device))
-                for i in range(len(wanted)):
-                    tg = tile_grads[i]
-                    if tg is not None:
-                        grads[i] = tg if grads[i] is None else grads[i].add_(tg)
-                _send(pending, tile, keys, tile_grads[len(wanted) :])
-                if stripes:
-                    _free(store, leaves, stripes.last_backward, position)
-        ctx.store = None
-        trunk.stats.record("backward", shape_plan.num_tiles, timer.seconds, device)
-        result = iter(grads)
-        param_grads = [next(result) if need else None for need in ctx.needs_input_grad[3:]]
-        return (grad_x, None, None, *param_grads)
+        # recompute with the members of the forward pass (functional_call may have restored others)
+        with live.restored(ctx.members):
+            return _backward(ctx, grad_out)
+
+
+def _backward(ctx, grad_out):
+    """The backward pass of :class:`StreamFunction` (see the module docstring)."""
+    x, *params = ctx.saved_tensors
+    trunk, shape_plan = ctx.trunk, ctx.shape_plan
+    if ctx.store is None and trunk.stripes(shape_plan) is None:
+        ctx.store = {}
+    if ctx.store is None:  # a second backward pass (retain_graph): rebuild the stripes, as in the forward
+        with ctx.autocast.restored():
+            ctx.store = _run_forward(ctx, x, None, advance=False, keep_store=True)[0]
+    want_x = ctx.needs_input_grad[0]
+    wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+    grad_x = torch.zeros_like(x) if want_x else None
+    grads: list = [None] * len(wanted)
+    stripes = trunk.stripes(shape_plan)
+    store, pending = ctx.store, {}
+    device = trunk.compute_device(x)
+    kept, ctx.kept = ctx.kept, None
+    order = range(shape_plan.num_tiles - 1, -1, -1)
+    skip = {kept.position} if kept is not None else set()
+    loaded = trunk.tiles(x, shape_plan, device, "backward", order, skip)
+    with Timer(device) as timer:
+        for position, tile, crop in loaded:
+            with torch.enable_grad(), ctx.autocast.restored():
+                if kept is not None and position == kept.position:
+                    leaf, leaves, run, block = kept.leaf, kept.leaves, kept.run, kept.block
+                    kept = None
+                else:
+                    with _random_tile(ctx.random, shape_plan, position, advance=False) as random:
+                        leaf = crop.requires_grad_(want_x)
+                        leaves = _leaves(tile, store, True)
+                        run = TileRun(tile, trunk.node_dims, leaves)
+                        block = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
+                outputs = [block]
+                grad_outputs = [crop_view(grad_out, trunk.output_dims, tile.block).to(block.device)]
+                for name, grad in _pending_grads(pending.pop(position, {}), run, trunk.node_dims):
+                    outputs.append(run.fresh[name])
+                    grad_outputs.append(grad)
+                keys = list(leaves)
+                inputs = ([leaf] if want_x else []) + wanted + [leaves[k] for k in keys]
+                tile_grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
+            del block, outputs, grad_outputs, run
+            if want_x:
+                crop_view(grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(grad_x.device))
+            for i in range(len(wanted)):
+                tg = tile_grads[i]
+                if tg is not None:
+                    grads[i] = tg if grads[i] is None else grads[i].add_(tg)
+            _send(pending, tile, keys, tile_grads[len(wanted) :])
+            if stripes:
+                _free(store, leaves, stripes.last_backward, position)
+    ctx.store = None
+    trunk.stats.record("backward", shape_plan.num_tiles, timer.seconds, device)
+    result = iter(grads)
+    param_grads = [next(result) if need else None for need in ctx.needs_input_grad[3:]]
+    return (grad_x, None, None, *param_grads)
 
 
 def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> tuple:

@@ -23,9 +23,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .errors import UnsupportedOpError
+from .errors import UnsupportedOpError, user_error
 from .ops import INPLACE_MODULES, VIEW_FUNCTIONS, VIEW_METHODS
-from .trace import describe, module_path
 
 _OPERATORS = {
     operator.iadd: operator.add,
@@ -103,13 +102,14 @@ def _check_no_alias(node: fx.Node, mutated: fx.Node, order: dict) -> None:
                 frontier.append(user)
     for view in views:
         if any(order[u] > order[node] for u in view.users):
-            raise UnsupportedOpError(
-                f"cannot stream {getattr(node.target, '__name__', node.target)}: it modifies '{mutated.name}' in "
-                f"place while '{view.name}', a view of it, is read afterwards.\n  {describe(node)}\n"
-                "  fix: use the out-of-place form (inplace=False, x = x + y instead of x += y)",
-                node=node.name,
-                module_path=module_path(node),
+            op = str(getattr(node.target, "__name__", node.target))
+            raise user_error(
+                UnsupportedOpError,
+                f"cannot stream {op}: it modifies '{mutated.name}' in place while '{view.name}', a view of it, "
+                "is read afterwards.",
+                node=node,
                 op=str(node.target),
+                fix="use the out-of-place form (inplace=False, x = x + y instead of x += y)",
             )
 
 

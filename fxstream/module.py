@@ -10,9 +10,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import hooks, live
 from .analyze import Analysis, analyze
 from .codegen import StreamedTrunk, graph_module, outer_graph, tile_graph
-from .errors import TileSizeError
+from .errors import ArgumentError, BoundaryError, ContractError, TileSizeError, user_error
 from .plan import Plan, TrunkGeometry, build_geometry, build_plan
 from .progress import StreamStats
 from .runtime import StreamSettings
@@ -32,7 +33,9 @@ class Program:
     schedule: Schedule
     tile_graph: fx.Graph
     outer_graph: fx.Graph
-    module: fx.GraphModule | None = None  # built on demand, dropped by .to()/.cuda()
+    hooks: hooks.HookRule
+    module: fx.GraphModule | None = None  # built on demand
+    bindings: tuple = ()  # live.Binding of each GraphModule: keeps their members current
 
 
 def build_program(model: nn.Module, tile_size: TileSize, boundary: str | None, schedule=None) -> Program:
@@ -42,7 +45,8 @@ def build_program(model: nn.Module, tile_size: TileSize, boundary: str | None, s
     geometry = build_geometry(analysis)  # -> TrunkGeometry: plain data
     schedule = as_schedule(schedule)  # -> Schedule: how the tiles run
     plan = build_plan(geometry, _tile_tuple(tile_size, analysis.ndim), schedule.carries)  # -> Plan (sympy)
-    return Program(analysis, geometry, plan, schedule, tile_graph(analysis, geometry), outer_graph(analysis))
+    tiles, outer = tile_graph(analysis, geometry), outer_graph(analysis)  # -> fx.Graph, fx.Graph
+    return Program(analysis, geometry, plan, schedule, tiles, outer, hooks.hook_rule(analysis))
 
 
 def _tile_tuple(tile_size: TileSize, ndim: int) -> tuple[int, ...]:
@@ -63,37 +67,52 @@ def validate_tile_size(tile_size: TileSize) -> None:
 class StreamedModule(nn.Module):
     """A model whose trunk runs tile by tile, with the outputs and gradients of the original.
 
-    It shares the original model's submodules, parameters and buffers under the same
-    names, so ``state_dict()`` keys match and optimizers built on ``model.parameters()``
-    keep working. ``.train()``/``.eval()`` recompile for the new mode on the next call
-    (and raise :class:`UnsupportedOpError` there if the new mode is not streamable).
+    It shares the original model's members: its ``_modules``, ``_parameters`` and
+    ``_buffers`` are the model's own dictionaries, so ``state_dict()`` keys match,
+    optimizers built on ``model.parameters()`` keep working, and a member assigned on
+    either object (``model.conv1.weight = ...``, ``smodel.layer1 = ...``) is seen by
+    both. Every call computes with the current members: replaced tensors are rebound
+    into the generated modules, and a changed module tree (or a replaced tensor of
+    another shape) is traced and compiled again. ``.train()``/``.eval()`` recompile
+    for the new mode on the next call (and raise :class:`UnsupportedOpError` there if
+    the new mode is not streamable). Hooks follow :mod:`fxstream.hooks`. Pickling keeps
+    the model and the configuration; the programs are compiled again after loading.
+    See ``docs/contract.md``.
     """
 
     def __init__(
         self, model: nn.Module, tile_size: TileSize, boundary: str | None = None, settings=None, schedule=None
     ):
         super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, param in model._parameters.items():
-            self.register_parameter(name, param)
-        for name, buf in model._buffers.items():
-            self.register_buffer(name, buf, persistent=name not in model._non_persistent_buffers_set)
+        self._share(model)
         self.training = model.training
         # Plain attributes (not registered): the compiled programs are derived state.
         self.__dict__["_source"] = model
         self.__dict__["_config"] = (tile_size, boundary, as_schedule(schedule))
-        self.__dict__["_programs"] = {}
         self.__dict__["settings"] = settings if settings is not None else StreamSettings()
-        self.program()  # compile now, so errors surface at compile time
+        self._reset()
+        self._current()  # compile now, so errors surface at compile time
+
+    def _share(self, model: nn.Module) -> None:
+        for slot in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            self.__dict__[slot] = model.__dict__[slot]
+
+    def _reset(self) -> None:
+        self.__dict__["_programs"] = {}
+        self.__dict__["_structure"] = None
 
     def _mode_key(self) -> tuple:
         return tuple(m.training for m in self.modules())
 
     def program(self) -> Program:
-        """The compiled program for the current train/eval flags."""
+        """The compiled program for the current module tree and train/eval flags."""
+        tree = live.structure(self)
+        if tree != self._structure:  # a submodule replaced, added or removed: trace again
+            self.__dict__["_programs"] = {}
+            self.__dict__["_structure"] = tree
         key = self._mode_key()
         if key not in self._programs:
+            self._source.training = self.training
             self._programs[key] = build_program(self._source, *self._config)
         return self._programs[key]
 
@@ -110,34 +129,54 @@ class StreamedModule(nn.Module):
     @property
     def streamed_trunk(self) -> StreamedTrunk:
         """The streamed trunk; ``streamed_trunk.tile.code`` is the generated per-tile code."""
-        return self._graph_module().fxstream_trunk
+        return self._current().fxstream_trunk
 
     @property
     def code(self) -> str:
         """The generated code: the outer module, then the per-tile module."""
-        gm = self._graph_module()
+        gm = self._current()
         return f"# outer module\n{gm.code}\n# per-tile module\n{gm.fxstream_trunk.tile.code}"
 
     def shape_plan(self, *spatial_size: int):
         """The tiles that an input of this spatial size is cut into."""
         return self.streamed_trunk.shape_plan(tuple(spatial_size))
 
-    def _graph_module(self) -> fx.GraphModule:
+    @torch.compiler.disable
+    def _current(self) -> fx.GraphModule:
+        """The outer GraphModule, checked against the model as it is now (opaque to dynamo)."""
+        _check_transforms()
         program = self.program()
+        hooks.check(program.hooks, self, self._source)
         if program.module is None:
-            tile = graph_module(self, program.tile_graph, "StreamedTile")
-            trunk = StreamedTrunk(tile, program.geometry, program.plan, self.settings, program.schedule)
-            program.module = graph_module(self, program.outer_graph, "StreamedModel", {"fxstream_trunk": trunk})
+            program.module, program.bindings = self._build(program)
+        if not all(binding.refresh() for binding in program.bindings):  # a tensor changed shape
+            self.__dict__["_structure"] = None
+            return self._current()
         return program.module
 
-    def forward(self, *args, **kwargs):
-        return self._graph_module()(*args, **kwargs)
+    def _build(self, program: Program) -> tuple[fx.GraphModule, tuple[live.Binding, ...]]:
+        tile = graph_module(self, program.tile_graph, "StreamedTile")
+        trunk = StreamedTrunk(tile, program.geometry, program.plan, self.settings, program.schedule)
+        # The streaming call is opaque to torch.compile (it runs eagerly); the head is compiled.
+        trunk.forward = torch.compiler.disable(hooks.around(trunk.forward, self, program.hooks))
+        outer = graph_module(self, program.outer_graph, "StreamedModel", {"fxstream_trunk": trunk})
+        bindings = (
+            live.Binding(tile, self, live.targets(program.tile_graph)),
+            live.Binding(outer, self, live.targets(program.outer_graph, skip=("fxstream_trunk",))),
+        )
+        return outer, bindings
 
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        for program in self._programs.values():
-            program.module = None  # rebuilt against the moved tensors
-        return result
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_programs"], state["_structure"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._reset()
 
     @property
     def progress(self) -> bool:
@@ -157,6 +196,17 @@ class StreamedModule(nn.Module):
     def extra_repr(self) -> str:
         tile_size, boundary, schedule = self._config
         return f"tile_size={tile_size}, boundary={boundary!r}, schedule={schedule.kind!r}"
+
+
+def _check_transforms() -> None:
+    """torch.func transforms (grad, vmap, jvp...) cannot see through the streaming call."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise user_error(
+            ContractError,
+            "a compiled module cannot run under a torch.func transform (grad, vmap, jacrev, jvp): the streamed "
+            "trunk is an autograd.Function that recomputes its tiles in backward",
+            fix="use torch.func.functional_call(smodel, params, x) with torch.autograd.grad / .backward() instead",
+        )
 
 
 def compile(
@@ -202,9 +252,12 @@ def compile(
     peak memory); ``fxstream.serial_backward`` resets it at the start of each step.
 
     Raises:
-        UnsupportedOpError: a non-local or unknown op inside the trunk.
+        UnsupportedOpError: a non-local or unknown op, or a module hook, inside the trunk.
         TileSizeError: ``tile_size`` malformed or smaller than the receptive field.
-        BoundaryError: ``boundary`` names nothing streamable, or the trunk has several outputs.
+        BoundaryError: ``boundary`` is not a string, names nothing streamable, or the trunk has
+            several outputs.
+        ArgumentError: ``model`` is not an nn.Module; ``memory_budget``/``input_shape`` given
+            without ``"auto"``; a malformed ``output_device`` or ``input_transform``.
         TraceError: torch.fx cannot trace the model.
 
     Example::
@@ -213,8 +266,7 @@ def compile(
         >>> smodel(torch.randn(1, 3, 1000, 700)).shape
         torch.Size([1, 1000])
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fxstream.compile expects an nn.Module, got {type(model).__name__}")
+    _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform)
     if tile_size == "auto" or boundary == "auto":
         from .auto import choose
 
@@ -223,7 +275,42 @@ def compile(
         if verbose:
             print(choice.reason)
     validate_tile_size(tile_size)
-    schedule = as_schedule(schedule)
-    device = torch.device(output_device) if output_device is not None else None
-    settings = StreamSettings(input_transform=input_transform, output_device=device, progress=progress)
-    return StreamedModule(model, tile_size, boundary, settings, schedule)
+    settings = StreamSettings(input_transform=input_transform, output_device=_device(output_device), progress=progress)
+    return StreamedModule(model, tile_size, boundary, settings, as_schedule(schedule))
+
+
+def _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform) -> None:
+    """Reject arguments that are malformed or that nothing would read."""
+    if not isinstance(model, nn.Module):
+        raise user_error(ArgumentError, f"fxstream.compile expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, StreamedModule):
+        raise user_error(
+            ArgumentError, "this model is already compiled", fix="pass the original model to fxstream.compile"
+        )
+    if boundary is not None and not isinstance(boundary, str):
+        raise user_error(
+            BoundaryError,
+            f"boundary must be a node name or module path (a string), or 'auto', got {boundary!r}",
+            fix="e.g. boundary='layer3' or boundary='layer3.1.relu'; `fxstream plan --format dot` shows the names",
+        )
+    automatic = tile_size == "auto" or boundary == "auto"
+    for name, value in (("memory_budget", memory_budget), ("input_shape", input_shape)):
+        if value is not None and not automatic:
+            raise user_error(
+                ArgumentError,
+                f"{name}={value!r} is only used by tile_size='auto' or boundary='auto', and both are fixed here",
+                fix=f"pass tile_size='auto' (or boundary='auto') to choose within it, or drop {name}",
+            )
+    if input_transform is not None and not callable(input_transform):
+        raise user_error(
+            ArgumentError, f"input_transform must be callable as transform(tile, dtype), got {input_transform!r}"
+        )
+
+
+def _device(output_device: str | torch.device | None) -> torch.device | None:
+    if output_device is None:
+        return None
+    try:
+        return torch.device(output_device)
+    except (RuntimeError, TypeError) as exc:
+        raise user_error(ArgumentError, f"output_device={output_device!r} is not a device: {exc}") from None

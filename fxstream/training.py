@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .errors import ArgumentError, user_error
 from .module import StreamedModule
 
 Batch = torch.Tensor | Sequence[torch.Tensor]
@@ -63,7 +64,7 @@ def serial_backward(
     ``loss_fn(model(inputs), targets).backward()`` (up to summation order).
     """
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        raise user_error(ArgumentError, f"reduction must be 'mean' or 'sum', got {reduction!r}")
     streamed = _streamed_modules(model)
     for smodel in streamed:
         smodel.last_stats.reset(_device_of(smodel))
@@ -126,7 +127,11 @@ class _TrunkCaptured(Exception):
 
 def _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_size, scaler) -> torch.Tensor:
     if len(streamed) != 1:
-        raise ValueError(f"whole_batch_head=True needs a model with one fxstream trunk, found {len(streamed)}")
+        raise user_error(
+            ArgumentError,
+            f"whole_batch_head=True needs a model with one fxstream trunk, found {len(streamed)}",
+            fix="use whole_batch_head=False, or one compiled module per model",
+        )
     settings = streamed[0].settings
     inner = model.module if _is_ddp(model) else model
 
@@ -141,13 +146,21 @@ def _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_siz
             except _TrunkCaptured as captured:
                 features.append(captured.output)  # streamed forward; backward streams later
             else:
-                raise RuntimeError("whole_batch_head=True: the model's forward never called its fxstream trunk")
+                raise user_error(
+                    ArgumentError,
+                    "whole_batch_head=True: the model's forward never called its fxstream trunk",
+                    fix="pass a model whose forward calls the compiled module",
+                )
     stacked = torch.cat(features)
     calls = []
 
     def provide(trunk, x):
         if calls or x.shape[0] != stacked.shape[0]:
-            raise RuntimeError("whole_batch_head=True needs a model that calls its fxstream trunk once on the batch")
+            raise user_error(
+                ArgumentError,
+                "whole_batch_head=True needs a model that calls its fxstream trunk once on the batch",
+                fix="use whole_batch_head=False",
+            )
         calls.append(x)
         return stacked
 
@@ -166,8 +179,8 @@ def _micro_batches(inputs: Batch, targets, micro_batch_size: int) -> Iterator[tu
         for i, x in enumerate(inputs):
             yield x, (targets[i] if targets is not None else None)
         return
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise user_error(ArgumentError, f"micro_batch_size must be >= 1, got {micro_batch_size}")
     for start in range(0, len(inputs), micro_batch_size):
         stop = start + micro_batch_size
         yield inputs[start:stop], (targets[start:stop] if targets is not None else None)
@@ -180,9 +193,11 @@ def _backward(loss: torch.Tensor, scaler) -> None:
 def _streamed_modules(model: nn.Module) -> list[StreamedModule]:
     found = [m for m in model.modules() if isinstance(m, StreamedModule)]
     if not found:
-        raise TypeError(
+        raise user_error(
+            ArgumentError,
             f"serial_backward expects a model compiled with fxstream.compile (or containing one), "
-            f"got {type(model).__name__}"
+            f"got {type(model).__name__}",
+            fix="pass fxstream.compile(model, tile_size=...) or a module containing it",
         )
     return found
 

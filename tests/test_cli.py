@@ -142,7 +142,9 @@ def test_carry_schedule_in_the_report(capsys):
     data = json.loads(out)
     assert data["schedule"] == "carry" and data["halo_overhead"] == 1.0
     assert abs(data["predicted_step_ratio"] - 4 / 3) < 1e-9 and data["stripe_store_bytes"] > 0
-    code, out, _ = run(capsys, "resnet18", "--input-shape", "1,3,2048,2048", "--tile-size", "512", "--schedule", "carry")
+    code, out, _ = run(
+        capsys, "resnet18", "--input-shape", "1,3,2048,2048", "--tile-size", "512", "--schedule", "carry"
+    )
     assert "carry: predicted step time 1.33x plain" in out
 
 
@@ -232,3 +234,39 @@ def test_bad_input_one_line_exit_2(capsys, args, message):
     assert len(lines) == 1 and lines[0].startswith("fxstream plan: error: "), err
     assert message in lines[0]
     assert "Traceback" not in err
+
+
+def test_png_to_a_directory_or_unwritable_path_is_one_line(capsys, tmp_path):
+    args = (HAND, "--input-shape", "1,3,64,64", "--tile-size", "32", "--png")
+    for target, message in (
+        (tmp_path, "is a directory"),
+        (tmp_path / "missing" / "x.png", "does not exist"),
+    ):
+        code, out, err = run(capsys, *args, str(target))
+        assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, in particular no DIR.png next to it
+    assert not os.path.exists(f"{tmp_path}.png")
+
+
+def test_png_unwritable_is_one_line(capsys, tmp_path, monkeypatch):
+    args = (HAND, "--input-shape", "1,3,64,64", "--tile-size", "32", "--png")
+    monkeypatch.setattr("fxstream.cli.os.access", lambda path, mode: False)  # as a non-root user would see
+    code, _, err = run(capsys, *args, str(tmp_path / "x.png"))
+    assert code == 2 and "permission denied" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr("fxstream.cli._check_writable", lambda path: None)  # fail at the write itself
+    code, _, err = run(capsys, *args, str(tmp_path / "missing" / "x.png"))
+    assert code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1
+
+
+def test_png_without_extension_writes_exactly_that_file(capsys, tmp_path):
+    path = tmp_path / "tiles"
+    code, _, _ = run(capsys, HAND, "--input-shape", "1,3,64,64", "--tile-size", "32", "--png", str(path))
+    assert code == 0 and path.read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "tiles.png").exists()
+
+
+def test_malformed_command_line_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "resnet18", "--tile-size", "64"])  # --input-shape missing
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--input-shape" in err

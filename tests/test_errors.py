@@ -242,7 +242,7 @@ def test_input_too_small_for_network():
 
 
 def test_not_a_module():
-    with pytest.raises(TypeError, match="expects an nn.Module"):
+    with pytest.raises(fxstream.ArgumentError, match="expects an nn.Module"):
         fxstream.compile(lambda x: x, tile_size=16)
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-import sympy
 import pytest
+import sympy
 import torch
 import torch.nn as nn
 import torchvision
@@ -22,7 +22,8 @@ from fxstream.report import build, memory_model
 
 @pytest.fixture(autouse=True)
 def recompute_default(monkeypatch):
-    """The interior-tile formula and its bound are the recompute schedule's; test_auto checks the carry memory model against a budget."""
+    """The interior-tile formula and its bound are the recompute schedule's; test_auto checks
+    the carry memory model against a budget."""
     monkeypatch.setattr(fxstream.schedule, "DEFAULT", "recompute")
 
 

@@ -13,9 +13,9 @@ from exactness import RTOL64, rel_err
 from tile_recorder import record_tiles
 
 import fxstream
+from fxstream import rng
 
 pytestmark = pytest.mark.usefixtures("schedule")
-from fxstream import rng
 
 
 class DropPath(nn.Module):
