@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels, ops, progress, rng, runtime, transfer
+from . import arrays, channels, kernels, ops, progress, rng, runtime, transfer
 from .analyze import Analysis
 from .errors import BoundaryError, InputShapeError
 from .plan import Plan, ShapePlan, TrunkGeometry, node_sizes, plan_shape
@@ -204,12 +204,14 @@ class StreamedTrunk(nn.Module):
         return self._shape_plans[size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != self.geometry.ndim + 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        """``x``: a tensor, or an array-like (``fxstream.arrays``) read tile by tile."""
+        if not arrays.is_image(x) or len(x.shape) != self.geometry.ndim + 2:
+            shape = tuple(x.shape) if arrays.is_image(x) else type(x).__name__
             raise InputShapeError(
                 f"fxstream compiled this model for (N, C, *spatial) inputs with {self.geometry.ndim} spatial "
                 f"dims, got {shape}"
             )
+        channels.check(x.shape[1], self.tile, self.settings.input_transform)
         if self.settings.intercept is not None:
             return self.settings.intercept(self, x)
         return self.stream(x)
@@ -219,18 +221,20 @@ class StreamedTrunk(nn.Module):
         size = tuple(x.shape[d] for d in self.input_dims)
         params = [p for p in self.tile.parameters() if p.requires_grad]
         if not torch.is_grad_enabled():  # inference: nothing to differentiate (and no graph to keep)
-            x, params = x.detach(), []
+            x, params = (x.detach() if isinstance(x, torch.Tensor) else x), []
         return runtime.StreamFunction.apply(x, self, self.shape_plan(size), *params)
 
     def compute_device(self, x: torch.Tensor) -> torch.device:
         """Where tiles run: the device of the trunk's parameters (or of ``x`` without any)."""
         for t in itertools.chain(self.tile.parameters(), self.tile.buffers()):
             return t.device
-        return x.device
+        return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
     def tiles(self, x: torch.Tensor, shape_plan: ShapePlan, device: torch.device, phase: str):
         """``(tile, crop of x on device)`` for every tile, with a progress bar if enabled."""
-        loaded = transfer.load_tiles(x, shape_plan.tiles, self.input_dims, device)
+        regions = [tile.region for tile in shape_plan.tiles]
+        loaded = transfer.load_tiles(x, regions, self.input_dims, device)
+        loaded = ((tile, crop) for tile, (_, crop) in zip(shape_plan.tiles, loaded))
         return progress.tiles_progress(loaded, len(shape_plan.tiles), self.settings.progress, f"fxstream {phase}")
 
     def prepare(self, crop: torch.Tensor) -> torch.Tensor:

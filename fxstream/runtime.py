@@ -151,7 +151,8 @@ class StreamFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, trunk, shape_plan, *params):
         ctx.trunk, ctx.shape_plan = trunk, shape_plan
-        ctx.save_for_backward(x, *params)
+        ctx.image = None if isinstance(x, torch.Tensor) else x  # an array-like: kept as is, no input gradient
+        ctx.save_for_backward(*([x] if ctx.image is None else []), *params)
         ctx.autocast = AutocastState()
         ctx.random = trunk.random_draws(x)  # None, or the draws every tile replays
         device = trunk.compute_device(x)
@@ -175,7 +176,7 @@ class StreamFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, *params = ctx.saved_tensors
+        x, *params = ([ctx.image] if ctx.image is not None else []) + list(ctx.saved_tensors)
         trunk, shape_plan = ctx.trunk, ctx.shape_plan
         want_x = ctx.needs_input_grad[0]
         wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
