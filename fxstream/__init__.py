@@ -5,8 +5,11 @@ Pipeline: trace -> analyse -> plan -> generate (see ``fxstream.module.build_prog
 
 from .errors import (
     BoundaryError,
+    ChannelError,
     FxStreamError,
+    ImageFileError,
     InputShapeError,
+    LevelError,
     PlannerError,
     TileSizeError,
     TraceError,
@@ -15,6 +18,7 @@ from .errors import (
 from .module import StreamedModule, compile
 from .plan import Plan, ShapePlan
 from .progress import StreamStats
+from .slides import SlideArray, SlideDataset, open_image
 from .trace import trace
 from .training import serial_backward, train_step
 from .transfer import Normalize
@@ -28,6 +32,9 @@ __all__ = [
     "serial_backward",
     "train_step",
     "Normalize",
+    "open_image",
+    "SlideArray",
+    "SlideDataset",
     "StreamStats",
     "Plan",
     "ShapePlan",
@@ -38,4 +45,7 @@ __all__ = [
     "BoundaryError",
     "InputShapeError",
     "PlannerError",
+    "ChannelError",
+    "ImageFileError",
+    "LevelError",
 ]
