@@ -3,12 +3,14 @@
 An *array-like* is anything with ``.shape``, ``.dtype`` and numpy-style basic slicing
 (ints, slices, ``...``) that returns a numpy array, or something ``np.asarray`` turns
 into one: numpy arrays and memmaps, zarr arrays, dask arrays, :class:`fxstream.slides.SlideArray`.
-fxstream never reads more of it than the region of the tile it is computing.
+fxstream never reads more of it than the region of the tile it is computing, and reads
+memmaps through their file so that the image never becomes resident in the process.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Any
 
 import numpy as np
@@ -97,33 +99,46 @@ def batch_slice(x: Any, start: int, stop: int) -> Any:
 def read_region(array: Any, index: Index) -> torch.Tensor:
     """``array[index]`` as a new, contiguous CPU tensor that shares no memory with ``array``.
 
-    For a read-only or shared ``np.memmap``, the pages the read touched are released
-    from this process afterwards (they stay in the OS page cache), so reading a whole
-    memory-mapped image tile by tile does not make it resident in the process."""
+    A region of an ``np.memmap`` is read from its file with one ``pread`` per row, not
+    through the mapping: reading through the mapping would leave every page it touched
+    (and the kernel's fault-around neighbours, whole rows of the image) resident in this
+    process, so a memory-mapped image read tile by tile would end up resident whole."""
     part = array[index]
-    out = np.asarray(part)
-    native = out.dtype.newbyteorder("=")
-    if not (out.flags.c_contiguous and out.flags.owndata and out.flags.writeable and out.dtype == native):
-        out = np.array(out, dtype=native, order="C", copy=True)
-    if isinstance(part, np.memmap):
-        release_pages(part)
+    out = read_memmap(part) if isinstance(part, np.memmap) else None
+    if out is None:
+        out = np.asarray(part)
+        native = out.dtype.newbyteorder("=")
+        if not (out.flags.c_contiguous and out.flags.owndata and out.flags.writeable and out.dtype == native):
+            out = np.array(out, dtype=native, order="C", copy=True)
     return torch.from_numpy(out)
 
 
-def release_pages(view: np.memmap) -> None:
-    """``madvise(MADV_DONTNEED)`` over the mapped pages that ``view`` spans, for memmaps
-    opened read-only (``'r'``) or shared (``'r+'``, ``'w+'``), where the file keeps the
-    data. Copy-on-write memmaps (``'c'``) are left alone: dropping their pages would
-    drop the user's private changes."""
+def read_memmap(view: np.memmap) -> np.ndarray | None:
+    """The pixels of a memmap view read from its file (``os.preadv``, one call per row of
+    its last axis), or None where that is not possible or not coherent with the mapping:
+    copy-on-write memmaps (``mode='c'``, whose changes are not in the file), anonymous
+    maps, a non-positive last stride, or a platform without ``preadv``."""
     mm = getattr(view, "_mmap", None)
-    if mm is None or getattr(view, "mode", "c") == "c" or not hasattr(mm, "madvise") or view.size == 0:
-        return
+    stride = view.strides[-1] if view.ndim else 0
+    if mm is None or view.mode == "c" or not view.filename or stride <= 0 or not hasattr(os, "preadv"):
+        return None
+    out = np.empty(view.shape, dtype=view.dtype)
+    if view.size == 0:
+        return out
+    mapped_at = view.offset - view.offset % mmap.ALLOCATIONGRANULARITY  # file offset of the mapping
     base = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]
-    lo = hi = view.__array_interface__["data"][0]
-    for n, stride in zip(view.shape, view.strides):
-        (lo, hi) = (lo + stride * (n - 1), hi) if stride < 0 else (lo, hi + stride * (n - 1))
-    page = mmap.PAGESIZE
-    start = (lo - base) // page * page
-    stop = min(-(-(hi + view.itemsize - base) // page) * page, len(mm))
-    if stop > start:
-        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+    first = view.__array_interface__["data"][0] - base + mapped_at
+    offsets = np.full((), first, dtype=np.int64)
+    for n, s in zip(view.shape[:-1], view.strides[:-1]):
+        offsets = offsets[..., None] + np.arange(n, dtype=np.int64) * s
+    count, span = view.shape[-1], (view.shape[-1] - 1) * stride + view.itemsize
+    rows = out.reshape(-1, count)
+    buffer = np.empty(span, dtype=np.uint8) if stride != view.itemsize else None
+    with open(view.filename, "rb", buffering=0) as f:
+        for row, offset in zip(rows, offsets.reshape(-1).tolist()):
+            target = row.view(np.uint8) if buffer is None else buffer
+            if os.preadv(f.fileno(), [target], offset) != span:
+                return None  # the file is shorter than the map says: let numpy report it
+            if buffer is not None:
+                row[...] = np.ndarray((count,), view.dtype, buffer, 0, (stride,))
+    return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))

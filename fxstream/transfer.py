@@ -61,7 +61,14 @@ class Normalize(torch.nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(shape)
         std = torch.tensor(self.std, dtype=dtype, device=x.device).view(shape)
-        return (x.to(dtype) * self.scale - mean) / std
+        y = x.to(dtype, copy=True)  # one tile-sized buffer, updated in place (same values as out of place)
+        if self.scale != 1.0:
+            y.mul_(self.scale)
+        if any(self.mean):  # subtracting 0 and dividing by 1 change no value: skipped
+            y.sub_(mean)
+        if any(s != 1.0 for s in self.std):
+            y.div_(std)
+        return y
 
     def extra_repr(self) -> str:
         return f"mean={self.mean}, std={self.std}, scale={self.scale}"
