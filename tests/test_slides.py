@@ -338,6 +338,17 @@ def test_array_like_batch_is_split_without_reading():
     assert all(key[2] != slice(0, 21, 1) or key[3] != slice(0, 17, 1) for key in recording.reads)
 
 
+def test_batch_view_slices_like_numpy():
+    x = np.arange(4 * 2 * 5 * 3).reshape(4, 2, 5, 3)
+    view = arrays.batch_slice(Recording(x), 1, 3)
+    assert isinstance(view, arrays.BatchView) and view.shape == (2, 2, 5, 3) and len(view) == 2
+    for key in [(1, slice(None), slice(2, 5)), (slice(None, None, -1), 0), (..., 1), (slice(1, 2), 1, -1, 0)]:
+        assert np.array_equal(view[key], x[1:3][key]), key
+    with pytest.raises(IndexError):
+        view[None]
+    assert isinstance(arrays.batch_slice(x, 1, 3), np.ndarray)  # numpy views are lazy already
+
+
 def test_dataloader_workers_receive_and_send_handles(tmp_path):
     """SlideDataset through a DataLoader worker: the samples pickle as handles (no
     pixels), stay lazy after collate, and train."""
