@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import InputShapeError
+
 Index = tuple[int | slice, ...]
 
 
@@ -33,7 +35,13 @@ def is_image(x: Any) -> bool:
 
 def torch_dtype(dtype: Any) -> torch.dtype:
     """The torch dtype of a numpy-style dtype (byte order ignored: reads convert to native)."""
-    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype).newbyteorder("="))).dtype
+    try:
+        return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype).newbyteorder("="))).dtype
+    except TypeError:
+        raise InputShapeError(
+            f"an image array-like has dtype {dtype}, which torch has no equivalent for; "
+            f"fix: give it a numeric dtype (uint8, uint16, float32...)"
+        ) from None
 
 
 def normalize_index(key: Any, shape: tuple[int, ...]) -> Index:

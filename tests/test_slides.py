@@ -421,6 +421,12 @@ def test_wrong_channel_count_before_any_read(tmp_path):
     assert fingerprint(path) == before
 
 
+def test_array_like_of_a_dtype_torch_lacks():
+    smodel = fxstream.compile(make(), tile_size=14)
+    with pytest.raises(fxstream.InputShapeError, match="dtype <U1"):
+        smodel(np.full((1, 3, 20, 20), "a"))
+
+
 def test_expected_channels_is_unknown_through_pointwise_ops():
     """The channel check only trusts convolutions the image reaches through windows."""
 
