@@ -56,37 +56,37 @@ class Detector(nn.Module):
 
 
 def make_slide(rng: np.random.Generator, size: int, positive: bool, obj: int) -> np.ndarray:
-    """One (size, size, 3) uint8 slide: noise plus a bright square at even coordinates,
-    textured (a +-CHECKER checkerboard) in positives. Averaging 2x2 blocks maps both kinds
-    of square to the same values."""
-    image = rng.normal(MEAN, NOISE, (size, size, 1)).repeat(3, axis=2)
+    """One (size, size) uint8 grey plane (written as RGB): noise plus a bright square at
+    even coordinates, textured (a +-CHECKER checkerboard) in positives. Averaging 2x2
+    blocks maps both kinds of square to the same values."""
+    plane = rng.normal(MEAN, NOISE, (size, size)).astype(np.float32)
     r, c = rng.integers(0, (size - obj) // 2, 2) * 2
     i, j = np.meshgrid(np.arange(obj), np.arange(obj), indexing="ij")
-    checker = ((i + j) % 2 * 2 - 1)[..., None] * CHECKER if positive else 0
-    image[r : r + obj, c : c + obj] += BRIGHT + checker
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    checker = ((i + j) % 2 * 2 - 1) * CHECKER if positive else 0
+    plane[r : r + obj, c : c + obj] += BRIGHT + checker
+    return np.clip(np.rint(plane), 0, 255).astype(np.uint8)
 
 
-def pyramid(image: np.ndarray, levels: int) -> list[np.ndarray]:
+def pyramid(plane: np.ndarray, levels: int) -> list[np.ndarray]:
     """Level k: the mean of 2^k x 2^k blocks (rounded), as a slide scanner's pyramid."""
-    out = [image]
+    out = [plane]
     for _ in range(levels - 1):
-        x = out[-1].astype(np.float64)
-        h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
-        x = x[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3))
+        h, w = out[-1].shape[0] // 2 * 2, out[-1].shape[1] // 2 * 2
+        x = out[-1][:h, :w].reshape(h // 2, 2, w // 2, 2).mean((1, 3), dtype=np.float32)
         out.append(np.rint(x).astype(np.uint8))
     return out
 
 
-def write_slide(path: pathlib.Path, image: np.ndarray, levels: int, tile: int) -> None:
+def write_slide(path: pathlib.Path, plane: np.ndarray, levels: int, tile: int) -> None:
+    """A tiled pyramidal RGB TIFF (levels in SubIFDs) of a grey plane."""
     import tifffile
 
-    pages = pyramid(image, levels)
-    with tifffile.TiffWriter(path, bigtiff=image.nbytes > 2**31) as tw:
+    pages = pyramid(plane, levels)
+    with tifffile.TiffWriter(path, bigtiff=3 * plane.nbytes > 2**31) as tw:
         options = dict(tile=(tile, tile), photometric="rgb", compression="zlib")
-        tw.write(pages[0], subifds=len(pages) - 1, **options)
-        for page in pages[1:]:
-            tw.write(page, subfiletype=1, **options)
+        for k, page in enumerate(pages):
+            extra = dict(subifds=len(pages) - 1) if k == 0 else dict(subfiletype=1)
+            tw.write(np.repeat(page[..., None], 3, axis=2), **options, **extra)
 
 
 def write_slides(folder: pathlib.Path, count: int, seed: int, args) -> list[tuple[pathlib.Path, int]]:
@@ -138,6 +138,7 @@ def train(args, folder: pathlib.Path) -> dict:
     file_bytes = sum(os.path.getsize(p) for p, _ in train_items + val_items)
     pixel_bytes = 3 * args.size**2 * (args.slides + args.val)
     print(f"wrote {args.slides} + {args.val} slides of {args.size}x{args.size} in {time.perf_counter() - start:.1f} s")
+    rss_before = peak_rss()
     torch.manual_seed(args.seed)
     model = Detector(args.width)
     smodel = fxstream.compile(model, tile_size=args.tile, input_transform=fxstream.Normalize(MEAN, 2 * NOISE))
@@ -162,14 +163,16 @@ def train(args, folder: pathlib.Path) -> dict:
         "accuracy": history[-1][2],
         "history": history,
         "seconds_per_step": seconds / args.steps,
+        "peak_rss_before": rss_before,
         "peak_rss": peak_rss(),
         "file_bytes": file_bytes,
         "pixel_bytes": pixel_bytes,
     }
     print(
         f"final val accuracy {result['accuracy']:.3f}; {result['seconds_per_step']:.2f} s per step of {args.batch} "
-        f"slides; peak RSS {result['peak_rss'] / 2**20:.0f} MiB for {len(train_items) + len(val_items)} slides of "
-        f"{pixel_bytes / 2**20:.0f} MiB of pixels ({file_bytes / 2**20:.0f} MiB of files)"
+        f"slides; peak RSS {rss_before / 2**20:.0f} MiB before training, {result['peak_rss'] / 2**20:.0f} MiB "
+        f"after, for {len(train_items) + len(val_items)} slides of {pixel_bytes / 2**20:.0f} MiB of pixels "
+        f"({file_bytes / 2**20:.0f} MiB of files)"
     )
     return result
 
