@@ -31,7 +31,7 @@ import torch
 from .arrays import normalize_index
 from .errors import ImageFileError, LevelError
 
-DEFAULT_CACHE_BYTES = 64 << 20
+DEFAULT_CACHE_BYTES = 16 << 20  # per open slide: a few neighbouring tiles' halos, not the image
 _BACKENDS = ("auto", "tifffile", "openslide")
 
 
@@ -252,7 +252,7 @@ class _TiffReader:
         page = series.levels[level].keyframe
         self.file_tile = (chunks[self.layout.y], chunks[self.layout.x]) if page.is_tiled else None
         chunk_bytes = int(np.prod(chunks)) * self.dtype.itemsize
-        cached = self.file_tile is not None and chunk_bytes * 64 <= cache_bytes  # aligned reads pay off
+        cached = self.file_tile is not None and chunk_bytes * 16 <= cache_bytes  # aligned reads pay off
         self._cache = _ChunkCache(cache_bytes) if cached else None
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
