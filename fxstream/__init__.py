@@ -6,9 +6,12 @@ Pipeline: trace -> analyse -> plan -> generate (see ``fxstream.module.build_prog
 from .errors import (
     ArgumentError,
     BoundaryError,
+    ChannelError,
     ContractError,
     FxStreamError,
+    ImageFileError,
     InputShapeError,
+    LevelError,
     PlannerError,
     TileSizeError,
     TraceError,
@@ -18,6 +21,7 @@ from .module import StreamedModule, compile
 from .plan import Plan
 from .progress import StreamStats
 from .schedule import Schedule
+from .slides import SlideArray, SlideDataset, open_image
 from .tiling import ShapePlan
 from .trace import trace
 from .training import serial_backward, train_step
@@ -32,6 +36,9 @@ __all__ = [
     "serial_backward",
     "train_step",
     "Normalize",
+    "open_image",
+    "SlideArray",
+    "SlideDataset",
     "StreamStats",
     "Plan",
     "ShapePlan",
@@ -45,4 +52,7 @@ __all__ = [
     "PlannerError",
     "ArgumentError",
     "ContractError",
+    "ChannelError",
+    "ImageFileError",
+    "LevelError",
 ]

@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels, ops, progress, rng, runtime, transfer
+from . import arrays, channels, kernels, ops, progress, rng, runtime, transfer
 from .analyze import Analysis
 from .errors import BoundaryError, InputShapeError
 from .executor import StreamFunction, Stripes
@@ -225,12 +225,14 @@ class StreamedTrunk(nn.Module):
         return _cached(self._stripes, shape_plan.input_size, lambda: Stripes.of(shape_plan))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != self.geometry.ndim + 2:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        """``x``: a tensor, or an array-like (``fxstream.arrays``) read tile by tile."""
+        if not arrays.is_image(x) or len(x.shape) != self.geometry.ndim + 2:
+            shape = tuple(x.shape) if arrays.is_image(x) else type(x).__name__
             raise InputShapeError(
                 f"fxstream compiled this model for (N, C, *spatial) inputs with {self.geometry.ndim} spatial "
                 f"dims, got {shape}"
             )
+        channels.check(x.shape[1], self.tile, self.settings.input_transform)
         if self.settings.intercept is not None:
             return self.settings.intercept(self, x)
         return self.stream(x)
@@ -240,30 +242,31 @@ class StreamedTrunk(nn.Module):
         size = tuple(x.shape[d] for d in self.input_dims)
         params = [p for p in self.tile.parameters() if p.requires_grad]
         if not torch.is_grad_enabled():  # inference: nothing to differentiate (and no graph to keep)
-            x, params = x.detach(), []
+            x, params = (x.detach() if isinstance(x, torch.Tensor) else x), []
         return StreamFunction.apply(x, self, self.shape_plan(size), *params)
 
     def compute_device(self, x: torch.Tensor) -> torch.device:
         """Where tiles run: the device of the trunk's parameters (or of ``x`` without any)."""
         for t in itertools.chain(self.tile.parameters(), self.tile.buffers()):
             return t.device
-        return x.device
+        return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
-    def tiles(self, x: torch.Tensor, shape_plan: ShapePlan, device: torch.device, phase: str, order, skip=()):
+    def tiles(self, x, shape_plan: ShapePlan, device: torch.device, phase: str, order, skip=()):
         """``(position, tile, crop of x on device)`` for the tiles at ``order`` (crop None
-        for the positions in ``skip``), with a progress bar if enabled."""
+        for the positions in ``skip``), with a progress bar if enabled. ``x`` is a tensor or
+        an array-like (see ``fxstream.transfer.as_source``)."""
         order = list(order)
         tiles = shape_plan.tiles
         wanted = [tiles[p] for p in order if p not in skip]
-        loaded = transfer.load_tiles(x, wanted, self.input_dims, device)
+        loaded = transfer.load_tiles(x, [tile.region for tile in wanted], self.input_dims, device)
 
         def merged():
             for position in order:
                 if position in skip:
                     yield position, tiles[position], None
                 else:
-                    tile, crop = next(loaded)
-                    yield position, tile, crop
+                    _, crop = next(loaded)
+                    yield position, tiles[position], crop
 
         return progress.tiles_progress(merged(), len(order), self.settings.progress, f"fxstream {phase}")
 

@@ -153,3 +153,45 @@ def first_order(backward: Callable) -> Callable:
         return backward(ctx, *grads)
 
     return checked
+
+
+class ChannelError(InputShapeError):
+    """Raised on the forward pass, before any pixel is read, when the input's channel
+    count does not match what the trunk's first convolutions (or a per-channel
+    ``input_transform``) read. Attributes: ``expected``, ``got``, ``node``,
+    ``module_path`` (None where the transform is the mismatch)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        expected: int | None = None,
+        got: int | None = None,
+        node: str | None = None,
+        module_path: str | None = None,
+    ):
+        super().__init__(message)
+        self.expected = expected
+        self.got = got
+        self.node = node
+        self.module_path = module_path
+
+
+class ImageFileError(FxStreamError):
+    """Raised by ``fxstream.open_image`` when a file cannot be read as an image: it is
+    missing, not an image format any installed reader knows, or its layout is not one
+    2D image (several Z planes or time points). Attribute: ``path``."""
+
+    def __init__(self, message: str, *, path: str):
+        super().__init__(message)
+        self.path = path
+
+
+class LevelError(ImageFileError):
+    """Raised by ``fxstream.open_image`` when the file has no pyramid level ``level``.
+    Attributes: ``path``, ``level``, ``levels`` (the (height, width) of each level)."""
+
+    def __init__(self, message: str, *, path: str, level: int, levels: tuple[tuple[int, int], ...]):
+        super().__init__(message, path=path)
+        self.level = level
+        self.levels = levels

@@ -134,7 +134,8 @@ class StreamFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, trunk, shape_plan, *params):
         ctx.trunk, ctx.shape_plan = trunk, shape_plan
-        ctx.save_for_backward(x, *params)
+        ctx.image = None if isinstance(x, torch.Tensor) else x  # an array-like: kept as is, no input gradient
+        ctx.save_for_backward(*([x] if ctx.image is None else []), *params)
         ctx.autocast = AutocastState()
         ctx.random = trunk.random_draws(x)  # None, or the draws every tile replays
         ctx.members = live.snapshot(trunk.tile)  # backward recomputes with these (see live.restored)
@@ -153,7 +154,7 @@ class StreamFunction(torch.autograd.Function):
 
 def _backward(ctx, grad_out):
     """The backward pass of :class:`StreamFunction` (see the module docstring)."""
-    x, *params = ctx.saved_tensors
+    x, *params = ([ctx.image] if ctx.image is not None else []) + list(ctx.saved_tensors)
     trunk, shape_plan = ctx.trunk, ctx.shape_plan
     if ctx.store is None and trunk.stripes(shape_plan) is None:
         ctx.store = {}

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from . import arrays
 from .errors import ArgumentError, user_error
 from .module import StreamedModule
 
-Batch = torch.Tensor | Sequence[torch.Tensor]
+Batch = torch.Tensor | Any | Sequence[torch.Tensor | Any]  # a tensor or an array-like, or a sequence of them
 
 
 def serial_backward(
@@ -43,8 +45,15 @@ def serial_backward(
             gets as ``reduction`` says.
         inputs: a tensor with the batch in dim 0, or a sequence of tensors that are the
             micro-batches themselves (e.g. images of different sizes, one per entry).
+            Array-likes (numpy arrays and memmaps, zarr and dask arrays,
+            ``fxstream.open_image``) may replace tensors anywhere: a batch is split into
+            micro-batches without reading pixels, and each tile's region is read when
+            it is computed.
         targets: a tensor (or anything sliceable) with the batch in dim 0, or a sequence
             with one entry per micro-batch when ``inputs`` is a sequence; may be None.
+            With a sequence of micro-batches, a tensor whose length is the total number
+            of samples is split by the micro-batch sizes (e.g. the labels of
+            ``fxstream.slides.collate``).
         reduction: how ``loss_fn`` reduces over samples. ``"mean"`` (default): each
             micro-batch loss is weighted by its share of the batch, so the gradients are
             those of the mean over the whole batch. ``"sum"``: micro-batch losses are
@@ -104,14 +113,14 @@ def train_step(
 
 def _per_micro_batch(model, loss_fn, inputs, targets, micro_batch_size, reduction, scaler) -> torch.Tensor:
     chunks = list(_micro_batches(inputs, targets, micro_batch_size))
-    total_size = sum(len(x) for x, _ in chunks)
+    total_size = sum(x.shape[0] for x, _ in chunks)
     total = None
     for i, (x, y) in enumerate(chunks):
         sync = i == len(chunks) - 1
         with contextlib.nullcontext() if sync else _no_sync(model):
             loss = loss_fn(model(x), y)
             if reduction == "mean":
-                loss = loss * (len(x) / total_size)
+                loss = loss * (x.shape[0] / total_size)
             _backward(loss, scaler)
         total = loss.detach() if total is None else total + loss.detach()
     return total
@@ -164,10 +173,11 @@ def _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_siz
         calls.append(x)
         return stacked
 
-    if not isinstance(inputs, torch.Tensor):  # explicit micro-batches: a batch-sized view, no copy
-        first = inputs[0][:1]
-        inputs = first.expand(stacked.shape[0], *first.shape[1:])
-        targets = torch.cat(list(targets)) if targets is not None else None
+    if not arrays.is_image(inputs):  # explicit micro-batches: a batch-sized view, no copy
+        if targets is not None and not _by_sample(targets, [x.shape[0] for x in inputs]):
+            targets = torch.cat(list(targets))
+        first = inputs[0][:1] if isinstance(inputs[0], torch.Tensor) else torch.zeros(())  # the head reads no pixels
+        inputs = first.expand(stacked.shape[0], *inputs[0].shape[1:])
     with _intercepted(settings, provide):
         loss = loss_fn(model(inputs), targets)
     _backward(loss, scaler)
@@ -175,15 +185,27 @@ def _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_siz
 
 
 def _micro_batches(inputs: Batch, targets, micro_batch_size: int) -> Iterator[tuple]:
-    if not isinstance(inputs, torch.Tensor):  # explicit micro-batches
-        for i, x in enumerate(inputs):
-            yield x, (targets[i] if targets is not None else None)
+    if not arrays.is_image(inputs):  # explicit micro-batches
+        sizes = [x.shape[0] for x in inputs]
+        by_sample = targets is not None and _by_sample(targets, sizes)
+        offset = 0
+        for i, (x, n) in enumerate(zip(inputs, sizes)):
+            if targets is None:
+                yield x, None
+            else:
+                yield x, (targets[offset : offset + n] if by_sample else targets[i])
+            offset += n
         return
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise user_error(ArgumentError, f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    for start in range(0, len(inputs), micro_batch_size):
+    for start in range(0, inputs.shape[0], micro_batch_size):
         stop = start + micro_batch_size
-        yield inputs[start:stop], (targets[start:stop] if targets is not None else None)
+        yield arrays.batch_slice(inputs, start, stop), (targets[start:stop] if targets is not None else None)
+
+
+def _by_sample(targets, sizes: Sequence[int]) -> bool:
+    """Whether ``targets`` of explicit micro-batches is one tensor over all their samples."""
+    return isinstance(targets, torch.Tensor) and targets.dim() > 0 and len(targets) == sum(sizes)
 
 
 def _backward(loss: torch.Tensor, scaler) -> None:
