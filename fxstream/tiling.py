@@ -292,7 +292,10 @@ def cell_boundaries(geo: TrunkGeometry, sizes: dict, axis: int, out_bounds: list
                 bw = bounds[w.name][k]
                 if bw <= 0:
                     continue
-                read = w.stencils[axis].read(g.Interval(bw - 1, bw), n) if w.stencils else g.Interval(bw - 1, bw)
+                # what cells 0..k-1 of w read: with a constant fill the last output reads furthest;
+                # reflect/replicate padding at the left border also reads mirrored pixels
+                block = g.Interval(bw - 1, bw) if w.fill == "constant" else g.Interval(0, bw)
+                read = w.stencils[axis].read(block, n) if w.stencils else block
                 src = g.source_interval(read, n, w.fill)
                 if not src.is_empty():
                     hi = max(hi, int(src.hi))

@@ -45,7 +45,7 @@ def test_zoo_exact_float64(name, tiling):
         if tiling == "one":
             assert n == 1
         elif tiling == "two":
-            assert n == 2 or smodel.shape_plan(*size).output_size[0] == 1
+            assert n == 2 or smodel.shape_plan(*size).output_size[0] == 1 or smodel.schedule.carries
         check_streamed(model, x, tile, min_tiles=min_tiles if n > 1 else 1, streamed=smodel)
 
 
