@@ -31,19 +31,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import arrays, channels, kernels, ops, progress, rng, runtime, transfer
+from . import arrays, channels, ops, progress, rng, runtime, transfer
 from .analyze import Analysis
 from .errors import BoundaryError, InputShapeError
 from .executor import StreamFunction, Stripes
 from .plan import Plan, TrunkGeometry
 from .schedule import as_schedule
 from .tiling import ShapePlan, plan_shape
-
-_CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
-_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_CONV_TRANSPOSE = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
+from .windows import WINDOWS, Emit, slot_getter
 
 
 def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
@@ -84,36 +80,10 @@ def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
 
 
 def _emit_window(graph: fx.Graph, node: fx.Node, verdict: ops.Window, win: fx.Node, env, geometry, geo) -> fx.Node:
-    p = verdict.params
-    ndim = geo.ndim
-    if verdict.kind == "pad":
-        return win  # the window already holds the padded region
-    if verdict.kind == "conv":
-        weight, bias = (_value(graph, p[k], env) for k in ("weight", "bias"))
-        args = (win, weight, bias, tuple(p["stride"]), 0, tuple(p["dilation"]), p["groups"])
-        return graph.create_node("call_function", _CONV[ndim], args, name=node.name)
-    if verdict.kind in ("conv_transpose", "shuffle"):
-        if verdict.kind == "shuffle":
-            full = graph.call_function(F.pixel_shuffle, (win, p["factor"]))
-        else:
-            weight, bias = (_value(graph, p[k], env) for k in ("weight", "bias"))
-            args = (win, weight, bias, tuple(p["stride"]), 0, 0, p["groups"], tuple(p["dilation"]))
-            full = graph.call_function(_CONV_TRANSPOSE[ndim], args)
-        trim = graph.call_function(operator.getitem, (geometry, geo.slot("trim", node.name, verdict.input.name)))
-        return graph.create_node("call_function", runtime.window, (full, trim), name=node.name)
-    if verdict.kind == "unshuffle":
-        return graph.create_node("call_function", F.pixel_unshuffle, (win, p["factor"]), name=node.name)
-    if verdict.kind == "resample":
-        taps = graph.call_function(operator.getitem, (geometry, geo.slot("resample", node.name, verdict.input.name)))
-        return graph.create_node("call_function", kernels.resample, (win, taps), name=node.name)
-    if verdict.kind == "max_pool":
-        args = (win, tuple(p["kernel"]), tuple(p["stride"]), 0, tuple(p["dilation"]), False)
-        return graph.create_node("call_function", _MAX_POOL[ndim], args, name=node.name)
-    counts = None
-    if p["divisor"] is None:
-        counts = graph.call_function(operator.getitem, (geometry, geo.slot("counts", node.name, verdict.input.name)))
-    args = (win, tuple(p["kernel"]), tuple(p["stride"]), counts, p["divisor"])
-    return graph.create_node("call_function", runtime.avg_pool, args, name=node.name)
+    """The node computed from its window, as its kind emits it (see ``fxstream.windows``)."""
+    slot = slot_getter(graph, geometry, geo, node, verdict.input.name)
+    emit = Emit(graph, node, win, verdict.params, lambda v: _value(graph, v, env), slot, geo.ndim)
+    return WINDOWS[verdict.kind].emit(emit)
 
 
 def _value(graph: fx.Graph, value: Any, env: dict) -> Any:

@@ -56,13 +56,14 @@ from .nodestats import TrunkStats
 from .plan import Plan, TrunkGeometry, node_regions, node_sizes
 from .schedule import Schedule, as_schedule
 from .tiling import plan_shape
+from .windows import kinds_with
 
 # Window ops whose input window is a padded copy at the image border (a 'pad' node's
-# copy is its own output), and those that keep that copy for the backward pass.
-COPIES_WINDOW = ("conv", "max_pool", "avg_pool", "conv_transpose")
-SAVES_INPUT = ("conv", "max_pool", "conv_transpose")
-# Ops that make a contiguous copy of a cropped (strided, non-contiguous) input window.
-CONTIGUOUS_INPUT = ("conv", "conv_transpose")
+# copy is its own output), those that keep that copy for the backward pass, and those that
+# copy a cropped window into a contiguous buffer (see fxstream.windows).
+COPIES_WINDOW = kinds_with("copies_window")
+SAVES_INPUT = kinds_with("saves_input")
+CONTIGUOUS_INPUT = kinds_with("contiguous_input")
 
 
 @dataclass(frozen=True)

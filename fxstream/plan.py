@@ -27,6 +27,7 @@ from . import ops, shapes
 from .analyze import Analysis
 from .errors import InputShapeError, PlannerError, TileSizeError, UnsupportedOpError
 from .trace import module_path, source_line
+from .windows import WINDOWS
 
 Pair = tuple[int, int]
 
@@ -51,13 +52,9 @@ class Step:
     resolve: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
-    def needs_counts(self) -> bool:
-        return self.kind == "avg_pool" and self.divisor is None
-
-    @property
-    def needs_trim(self) -> bool:
-        """The op yields more than the node's region on its window (see ``Stencil.produced``)."""
-        return self.kind in ("conv_transpose", "shuffle")
+    def extra_slots(self) -> tuple[str, ...]:
+        """The geometry slots this step needs besides its input windows (``windows.WindowKind.slots``)."""
+        return WINDOWS[self.kind].slots(self.divisor) if self.kind in WINDOWS else ()
 
 
 @dataclass(frozen=True)
@@ -136,12 +133,7 @@ def build_geometry(analysis: Analysis) -> TrunkGeometry:
             step = dataclasses.replace(step, resolve=resolve)
         steps.append(step)
         slots += [Slot("window", node.name, producer) for producer in step.inputs]
-        if step.needs_counts:
-            slots.append(Slot("counts", node.name, step.inputs[0]))
-        if step.needs_trim:
-            slots.append(Slot("trim", node.name, step.inputs[0]))
-        if step.kind == "resample":
-            slots.append(Slot("resample", node.name, step.inputs[0]))
+        slots += [Slot(kind, node.name, step.inputs[0]) for kind in step.extra_slots]
     slots.append(Slot("window", "", analysis.output.name))
     nodes = [analysis.image] + analysis.trunk
     dims = tuple((n.name, tuple(analysis.layouts[n].index(a) for a in range(analysis.ndim))) for n in nodes)
