@@ -28,7 +28,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import ops
+from . import channels, ops
 from .errors import BoundaryError, UnsupportedOpError
 from .functionalize import functionalize
 from .trace import describe, module_path
@@ -74,6 +74,7 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
         raise BoundaryError("the model's forward() takes no input to stream")
     image = placeholders[0]
     functionalize(gm, image, dag)
+    channels.fuse_pieces(gm)
     dag = to_networkx(graph)
     ndim = infer_ndim(gm, image, dag) or ndim_hint or 2
     scope = None
@@ -82,6 +83,7 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
         scope = nx.ancestors(dag, end) | {end}
     _record_constant_shapes(gm, dag)
     states, layouts, verdicts, dynamic = _walk(gm, image, ndim, scope)
+    dag = to_networkx(graph)  # channel-only views were rewritten without their size arguments
     trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
     if boundary is not None:
         trunk_nodes &= scope
@@ -161,6 +163,7 @@ def _walk(gm, image, ndim, scope):
     layouts: dict = {image: (None, None) + tuple(range(ndim))}
     verdicts: dict = {}
     dynamic: set = set()
+    roots: dict = {image: image}  # spatial node -> a node of the same spatial size
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
@@ -187,7 +190,18 @@ def _walk(gm, image, ndim, scope):
         if SIZE in input_states and ops.pools_whole_map(ctx):
             states[node] = GLOBAL  # a reduction: the head starts here
             continue
+        if SIZE in input_states and _regroup_channels(node, layouts, roots, states):
+            input_states = {states.get(n, CONST) for n in node.all_input_nodes}
         if SIZE in input_states or ops.needs_sizes(ctx):
+            if channels.is_view(node):
+                raise _unsupported(
+                    node,
+                    module,
+                    "it reshapes spatial dims (only views that regroup the channels and keep every spatial "
+                    "dim, as read with x.size(d) or x.shape[d], are local)",
+                    "keep the spatial dims unchanged in the view, or pass boundary=... to stream only the part "
+                    "before it",
+                )
             if not ops.accepts_sizes(ctx):
                 raise _unsupported(
                     node,
@@ -211,7 +225,19 @@ def _walk(gm, image, ndim, scope):
         states[node] = SPATIAL
         verdicts[node] = verdict
         layouts[node] = verdict.layout if isinstance(verdict, ops.Local) else layouts[verdict.input]
+        local = isinstance(verdict, ops.Local)
+        roots[node] = roots.get(ctx.spatial_inputs()[0], node) if local else node
     return states, layouts, verdicts, dynamic
+
+
+def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
+    """Rewrite a channel-only view into ``channels.regroup`` (see ``fxstream.channels``)."""
+    found = channels.channel_view(node, layouts, roots, lambda a: isinstance(a, fx.Node) and states.get(a) == SIZE)
+    if found is None:
+        return False
+    x, shape, dims = found
+    node.op, node.target, node.args, node.kwargs = "call_function", channels.regroup, (x, shape, dims), {}
+    return True
 
 
 def _merge_non_spatial(input_states: set) -> str:
@@ -302,9 +328,9 @@ def _unsupported(node: fx.Node, module, reason: str, fix: str) -> UnsupportedOpE
 
 
 def _trunk_output(trunk: set, states: dict, dag: nx.DiGraph) -> fx.Node:
-    """The one trunk node the head reads. Size queries of batch/channel dims (const)
-    are evaluated per tile and do not count as uses."""
-    metadata = (CONST, SHAPE)
+    """The one trunk node the head reads. Size queries do not count as uses: those of
+    batch/channel dims (const) are evaluated per tile, those of spatial dims per input size."""
+    metadata = (CONST, SHAPE, SIZE)
     outputs = [n for n in trunk if any(u not in trunk and states.get(u) not in metadata for u in dag.successors(n))]
     if not outputs:
         raise BoundaryError("nothing to stream: no full-resolution op reads the image before the first global op")

@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import channels
 from .geometry import Resample, Shuffle, Stencil, Transposed
 
 Layout = tuple[int | None, ...]
@@ -233,6 +234,31 @@ def flatten(start_index: int, default_start: int) -> Callable[[OpContext], Verdi
         return Local(layout[:start] + (None,) + layout[end + 1 :])
 
     return classify
+
+
+def unflatten(ctx: OpContext) -> Verdict:
+    """``x.unflatten(dim, sizes)``: local when ``dim`` is a batch/channel dim."""
+    layout = ctx.layout
+    dim = _dims(ctx.arg(1, "dim"), len(layout))[0]
+    if layout[dim] is not None:
+        return Rejected(f"it unflattens spatial dim {dim}, mixing pixels into channels", BOUNDARY_FIX)
+    return Local(layout[:dim] + (None,) * len(ctx.arg(2, "sizes")) + layout[dim + 1 :])
+
+
+def piece(ctx: OpContext) -> Verdict:
+    """One piece of a split/chunk/unbind (see ``fxstream.channels.fuse_pieces``)."""
+    kind, dim = ctx.arg(1, "kind"), ctx.arg(3, "dim")
+    layout = channels.piece_layout(ctx.layout, kind, dim)
+    if layout is None:
+        return Rejected(f"torch.{kind} along spatial dim {dim} cuts the image into parts", BOUNDARY_FIX)
+    return Local(layout)
+
+
+def regroup(ctx: OpContext) -> Verdict:
+    """A channel-only view (see ``fxstream.channels.channel_view``): the spatial axes keep their
+    order, every other dim is a batch/channel dim."""
+    axes = iter(ctx.layout[d] for d in ctx.arg(2, "dims"))
+    return Local(tuple(next(axes) if s is None else None for s in ctx.arg(1, "shape")))
 
 
 def reduce_dims(dim_index: int) -> Callable[[OpContext], Verdict]:
@@ -755,6 +781,12 @@ FUNCTIONS.update(
         torch.cat: over_dim(1, "dim", 0),
         torch.concat: over_dim(1, "dim", 0),
         torch.permute: permute,
+        torch.unflatten: unflatten,
+        channels.piece: piece,
+        channels.regroup: regroup,
+        F.channel_shuffle: channel_op,
+        torch.channel_shuffle: channel_op,
+        torch.native_channel_shuffle: channel_op,
         torch.transpose: transpose,
         torch.flatten: flatten(1, 0),
         torch.reshape: reduction,
@@ -862,6 +894,7 @@ METHODS.update(
         "permute": permute,
         "transpose": transpose,
         "flatten": flatten(1, 0),
+        "unflatten": unflatten,
         "view": reduction,
         "reshape": reduction,
         "mean": reduce_dims(1),
@@ -940,6 +973,7 @@ MODULES.update(
 MODULES.update(
     {
         nn.PReLU: channel_op,
+        nn.ChannelShuffle: channel_op,
         nn.LocalResponseNorm: channel_op,
         nn.LayerNorm: over_last(lambda ctx: len(ctx.module.normalized_shape), "LayerNorm"),
         nn.Linear: over_last(lambda ctx: 1, "Linear"),
@@ -992,12 +1026,16 @@ VIEW_METHODS = {
     "squeeze",
     "unsqueeze",
     "view_as",
+    "unflatten",
     "as_strided",
     "detach",
     "t",
 }
 VIEW_FUNCTIONS = {
     operator.getitem,
+    channels.piece,
+    channels.regroup,
+    torch.unflatten,
     torch.permute,
     torch.transpose,
     torch.narrow,
