@@ -28,10 +28,11 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import channels, ops
+from . import channels, diagnose, ops
 from .errors import BoundaryError, UnsupportedOpError
 from .functionalize import functionalize
 from .trace import describe, module_path
+from .tracecheck import check_inplace_state
 
 SPATIAL, GLOBAL, CONST, OTHER = "spatial", "global", "const", "other"
 SHAPE = "shape"  # x.shape / x.size() of a spatial tensor: global, but indexable per dim
@@ -82,7 +83,14 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
         end = find_boundary(gm, boundary)
         scope = nx.ancestors(dag, end) | {end}
     _record_constant_shapes(gm, dag)
-    states, layouts, verdicts, dynamic = _walk(gm, image, ndim, scope)
+    states: dict = {}
+    verdicts: dict = {}
+    try:
+        layouts, dynamic = _walk(gm, image, ndim, scope, states, verdicts)
+    except UnsupportedOpError as err:
+        if boundary is not None:
+            raise
+        raise _with_prefix(err, gm, states, verdicts, image) from None
     dag = to_networkx(graph)  # channel-only views were rewritten without their size arguments
     trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
     if boundary is not None:
@@ -93,6 +101,7 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
                 "tensor computed from the image; name a convolution, activation or block output"
             )
     output = _trunk_output(trunk_nodes, states, dag)
+    check_inplace_state(gm, output)
     needed = nx.ancestors(dag, output) | {output}
     trunk = [n for n in graph.nodes if n in trunk_nodes and n in needed]
     constants = [n for n in graph.nodes if states.get(n) in (CONST, SHAPE) and n in needed and n.op != "output"]
@@ -158,10 +167,10 @@ def _record_constant_shapes(gm: fx.GraphModule, dag: nx.DiGraph) -> None:
                 node.meta["tensor_shape"] = tuple(value.shape)
 
 
-def _walk(gm, image, ndim, scope):
-    states: dict = {}
+def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
+    """Give every node a state; fills ``states`` and ``verdicts`` (read on errors) and returns
+    the layouts and the dynamic nodes."""
     layouts: dict = {image: (None, None) + tuple(range(ndim))}
-    verdicts: dict = {}
     dynamic: set = set()
     roots: dict = {image: image}  # spatial node -> a node of the same spatial size
     for node in gm.graph.nodes:
@@ -220,14 +229,25 @@ def _walk(gm, image, ndim, scope):
             states[node] = GLOBAL
             continue
         if isinstance(verdict, ops.Rejected):
-            raise _unsupported(node, module, verdict.reason, verdict.fix)
-        _check_inputs(node, module, states)
+            category = diagnose.rejected_category(verdict.reason, module, node)
+            reason = f"{category}: {verdict.reason}" if category else verdict.reason
+            raise _unsupported(node, module, reason, verdict.fix)
+        _check_inputs(gm, node, module, states)
         states[node] = SPATIAL
         verdicts[node] = verdict
         layouts[node] = verdict.layout if isinstance(verdict, ops.Local) else layouts[verdict.input]
         local = isinstance(verdict, ops.Local)
         roots[node] = roots.get(ctx.spatial_inputs()[0], node) if local else node
-    return states, layouts, verdicts, dynamic
+    return layouts, dynamic
+
+
+def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, image) -> UnsupportedOpError:
+    """``err`` with the largest streamable prefix named as the ``boundary=`` to use."""
+    prefix = diagnose.largest_prefix(gm, states, verdicts, image)
+    if prefix is None:
+        return err
+    message = f"{err}\n  largest streamable prefix: {prefix}"
+    return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op)
 
 
 def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
@@ -286,16 +306,16 @@ def _dim_state(layout: ops.Layout, dim) -> str:
     return SIZE if isinstance(dim, (int, slice)) else GLOBAL
 
 
-def _check_inputs(node: fx.Node, module, states: dict) -> None:
+def _check_inputs(gm: fx.GraphModule, node: fx.Node, module, states: dict) -> None:
     for inp in node.all_input_nodes:
         if states.get(inp) == GLOBAL:
             source = _global_source(inp, states)
+            category = diagnose.global_category(gm, node, source, states)
             raise _unsupported(
                 node,
                 module,
-                f"it combines the image with '{source.name}' (module '{module_path(source) or '<top>'}'), "
-                "which depends on the whole image: a global reduction inside the trunk, as in "
-                "squeeze-excitation or global-context blocks",
+                f"{category}: it combines the image with '{source.name}' (module '{module_path(source) or '<top>'}'), "
+                f"which depends on the whole image ({category} inside the trunk)",
                 "pass boundary=<a node before the reduction> to stream only the part before it, "
                 "or remove the global block",
             )
