@@ -89,7 +89,10 @@ def fuse_pieces(gm: fx.GraphModule) -> None:
             continue
         kind, x, arg, dim = form
         for user in users:
-            user.target, user.args, user.kwargs = piece, (x, kind, arg, dim, user.args[1]), {}
+            if user.users:
+                user.target, user.args, user.kwargs = piece, (x, kind, arg, dim, user.args[1]), {}
+            else:  # an unused piece would count as a second use of x
+                gm.graph.erase_node(user)
         gm.graph.erase_node(node)
     gm.recompile()
 

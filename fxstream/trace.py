@@ -91,6 +91,13 @@ class ConcreteProxy(fx.Proxy):
     def __int__(self) -> int:
         return int(self.tracer.static_value(self, "an int"))
 
+    def __getattr__(self, k: str) -> fx.Proxy:
+        return ConcreteAttribute(self, k)  # x.shape, x.size: concrete proxies too
+
+
+class ConcreteAttribute(fx.proxy.Attribute, ConcreteProxy):
+    """``proxy.attr``, answering ``len``/``int`` like :class:`ConcreteProxy`."""
+
 
 class ConcreteTracer(StreamTracer):
     """Symbolic tracing with a concrete value per node, computed on ``sample``."""
