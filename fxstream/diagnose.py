@@ -80,23 +80,32 @@ def rejected_category(reason: str, module: nn.Module | None, node: fx.Node) -> s
 
 
 def largest_prefix(gm: fx.GraphModule, states: dict, verdicts: dict, image: fx.Node) -> str | None:
-    """``boundary='...' (stride s)`` for the largest streamable prefix among the trunk nodes
-    classified so far, or None when there is none."""
+    """``boundary='...' (stride s)`` for the largest streamable prefix (most trunk nodes) among
+    the trunk nodes classified so far, or None when there is none."""
     dag = nx.DiGraph()
     for node in gm.graph.nodes:
         for inp in node.all_input_nodes:
             dag.add_edge(inp, node)
     spatial = [n for n in gm.graph.nodes if n in verdicts]
+    spatial_set = set(spatial)
     metadata = ("const", "shape", "size")
-    for candidate in reversed(spatial):
-        inside = (nx.ancestors(dag, candidate) & set(spatial)) | {candidate}
+    best, best_size = None, 0
+    for index in reversed(range(len(spatial))):
+        if index + 1 <= best_size:  # no earlier node can have a larger prefix
+            break
+        candidate = spatial[index]
+        inside = (nx.ancestors(dag, candidate) & spatial_set) | {candidate}
+        if len(inside) <= best_size:
+            continue
         leaks = any(
             u not in inside and states.get(u) not in metadata for n in inside - {candidate} for u in dag.successors(n)
         )
         if not leaks and _strides(candidate, verdicts, image) is not None:
-            stride = _strides(candidate, verdicts, image)
-            return f"boundary={_boundary_name(gm, candidate)!r} (node '{candidate.name}', stride {_fmt(stride)})"
-    return None
+            best, best_size = candidate, len(inside)
+    if best is None:
+        return None
+    stride = _strides(best, verdicts, image)
+    return f"boundary={_boundary_name(gm, best)!r} (node '{best.name}', stride {_fmt(stride)})"
 
 
 def _boundary_name(gm: fx.GraphModule, node: fx.Node) -> str:
