@@ -9,7 +9,9 @@ Walks the FX graph once in topological order and gives every node a state:
 * ``shape``   - the full shape of a spatial tensor (indexing a batch/channel dim gives a const);
 * ``size``    - computed from spatial sizes (``x.shape[2:]``, ``x.size(3) - y.size(3)``): the same
                 in every tile, evaluated per input size by the planner. Only F.pad amounts,
-                F.interpolate(size=...) and slicing may use it inside the trunk ("dynamic" ops).
+                F.interpolate(size=...) and slicing may use it inside the trunk ("dynamic" ops),
+                and views that only regroup channels (``x.view(n, g, c // g, h, w)``), which
+                are rewritten to read their spatial sizes from the tile (``fxstream.channels``).
 
 The trunk is the set of spatial nodes. With ``boundary=None`` it is every
 spatial node, and the head starts where spatial tensors flow into reductions
