@@ -9,7 +9,9 @@ Walks the FX graph once in topological order and gives every node a state:
 * ``shape``   - the full shape of a spatial tensor (indexing a batch/channel dim gives a const);
 * ``size``    - computed from spatial sizes (``x.shape[2:]``, ``x.size(3) - y.size(3)``): the same
                 in every tile, evaluated per input size by the planner. Only F.pad amounts,
-                F.interpolate(size=...) and slicing may use it inside the trunk ("dynamic" ops).
+                F.interpolate(size=...) and slicing may use it inside the trunk ("dynamic" ops),
+                and views that only regroup channels (``x.view(n, g, c // g, h, w)``), which
+                are rewritten to read their spatial sizes from the tile (``fxstream.channels``).
 
 The trunk is the set of spatial nodes. With ``boundary=None`` it is every
 spatial node, and the head starts where spatial tensors flow into reductions
@@ -28,10 +30,11 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from . import ops
+from . import channel_ops, diagnose, ops
 from .errors import BoundaryError, UnsupportedOpError
 from .functionalize import functionalize
 from .trace import describe, module_path
+from .tracecheck import check_inplace_state
 
 SPATIAL, GLOBAL, CONST, OTHER = "spatial", "global", "const", "other"
 SHAPE = "shape"  # x.shape / x.size() of a spatial tensor: global, but indexable per dim
@@ -74,6 +77,7 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
         raise BoundaryError("the model's forward() takes no input to stream")
     image = placeholders[0]
     functionalize(gm, image, dag)
+    channel_ops.fuse_pieces(gm)
     dag = to_networkx(graph)
     ndim = infer_ndim(gm, image, dag) or ndim_hint or 2
     scope = None
@@ -81,7 +85,15 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
         end = find_boundary(gm, boundary)
         scope = nx.ancestors(dag, end) | {end}
     _record_constant_shapes(gm, dag)
-    states, layouts, verdicts, dynamic = _walk(gm, image, ndim, scope)
+    states: dict = {}
+    verdicts: dict = {}
+    try:
+        layouts, dynamic = _walk(gm, image, ndim, scope, states, verdicts)
+    except UnsupportedOpError as err:
+        if boundary is not None:
+            raise
+        raise _with_prefix(err, gm, states, verdicts, image) from None
+    dag = to_networkx(graph)  # channel-only views were rewritten without their size arguments
     trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
     if boundary is not None:
         trunk_nodes &= scope
@@ -91,6 +103,7 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
                 "tensor computed from the image; name a convolution, activation or block output"
             )
     output = _trunk_output(trunk_nodes, states, dag)
+    check_inplace_state(gm, output)
     needed = nx.ancestors(dag, output) | {output}
     trunk = [n for n in graph.nodes if n in trunk_nodes and n in needed]
     constants = [n for n in graph.nodes if states.get(n) in (CONST, SHAPE) and n in needed and n.op != "output"]
@@ -156,11 +169,12 @@ def _record_constant_shapes(gm: fx.GraphModule, dag: nx.DiGraph) -> None:
                 node.meta["tensor_shape"] = tuple(value.shape)
 
 
-def _walk(gm, image, ndim, scope):
-    states: dict = {}
+def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
+    """Give every node a state; fills ``states`` and ``verdicts`` (read on errors) and returns
+    the layouts and the dynamic nodes."""
     layouts: dict = {image: (None, None) + tuple(range(ndim))}
-    verdicts: dict = {}
     dynamic: set = set()
+    roots: dict = {image: image}  # spatial node -> a node of the same spatial size
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
@@ -187,7 +201,18 @@ def _walk(gm, image, ndim, scope):
         if SIZE in input_states and ops.pools_whole_map(ctx):
             states[node] = GLOBAL  # a reduction: the head starts here
             continue
+        if SIZE in input_states and _regroup_channels(node, layouts, roots, states):
+            input_states = {states.get(n, CONST) for n in node.all_input_nodes}
         if SIZE in input_states or ops.needs_sizes(ctx):
+            if channel_ops.is_view(node):
+                raise _unsupported(
+                    node,
+                    module,
+                    "it reshapes spatial dims (only views that regroup the channels and keep every spatial "
+                    "dim, as read with x.size(d) or x.shape[d], are local)",
+                    "keep the spatial dims unchanged in the view, or pass boundary=... to stream only the part "
+                    "before it",
+                )
             if not ops.accepts_sizes(ctx):
                 raise _unsupported(
                     node,
@@ -206,12 +231,35 @@ def _walk(gm, image, ndim, scope):
             states[node] = GLOBAL
             continue
         if isinstance(verdict, ops.Rejected):
-            raise _unsupported(node, module, verdict.reason, verdict.fix)
-        _check_inputs(node, module, states)
+            category = diagnose.rejected_category(verdict.reason, module, node)
+            reason = f"{category}: {verdict.reason}" if category else verdict.reason
+            raise _unsupported(node, module, reason, verdict.fix)
+        _check_inputs(gm, node, module, states)
         states[node] = SPATIAL
         verdicts[node] = verdict
         layouts[node] = verdict.layout if isinstance(verdict, ops.Local) else layouts[verdict.input]
-    return states, layouts, verdicts, dynamic
+        local = isinstance(verdict, ops.Local)
+        roots[node] = roots.get(ctx.spatial_inputs()[0], node) if local else node
+    return layouts, dynamic
+
+
+def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, image) -> UnsupportedOpError:
+    """``err`` with the largest streamable prefix named as the ``boundary=`` to use."""
+    prefix = diagnose.largest_prefix(gm, states, verdicts, image)
+    if prefix is None:
+        return err
+    message = f"{err}\n  largest streamable prefix: {prefix}"
+    return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op)
+
+
+def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
+    """Rewrite a channel-only view into ``channel_ops.regroup`` (see ``fxstream.channel_ops``)."""
+    found = channel_ops.channel_view(node, layouts, roots, lambda a: isinstance(a, fx.Node) and states.get(a) == SIZE)
+    if found is None:
+        return False
+    x, shape, dims = found
+    node.op, node.target, node.args, node.kwargs = "call_function", channel_ops.regroup, (x, shape, dims), {}
+    return True
 
 
 def _merge_non_spatial(input_states: set) -> str:
@@ -260,16 +308,16 @@ def _dim_state(layout: ops.Layout, dim) -> str:
     return SIZE if isinstance(dim, (int, slice)) else GLOBAL
 
 
-def _check_inputs(node: fx.Node, module, states: dict) -> None:
+def _check_inputs(gm: fx.GraphModule, node: fx.Node, module, states: dict) -> None:
     for inp in node.all_input_nodes:
         if states.get(inp) == GLOBAL:
             source = _global_source(inp, states)
+            category = diagnose.global_category(gm, node, source, states)
             raise _unsupported(
                 node,
                 module,
-                f"it combines the image with '{source.name}' (module '{module_path(source) or '<top>'}'), "
-                "which depends on the whole image: a global reduction inside the trunk, as in "
-                "squeeze-excitation or global-context blocks",
+                f"{category}: it combines the image with '{source.name}' (module '{module_path(source) or '<top>'}'), "
+                f"which depends on the whole image ({category} inside the trunk)",
                 "pass boundary=<a node before the reduction> to stream only the part before it, "
                 "or remove the global block",
             )
@@ -302,9 +350,9 @@ def _unsupported(node: fx.Node, module, reason: str, fix: str) -> UnsupportedOpE
 
 
 def _trunk_output(trunk: set, states: dict, dag: nx.DiGraph) -> fx.Node:
-    """The one trunk node the head reads. Size queries of batch/channel dims (const)
-    are evaluated per tile and do not count as uses."""
-    metadata = (CONST, SHAPE)
+    """The one trunk node the head reads. Size queries do not count as uses: those of
+    batch/channel dims (const) are evaluated per tile, those of spatial dims per input size."""
+    metadata = (CONST, SHAPE, SIZE)
     outputs = [n for n in trunk if any(u not in trunk and states.get(u) not in metadata for u in dag.successors(n))]
     if not outputs:
         raise BoundaryError("nothing to stream: no full-resolution op reads the image before the first global op")

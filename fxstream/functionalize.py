@@ -58,8 +58,17 @@ def out_of_place(gm: fx.GraphModule, node: fx.Node) -> tuple[str, Any, tuple, di
     """The out-of-place form of an in-place node, or None if it is not in place."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if getattr(module, "inplace", False) is not True or type(module) not in INPLACE_MODULES:
-            return None  # e.g. eval Dropout(inplace=True) does not write
+        if getattr(module, "inplace", False) is not True:
+            return None
+        if type(module) not in INPLACE_MODULES:
+            raise UnsupportedOpError(
+                f"cannot stream {type(module).__name__}(inplace=True): fxstream has no out-of-place form of it, "
+                f"and an in-place op would write through a tile's view of its input.\n  {describe(node)}\n"
+                "  fix: construct it with inplace=False",
+                node=node.name,
+                module_path=module_path(node),
+                op=type(module).__name__,
+            )
         function, attributes = INPLACE_MODULES[type(module)]
         return "call_function", function, node.args, {a: getattr(module, a) for a in attributes}
     if node.op == "call_method":

@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import channel_ops
 from .geometry import Resample, Shuffle, Stencil, Transposed
 
 Layout = tuple[int | None, ...]
@@ -235,15 +236,41 @@ def flatten(start_index: int, default_start: int) -> Callable[[OpContext], Verdi
     return classify
 
 
-def reduce_dims(dim_index: int) -> Callable[[OpContext], Verdict]:
-    """mean/sum/amax...: a reduction over spatial dims ends the trunk; over channels it is local."""
+def unflatten(ctx: OpContext) -> Verdict:
+    """``x.unflatten(dim, sizes)``: local when ``dim`` is a batch/channel dim."""
+    layout = ctx.layout
+    dim = _dims(ctx.arg(1, "dim"), len(layout))[0]
+    if layout[dim] is not None:
+        return Rejected(f"it unflattens spatial dim {dim}, mixing pixels into channels", BOUNDARY_FIX)
+    return Local(layout[:dim] + (None,) * len(ctx.arg(2, "sizes")) + layout[dim + 1 :])
+
+
+def piece(ctx: OpContext) -> Verdict:
+    """One piece of a split/chunk/unbind (see ``fxstream.channel_ops.fuse_pieces``)."""
+    kind, dim = ctx.arg(1, "kind"), ctx.arg(3, "dim")
+    layout = channel_ops.piece_layout(ctx.layout, kind, dim)
+    if layout is None:
+        return Rejected(f"torch.{kind} along spatial dim {dim} cuts the image into parts", BOUNDARY_FIX)
+    return Local(layout)
+
+
+def regroup(ctx: OpContext) -> Verdict:
+    """A channel-only view (see ``fxstream.channel_ops.channel_view``): the spatial axes keep their
+    order, every other dim is a batch/channel dim."""
+    axes = iter(ctx.layout[d] for d in ctx.arg(2, "dims"))
+    return Local(tuple(next(axes) if s is None else None for s in ctx.arg(1, "shape")))
+
+
+def reduce_dims(dim_index: int, keepdim_index: int | None = None) -> Callable[[OpContext], Verdict]:
+    """mean/sum/amax/norm/var...: a reduction over spatial dims ends the trunk; over channels it is local."""
+    keepdim_index = dim_index + 1 if keepdim_index is None else keepdim_index
 
     def classify(ctx: OpContext) -> Verdict:
         layout = ctx.layout
         dims = _dims(ctx.arg(dim_index, "dim"), len(layout))
         if _spatial_dims(layout, dims):
             return Reduction()
-        if ctx.arg(dim_index + 1, "keepdim", False):
+        if ctx.arg(keepdim_index, "keepdim", False):
             return Local(layout)
         return Local(tuple(a for d, a in enumerate(layout) if d not in dims))
 
@@ -681,29 +708,62 @@ def slicing(ctx: OpContext) -> Verdict:
 
 # --- The table -----------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class ModuleOp:
+    """One declaration per op that has a module form: ``module(x)`` computes
+    ``function(x, **{a: module.a for a in attributes})``. It gives the op table its module
+    and function rows, the function's in-place twins (``F.relu_``, ``torch.relu_``), and the
+    out-of-place form of ``module(inplace=True)`` used by ``fxstream.functionalize``."""
+
+    module: type
+    function: Callable
+    attributes: tuple[str, ...] = ()
+
+    def inplace_functions(self) -> list[Callable]:
+        name = self.function.__name__ + "_"
+        return [getattr(ns, name) for ns in (F, torch) if hasattr(ns, name)]
+
+
+ACTIVATIONS: tuple[ModuleOp, ...] = (
+    ModuleOp(nn.ReLU, F.relu),
+    ModuleOp(nn.ReLU6, F.relu6),
+    ModuleOp(nn.LeakyReLU, F.leaky_relu, ("negative_slope",)),
+    ModuleOp(nn.ELU, F.elu, ("alpha",)),
+    ModuleOp(nn.SELU, F.selu),
+    ModuleOp(nn.CELU, F.celu, ("alpha",)),
+    ModuleOp(nn.GELU, F.gelu, ("approximate",)),
+    ModuleOp(nn.SiLU, F.silu),
+    ModuleOp(nn.Mish, F.mish),
+    ModuleOp(nn.Hardswish, F.hardswish),
+    ModuleOp(nn.Hardsigmoid, F.hardsigmoid),
+    ModuleOp(nn.Hardtanh, F.hardtanh, ("min_val", "max_val")),
+    ModuleOp(nn.Sigmoid, torch.sigmoid),
+    ModuleOp(nn.Tanh, torch.tanh),
+    ModuleOp(nn.Softplus, F.softplus, ("beta", "threshold")),
+    ModuleOp(nn.Softsign, F.softsign),
+    ModuleOp(nn.Tanhshrink, F.tanhshrink),
+    ModuleOp(nn.LogSigmoid, F.logsigmoid),
+    ModuleOp(nn.Threshold, F.threshold, ("threshold", "value")),
+)
+# Dropout modules take ``inplace`` too (classified by ``dropout`` below, keyed by fxstream.rng).
+DROPOUTS: tuple[ModuleOp, ...] = tuple(
+    ModuleOp(module, function, ("p", "training"))
+    for module, function in (
+        (nn.Dropout, F.dropout),
+        (nn.Dropout1d, F.dropout1d),
+        (nn.Dropout2d, F.dropout2d),
+        (nn.Dropout3d, F.dropout3d),
+        (nn.AlphaDropout, F.alpha_dropout),
+        (nn.FeatureAlphaDropout, F.feature_alpha_dropout),
+    )
+)
+
+# Pointwise functions without a module form (those with one are declared in ACTIVATIONS).
 _POINTWISE_FUNCTIONS = [
-    F.relu,
     torch.relu,
-    F.relu6,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.celu,
-    F.gelu,
-    F.silu,
-    F.mish,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
     F.sigmoid,
-    torch.sigmoid,
     F.tanh,
-    torch.tanh,
-    F.softplus,
-    F.softsign,
-    F.tanhshrink,
-    F.logsigmoid,
-    F.threshold,
     torch.exp,
     torch.abs,
     torch.neg,
@@ -737,13 +797,11 @@ _POINTWISE_FUNCTIONS = [
     operator.imul,
     operator.itruediv,
 ]
-_INPLACE_FUNCTIONS = ["relu_", "leaky_relu_", "elu_", "hardtanh_"]
-
 FUNCTIONS: dict[Any, Callable[[OpContext], Verdict]] = {f: pointwise for f in _POINTWISE_FUNCTIONS}
-FUNCTIONS.update({getattr(F, name): pointwise for name in _INPLACE_FUNCTIONS if hasattr(F, name)})
+FUNCTIONS.update({op.function: pointwise for op in ACTIVATIONS})
+FUNCTIONS.update({f: pointwise for op in ACTIVATIONS for f in op.inplace_functions()})
 FUNCTIONS.update(
     {
-        torch.relu_: pointwise,
         F.prelu: channel_op,
         F.local_response_norm: channel_op,
         F.batch_norm: batch_norm_function,
@@ -755,6 +813,12 @@ FUNCTIONS.update(
         torch.cat: over_dim(1, "dim", 0),
         torch.concat: over_dim(1, "dim", 0),
         torch.permute: permute,
+        torch.unflatten: unflatten,
+        channel_ops.piece: piece,
+        channel_ops.regroup: regroup,
+        F.channel_shuffle: channel_op,
+        torch.channel_shuffle: channel_op,
+        torch.native_channel_shuffle: channel_op,
         torch.transpose: transpose,
         torch.flatten: flatten(1, 0),
         torch.reshape: reduction,
@@ -762,6 +826,10 @@ FUNCTIONS.update(
         torch.sum: reduce_dims(1),
         torch.amax: reduce_dims(1),
         torch.amin: reduce_dims(1),
+        torch.norm: reduce_dims(2),
+        torch.linalg.vector_norm: reduce_dims(2),
+        torch.var: reduce_dims(1, 3),
+        torch.std: reduce_dims(1, 3),
         F.dropout: dropout(2, 1),
         F.dropout1d: dropout(2, 1),
         F.dropout2d: dropout(2, 1),
@@ -862,40 +930,23 @@ METHODS.update(
         "permute": permute,
         "transpose": transpose,
         "flatten": flatten(1, 0),
+        "unflatten": unflatten,
         "view": reduction,
         "reshape": reduction,
         "mean": reduce_dims(1),
         "sum": reduce_dims(1),
         "amax": reduce_dims(1),
         "amin": reduce_dims(1),
+        "norm": reduce_dims(2),
+        "var": reduce_dims(1, 3),
+        "std": reduce_dims(1, 3),
         "softmax": over_dim(1, "dim"),
         "log_softmax": over_dim(1, "dim"),
     }
 )
 
-_POINTWISE_MODULES = [
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.LogSigmoid,
-    nn.Threshold,
-    nn.Identity,
-]
-MODULES: dict[type, Callable[[OpContext], Verdict]] = {m: pointwise for m in _POINTWISE_MODULES}
+MODULES: dict[type, Callable[[OpContext], Verdict]] = {a.module: pointwise for a in ACTIVATIONS}
+MODULES[nn.Identity] = pointwise
 MODULES.update({m: conv_module for m in (nn.Conv1d, nn.Conv2d, nn.Conv3d)})
 MODULES.update({m: max_pool for m in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)})
 MODULES.update({m: avg_pool for m in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)})
@@ -940,6 +991,7 @@ MODULES.update(
 MODULES.update(
     {
         nn.PReLU: channel_op,
+        nn.ChannelShuffle: channel_op,
         nn.LocalResponseNorm: channel_op,
         nn.LayerNorm: over_last(lambda ctx: len(ctx.module.normalized_shape), "LayerNorm"),
         nn.Linear: over_last(lambda ctx: 1, "Linear"),
@@ -963,20 +1015,10 @@ MODULES.update(
 )
 
 
-# Out-of-place forms of in-place activation modules: function, module attributes as kwargs.
+# Out-of-place forms of modules with ``inplace=True``: function, module attributes as kwargs.
+# Derived from the declarations above, so a module cannot be local without its out-of-place form.
 INPLACE_MODULES: dict[type, tuple[Callable, tuple[str, ...]]] = {
-    nn.ReLU: (F.relu, ()),
-    nn.ReLU6: (F.relu6, ()),
-    nn.LeakyReLU: (F.leaky_relu, ("negative_slope",)),
-    nn.Hardtanh: (F.hardtanh, ("min_val", "max_val")),
-    nn.ELU: (F.elu, ("alpha",)),
-    nn.CELU: (F.celu, ("alpha",)),
-    nn.SELU: (F.selu, ()),
-    nn.SiLU: (F.silu, ()),
-    nn.Mish: (F.mish, ()),
-    nn.Hardswish: (F.hardswish, ()),
-    nn.Hardsigmoid: (F.hardsigmoid, ()),
-    nn.Threshold: (F.threshold, ("threshold", "value")),
+    op.module: (op.function, op.attributes) for op in ACTIVATIONS + DROPOUTS
 }
 
 # Ops whose result may share storage with their input.
@@ -992,12 +1034,16 @@ VIEW_METHODS = {
     "squeeze",
     "unsqueeze",
     "view_as",
+    "unflatten",
     "as_strided",
     "detach",
     "t",
 }
 VIEW_FUNCTIONS = {
     operator.getitem,
+    channel_ops.piece,
+    channel_ops.regroup,
+    torch.unflatten,
     torch.permute,
     torch.transpose,
     torch.narrow,

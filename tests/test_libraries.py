@@ -1,0 +1,127 @@
+"""The model families people use, from timm, segmentation_models_pytorch (smp), MONAI and
+torchvision, with random weights (nothing is downloaded).
+
+Each family either streams exactly in float64 (the whole model where it is local, else a
+prefix named with ``boundary=``), or is rejected with the category of its non-local op and a
+``boundary=`` suggestion that compiles. Images are small and tiles are a few pixels larger
+than the receptive field, so each case runs on a few tiles in seconds.
+
+Families that need several trunk outputs (timm ``features_only``, smp DeepLabV3Plus's
+encoder: stride-4 skip + stride-16 ASPP input; FPN/PAN/MAnet encoders) are streamed here up to
+their largest single-output prefix.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import segmentation_models_pytorch as smp
+import timm
+import torch
+import torchvision
+from exactness import check_streamed
+from monai.networks.layers import Norm
+from monai.networks.nets import BasicUNet, DynUNet, FlexibleUNet, UNet
+
+import fxstream
+
+warnings.filterwarnings("ignore", category=UserWarning, module="monai")
+
+
+def tm(name: str, **kwargs):
+    """A timm model without classifier (fewer parameters to compare gradients of)."""
+    return lambda: timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+SMP = dict(encoder_weights=None, encoder_depth=3, classes=2)  # no download; a shallow encoder
+DECODER = (16, 8, 4)
+
+# name -> (factory, boundary, image size: valid for the whole model, which check_streamed runs plain)
+STREAMS = {
+    # timm backbones: a prefix (the whole trunk's receptive field is hundreds of pixels)
+    "timm.resnet50": (tm("resnet50"), "layer1", (70, 61)),
+    "timm.resnet50d": (tm("resnet50d"), "layer2", (150, 133)),  # deep stem, avg-pool shortcut
+    "timm.resnext50_32x4d": (tm("resnext50_32x4d"), "layer1", (70, 61)),
+    "timm.res2net50_14w_8s": (tm("res2net50_14w_8s"), "layer1.0", (54, 47)),  # torch.split
+    "timm.cspresnet50": (tm("cspresnet50"), "stages.0", (70, 61)),  # chunk
+    "timm.dla34": (tm("dla34"), "level2", (96, 64)),
+    "timm.hrnet_w18_small": (tm("hrnet_w18_small"), "layer1", (64, 64)),
+    "timm.convnext_atto": (tm("convnext_atto"), "stages.0", (83, 70)),  # channels-last LayerNorm
+    "timm.xception41": (tm("xception41"), "blocks.0", (54, 47)),
+    "timm.inception_v3": (tm("inception_v3"), "Conv2d_4a_3x3", (83, 76)),
+    # vgg's head branches on sizes (the concrete tracer)
+    "timm.vgg11": (tm("vgg11", mlp_ratio=1 / 64), "features.5", (38, 33)),
+    "torchvision.shufflenet_v2": (lambda: torchvision.models.shufflenet_v2_x0_5(), "stage2", (107, 93)),
+    # segmentation models: the whole model
+    "smp.Unet": (lambda: smp.Unet("tu-resnet10t", decoder_channels=DECODER, **SMP), None, (200, 176)),
+    "smp.UnetPlusPlus": (lambda: smp.UnetPlusPlus("tu-resnet10t", decoder_channels=DECODER, **SMP), None, (168, 144)),
+    "smp.Linknet": (lambda: smp.Linknet("tu-resnet10t", **SMP), None, (120, 104)),  # skip.shape[1] != 0
+    "monai.UNet": (
+        lambda: UNet(2, 3, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm=Norm.BATCH),
+        None,
+        (56, 48),
+    ),
+    "monai.DynUNet": (
+        lambda: DynUNet(2, 3, 2, [3, 3, 3], [1, 2, 2], [2, 2], norm_name="batch", filters=[4, 8, 16]),
+        None,
+        (64, 56),
+    ),
+    "monai.BasicUNet": (lambda: BasicUNet(2, 3, 2, features=(4, 4, 4, 4, 4, 4), norm=("batch", {})), None, (272, 240)),
+    # several encoder outputs feed the decoder: the stem streams (see also the trace test below)
+    "monai.FlexibleUNet": (lambda: flexible_unet(), "encoder.act", (64, 64)),
+}
+
+
+def flexible_unet():
+    return FlexibleUNet(3, 2, "resnet10", pretrained=False, decoder_channels=(8, 8, 8, 8, 8), norm="batch")
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_family_streams_exactly(name):
+    factory, boundary, size = STREAMS[name]
+    torch.manual_seed(0)
+    model = factory().double().eval()
+    rf = fxstream.compile(model, tile_size=4096, boundary=boundary).plan.receptive_field
+    tile = tuple((r + s) // 2 for r, s in zip(rf, size))  # about 2x2 tiles
+    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    check_streamed(model, x, tile, boundary=boundary, min_tiles=2)
+
+
+def test_flexible_unet_traces_and_streams_whole():
+    """torch.fx refuses FlexibleUNet; fxstream traces it, and its whole model is local."""
+    smodel = fxstream.compile(flexible_unet().eval(), tile_size=1024)
+    assert smodel.plan.stride == (1, 1)
+
+
+# name -> (factory, category)
+REJECTS = {
+    "timm.efficientnet_b0": (tm("efficientnet_b0"), "squeeze-excitation"),
+    "timm.mobilenetv3_small_050": (tm("mobilenetv3_small_050"), "squeeze-excitation"),
+    "timm.regnety_002": (tm("regnety_002"), "squeeze-excitation"),
+    "timm.convnextv2_atto": (tm("convnextv2_atto"), "global norm"),  # GRN's Tensor.norm
+    "smp.FPN": (lambda: smp.FPN("tu-resnet10t", **SMP), "global norm"),  # GroupNorm in the decoder
+    "smp.PAN": (lambda: smp.PAN("tu-resnet10t", encoder_weights=None, classes=2), "global pooling branch"),
+    "smp.MAnet": (lambda: smp.MAnet("tu-resnet10t", decoder_channels=DECODER, **SMP), "attention"),
+    # ASPP's image pooling; the encoder needs two outputs (stride 4 and 16): up to layer1 streams
+    "smp.DeepLabV3Plus": (
+        lambda: smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=2),
+        "global pooling branch",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REJECTS))
+def test_family_rejected_with_category_and_boundary(name):
+    factory, category = REJECTS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    with pytest.raises(fxstream.UnsupportedOpError) as info:
+        fxstream.compile(model, tile_size=512)
+    message = str(info.value)
+    assert f"{category}:" in message, message
+    found = re.search(r"largest streamable prefix: boundary='([^']+)' \(node '\w+', stride (\d+)\)", message)
+    assert found is not None, message
+    smodel = fxstream.compile(model, tile_size=512, boundary=found.group(1))
+    assert smodel.plan.stride == (int(found.group(2)),) * 2

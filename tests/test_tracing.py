@@ -1,0 +1,228 @@
+"""Tracing what torch.fx alone cannot (size-dependent control flow, torch.jit.isinstance,
+unregistered modules), the trace check, side effects in forward, and size queries in all forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from exactness import check_streamed
+
+import fxstream
+from fxstream.tracecheck import check_trace
+
+pytestmark = pytest.mark.usefixtures("uniform_tiles")
+
+
+def conv(cin: int, cout: int, k: int = 3) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=k // 2)
+
+
+def build(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return model.double().eval()
+
+
+class JitIsinstance(nn.Module):
+    """MONAI BasicUNet's pattern: the skip is used under ``torch.jit.isinstance``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv(3, 4), conv(4, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        if torch.jit.isinstance(y, torch.Tensor):
+            y = y + x.mean(1, keepdim=True)
+        return self.b(y)
+
+
+def test_jit_isinstance_is_traced_like_isinstance():
+    model = build(JitIsinstance())
+    assert "mean" in fxstream.trace(model).code
+    check_streamed(model, torch.randn(1, 3, 33, 26, dtype=torch.float64), 12, min_tiles=4)
+
+
+class PlainIsinstance(nn.Module):
+    """``isinstance(proxy, torch.Tensor)`` is False while tracing: the graph drops the branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = conv(3, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        if isinstance(y, torch.Tensor):
+            y = y * 2
+        return y
+
+
+def test_trace_check_names_the_diverging_output():
+    with pytest.raises(fxstream.TraceError) as info:
+        fxstream.compile(build(PlainIsinstance()), tile_size=16)
+    message = str(info.value)
+    assert "output (the only output) differs" in message and "jit.isinstance" in message
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv(3, 4)
+        self.flag = True
+
+    def forward(self, x):
+        y = self.a(x)
+        return {"same": y, "scaled": y * 2 if self.flag else y}
+
+
+def test_trace_check_compares_every_output():
+    model = build(TwoOutputs())
+    gm = fxstream.trace(model)
+    model.flag = False  # the model changed after tracing: its graph is stale
+    with pytest.raises(fxstream.TraceError, match=r"output \['scaled'\] differs"):
+        check_trace(model, gm)
+
+
+class SizeControlFlow(nn.Module):
+    """smp's check_input_shape, a branch on a channel count (Linknet), a branch and max()
+    on sizes (timm's vgg head), and iteration over a shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = conv(3, 4), conv(4, 4), conv(4, 2)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        if h % 2 != 0 and w % 2 != 0 and h > 10000:
+            raise RuntimeError(f"wrong size {h}x{w}")
+        y = self.a(x)
+        if y.shape[1] != 0:
+            y = self.b(y) + y
+        for size in y.shape[2:]:
+            if size < 4:
+                raise RuntimeError("too small")
+        k = max(3, y.shape[1] - 1)
+        return self.c(F.max_pool2d(y, k, stride=1, padding=k // 2))
+
+
+def test_size_control_flow_is_traced_and_exact():
+    model = build(SizeControlFlow())
+    check_streamed(model, torch.randn(2, 3, 37, 29, dtype=torch.float64), 16, min_tiles=4)
+
+
+class ValueControlFlow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv(3, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+def test_control_flow_on_tensor_values_is_refused():
+    with pytest.raises(fxstream.TraceError, match=r"depends on tensor values.*\n.*y.sum\(\) > 0"):
+        fxstream.compile(build(ValueControlFlow()), tile_size=16)
+
+
+class Unregistered(nn.Module):
+    """Modules called from forward but kept out of the module tree (a plain list), as in
+    MONAI's FlexibleUNet: torch.fx refuses them ("not installed as a submodule")."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = conv(3, 4)
+        self.hidden = [nn.ReLU(), nn.MaxPool2d(3, 1, 1)]
+        self.b = conv(4, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        for m in self.hidden:
+            y = m(y)
+        return self.b(y)
+
+
+def test_unregistered_module_is_traced_through():
+    model = build(Unregistered())
+    assert "max_pool2d" in fxstream.trace(model).code
+    check_streamed(model, torch.randn(1, 3, 31, 27, dtype=torch.float64), 14, min_tiles=4)
+
+
+class CountsInt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv(3, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.a(x)
+
+
+class CountsBuffer(nn.Module):
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+        self.a = conv(3, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        if self.inplace:
+            self.calls.add_(1)
+        else:
+            self.calls = self.calls + 1
+        return self.a(x)
+
+
+@pytest.mark.parametrize("model", [CountsInt(), CountsBuffer(inplace=True), CountsBuffer(inplace=False)])
+def test_state_mutation_in_forward_is_rejected(model):
+    with pytest.raises(fxstream.UnsupportedOpError) as info:
+        fxstream.compile(model, tile_size=16)
+    message = str(info.value)
+    assert "'calls'" in message and "test_tracing.py" in message and "self.calls" in message
+    if isinstance(model, CountsBuffer) and model.inplace:
+        assert info.value.node == "add_"
+
+
+class Up(nn.Module):
+    """milesial's U-Net up block: pad the upsampled map to the skip, reading sizes in ``form``."""
+
+    def __init__(self, cin: int, cout: int, form: str):
+        super().__init__()
+        self.form = form
+        self.up = nn.ConvTranspose2d(cin, cin // 2, 2, stride=2)
+        self.conv = nn.Sequential(conv(cin, cout), nn.ReLU())
+
+    def forward(self, x1, x2):
+        x1 = self.up(x1)
+        if self.form == "size(i)":
+            dy, dx = x2.size(2) - x1.size(2), x2.size(3) - x1.size(3)
+        elif self.form == "size()[i]":
+            dy, dx = x2.size()[2] - x1.size()[2], x2.size()[3] - x1.size()[3]
+        else:
+            dy, dx = x2.shape[2] - x1.shape[2], x2.shape[3] - x1.shape[3]
+        x1 = F.pad(x1, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([x2, x1], dim=1))
+
+
+class UNet(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.inc = nn.Sequential(conv(3, 4), nn.ReLU())
+        self.down1 = nn.Sequential(nn.MaxPool2d(2), conv(4, 8), nn.ReLU())
+        self.down2 = nn.Sequential(nn.MaxPool2d(2), conv(8, 16), nn.ReLU())
+        self.up1, self.up2 = Up(16, 8, form), Up(8, 4, form)
+        self.outc = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        return self.outc(self.up2(self.up1(x3, x2), x1))
+
+
+@pytest.mark.parametrize("form", ["size(i)", "size()[i]", "shape[i]"])
+def test_unet_size_fixup_in_every_form(form):
+    model = build(UNet(form))
+    check_streamed(model, torch.randn(1, 3, 39, 45, dtype=torch.float64), 32, min_tiles=4)
