@@ -61,13 +61,13 @@ def out_of_place(gm: fx.GraphModule, node: fx.Node) -> tuple[str, Any, tuple, di
         if getattr(module, "inplace", False) is not True:
             return None
         if type(module) not in INPLACE_MODULES:
-            raise UnsupportedOpError(
+            raise user_error(
+                UnsupportedOpError,
                 f"cannot stream {type(module).__name__}(inplace=True): fxstream has no out-of-place form of it, "
-                f"and an in-place op would write through a tile's view of its input.\n  {describe(node)}\n"
-                "  fix: construct it with inplace=False",
-                node=node.name,
-                module_path=module_path(node),
+                "and an in-place op would write through a tile's view of its input.",
+                node=node,
                 op=type(module).__name__,
+                fix="construct it with inplace=False",
             )
         function, attributes = INPLACE_MODULES[type(module)]
         return "call_function", function, node.args, {a: getattr(module, a) for a in attributes}
