@@ -358,6 +358,8 @@ def _carry_regions(geo: TrunkGeometry, sizes: dict, axis: int, bounds: dict, k: 
     source read), and the raw reads of every edge."""
     cells = {name: g.Interval(b[k], b[k + 1]) for name, b in bounds.items()}
     region = dict(cells)
+    # the image is read from the input, not carried: its region is what its consumers read
+    region[geo.image] = g.Interval(0, 0)
     raw: dict = {}
     for step in geo.steps:
         cell = cells[step.name]
@@ -370,6 +372,8 @@ def _carry_regions(geo: TrunkGeometry, sizes: dict, axis: int, bounds: dict, k: 
             src = g.source_interval(edge, n, step.fill)
             if not src.is_empty():
                 region[producer] = _hull(src, region[producer])
+    if region[geo.image].is_empty():
+        region[geo.image] = cells[geo.image]
     return cells, region, raw
 
 
