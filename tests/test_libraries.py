@@ -125,3 +125,12 @@ def test_family_rejected_with_category_and_boundary(name):
     assert found is not None, message
     smodel = fxstream.compile(model, tile_size=512, boundary=found.group(1))
     assert smodel.plan.stride == (int(found.group(2)),) * 2
+
+
+def test_basic_unet_refuses_sizes_that_branch_differently():
+    """BasicUNet pads its up-sampled maps only at odd sizes; traced at a multiple of 16, the
+    compiled module refuses other sizes instead of computing something else."""
+    model = BasicUNet(2, 3, 2, features=(4, 4, 4, 4, 4, 4), norm=("batch", {})).eval()
+    smodel = fxstream.compile(model, tile_size=256)
+    with pytest.raises(fxstream.InputShapeError, match="basic_unet.py"):
+        smodel(torch.randn(1, 3, 66, 50))
