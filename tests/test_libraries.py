@@ -134,3 +134,13 @@ def test_basic_unet_refuses_sizes_that_branch_differently():
     smodel = fxstream.compile(model, tile_size=256)
     with pytest.raises(fxstream.InputShapeError, match="basic_unet.py"):
         smodel(torch.randn(1, 3, 66, 50))
+
+
+def test_vgg_head_refuses_sizes_that_branch_differently():
+    """timm's vgg head pools to 7x7 only when the feature map is smaller; traced on a small
+    sample, the compiled module refuses inputs whose feature map is larger (the guard is in
+    the head, after the trunk) instead of returning another model's output."""
+    model = tm("vgg11", mlp_ratio=1 / 64)().eval()
+    smodel = fxstream.compile(model, tile_size=160)
+    with pytest.raises(fxstream.InputShapeError, match="vgg.py"):
+        smodel(torch.randn(1, 3, 256, 256))
