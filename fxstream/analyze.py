@@ -34,7 +34,7 @@ from . import channel_ops, diagnose, ops
 from .errors import BoundaryError, UnsupportedOpError
 from .functionalize import functionalize
 from .trace import describe, module_path
-from .tracecheck import check_inplace_state
+from .tracecheck import check_inplace_state, size_guard
 
 SPATIAL, GLOBAL, CONST, OTHER = "spatial", "global", "const", "other"
 SHAPE = "shape"  # x.shape / x.size() of a spatial tensor: global, but indexable per dim
@@ -55,7 +55,7 @@ class Analysis:
     layouts: dict  # fx.Node -> ops.Layout
     ndim: int
     dynamic: frozenset = frozenset()  # trunk nodes whose window depends on spatial sizes
-    size_nodes: list = None  # shape/size fx.Nodes the dynamic nodes need, in graph order
+    size_nodes: list = None  # shape/size fx.Nodes the dynamic nodes and size guards need, in graph order
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -108,7 +108,8 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
     trunk = [n for n in graph.nodes if n in trunk_nodes and n in needed]
     constants = [n for n in graph.nodes if states.get(n) in (CONST, SHAPE) and n in needed and n.op != "output"]
     dynamic = frozenset(n for n in trunk if n in dynamic)
-    size_needed = set().union(*(nx.ancestors(dag, n) for n in dynamic)) if dynamic else set()
+    guards = [n for n in graph.nodes if n.op == "call_function" and n.target is size_guard and states.get(n) == SIZE]
+    size_needed = set(guards).union(*(nx.ancestors(dag, n) for n in list(dynamic) + guards))
     size_nodes = [n for n in graph.nodes if n in size_needed and states.get(n) in (SIZE, SHAPE)]
     return Analysis(gm, image, trunk, constants, output, verdicts, layouts, ndim, dynamic, size_nodes)
 

@@ -347,6 +347,8 @@ def _evaluate(geo: TrunkGeometry, input_size: tuple[int, ...]) -> tuple[dict, di
                 f"'{step.module_path}') would have size {size}"
             )
         sizes[step.name] = size
+    for size_node in pending:  # after the last step: size guards of the head (fxstream.tracecheck.size_guard)
+        values[size_node.name] = size_node.evaluate(values, sizes)
     return sizes, stencils
 
 

@@ -27,8 +27,11 @@ branches on unless the user declares dynamic dims. A concrete-value FX tracer ke
 graph fxstream already understands, and answers only the size questions Python asks.
 
 The branches taken are those of the sample input (64 pixels per axis, a multiple of the
-usual strides), so a model that branches differently at other sizes (beyond checks that
-raise) traces as it behaves at the sample size. :func:`fxstream.tracecheck.check_trace`
+usual strides). Each answer is recorded in the graph as a ``size_guard`` node; the planner
+evaluates the guards that depend on spatial sizes inside the trunk for every input size, and
+refuses a size at which the model would branch differently (:class:`InputShapeError`), e.g.
+a MONAI BasicUNet at a size that needs its odd-size padding. Guards in the head, after the
+trunk, are not evaluated: the head runs as traced. :func:`fxstream.tracecheck.check_trace`
 guards every trace: the traced graph and the eager model must agree on a probe input.
 """
 
@@ -86,10 +89,14 @@ class ConcreteProxy(fx.Proxy):
         return len(self.tracer.static_value(self, "len()"))
 
     def __index__(self) -> int:
-        return operator.index(self.tracer.static_value(self, "an int"))
+        answer = operator.index(self.tracer.static_value(self, "an int"))
+        self.tracer._guard(self, answer)
+        return answer
 
     def __int__(self) -> int:
-        return int(self.tracer.static_value(self, "an int"))
+        answer = int(self.tracer.static_value(self, "an int"))
+        self.tracer._guard(self, answer)
+        return answer
 
     def __getattr__(self, k: str) -> fx.Proxy:
         return ConcreteAttribute(self, k)  # x.shape, x.size: concrete proxies too
@@ -163,7 +170,16 @@ class ConcreteTracer(StreamTracer):
         return value
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        return bool(self.static_value(obj, "a bool (an if or while condition)"))
+        answer = bool(self.static_value(obj, "a bool (an if or while condition)"))
+        self._guard(obj, answer)
+        return answer
+
+    def _guard(self, obj: fx.Proxy, answer: Any) -> None:
+        """Record the answer in the graph, as ``size_guard(value, answer, where)``: the planner
+        re-evaluates it for every input size and refuses sizes that would branch differently."""
+        from .tracecheck import size_guard
+
+        self.create_proxy("call_function", size_guard, (obj, answer, _caller()), {})
 
     def iter(self, obj: fx.Proxy) -> Iterator:
         value = self.values.get(obj.node, _UNKNOWN)

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import TraceError, UnsupportedOpError
+from .errors import InputShapeError, TraceError, UnsupportedOpError
 
 PROBE_SIZE = {1: 256, 2: 64, 3: 32}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -122,6 +122,19 @@ def _difference(a: Any, b: Any) -> str:
         scale = b.abs().max().item() or 1.0
         return f"relative error {(a - b).abs().max().item() / scale:.2e}"
     return f"{type(a).__name__} instead of {type(b).__name__}"
+
+
+def size_guard(value: Any, expected: Any, where: str) -> Any:
+    """A decision the concrete tracer took from sizes (see ``fxstream.trace``): raise
+    :class:`InputShapeError` when ``value`` differs from the traced ``expected``."""
+    if (bool(value) if isinstance(expected, bool) else value) != expected:
+        raise InputShapeError(
+            f"at this input size the model takes another branch than the traced one: at {where}, Python got "
+            f"{value!r} where the traced sample gave {expected!r}, so the compiled module would not be the model.\n"
+            "  fix: use input sizes that branch like the sample (often a multiple of the network's stride), "
+            "or compute the branch from tensors"
+        )
+    return value
 
 
 # --- side effects --------------------------------------------------------------------------

@@ -125,3 +125,22 @@ def test_family_rejected_with_category_and_boundary(name):
     assert found is not None, message
     smodel = fxstream.compile(model, tile_size=512, boundary=found.group(1))
     assert smodel.plan.stride == (int(found.group(2)),) * 2
+
+
+def test_basic_unet_refuses_sizes_that_branch_differently():
+    """BasicUNet pads its up-sampled maps only at odd sizes; traced at a multiple of 16, the
+    compiled module refuses other sizes instead of computing something else."""
+    model = BasicUNet(2, 3, 2, features=(4, 4, 4, 4, 4, 4), norm=("batch", {})).eval()
+    smodel = fxstream.compile(model, tile_size=256)
+    with pytest.raises(fxstream.InputShapeError, match="basic_unet.py"):
+        smodel(torch.randn(1, 3, 66, 50))
+
+
+def test_vgg_head_refuses_sizes_that_branch_differently():
+    """timm's vgg head pools to 7x7 only when the feature map is smaller; traced on a small
+    sample, the compiled module refuses inputs whose feature map is larger (the guard is in
+    the head, after the trunk) instead of returning another model's output."""
+    model = tm("vgg11", mlp_ratio=1 / 64)().eval()
+    smodel = fxstream.compile(model, tile_size=160)
+    with pytest.raises(fxstream.InputShapeError, match="vgg.py"):
+        smodel(torch.randn(1, 3, 256, 256))
