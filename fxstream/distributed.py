@@ -38,6 +38,7 @@ from .schedule import Schedule
 from .tiling import ShapePlan
 
 MAX_DIMS = 8  # input dims carried by the shape check (N, C and up to 6 spatial)
+REBALANCE = 3  # carry: rounds of rebalancing on the work of the banded rows
 
 
 def as_process_group(group):
@@ -108,9 +109,19 @@ def banded(shape_plan_of, schedule: Schedule, size: tuple[int, ...], ranks: int)
     bands = balanced_bands(row_work(base), ranks)
     if bands == (0,):
         return base
-    if schedule.carries:
-        return shape_plan_of(size, schedule.with_bands(bands))
-    return dataclasses.replace(base, schedule=schedule.with_bands(bands))
+    if not schedule.carries:
+        return dataclasses.replace(base, schedule=schedule.with_bands(bands))
+    # under carry a band start adds its recomputed cone: rebalance on the banded rows' work
+    best = shape_plan_of(size, schedule.with_bands(bands))
+    for _ in range(REBALANCE):
+        bands = balanced_bands(row_work(best), ranks)
+        if bands == best.schedule.bands:
+            break
+        candidate = shape_plan_of(size, schedule.with_bands(bands))
+        if max(rank_work(candidate)) >= max(rank_work(best)):
+            break
+        best = candidate
+    return best
 
 
 def band_positions(shape_plan: ShapePlan, band: int) -> range:
@@ -206,3 +217,59 @@ class TileGroup:
                 fix="another rank died, timed out or stopped calling the model; every rank of the tile group must "
                 "run the same forward and backward passes (the timeout is init_process_group(timeout=...))",
             ) from exc
+
+
+# --- the split, as `fxstream plan --ranks N` shows it ------------------------------------
+
+
+def split_report(smodel, input_shape: tuple[int, ...], ranks: int, report: dict, dtype: torch.dtype) -> dict:
+    """The bands of ``ranks`` ranks for ``input_shape`` and each rank's predicted work
+    (computed pixels over all trunk nodes), peak memory and collective sizes. ``report`` is
+    ``fxstream.report.build``'s dict for the same input."""
+    trunk = smodel.streamed_trunk
+    spatial = tuple(input_shape[2:])
+    plan_of = lambda s, schedule: trunk_plan(trunk, s, schedule)  # noqa: E731
+    single = plan_of(spatial, trunk.schedule)
+    split = banded(plan_of, trunk.schedule, spatial, ranks)
+    work = rank_work(split)
+    size = torch.empty((), dtype=dtype).element_size()
+    params = sum(p.numel() for p in trunk.tile.parameters() if p.requires_grad) * size
+    rows = split.schedule.bands + (split.grid[0],)
+    return {
+        "ranks": ranks,
+        "bands": [[a, b] for a, b in zip(rows, rows[1:])],
+        "tiles": [len(band_positions(split, r)) for r in range(ranks)],
+        "work": work,
+        "single_process_work": single.computed,
+        "predicted_speedup": single.computed / max(work),
+        # each rank keeps the whole trunk output and one tile; its stripes are those of its band
+        "peak_bytes_per_rank": report["memory"]["streamed"]["training"]["bytes"],
+        "forward_all_reduce_bytes": math.prod(report["trunk_output_shape"]) * size,
+        "backward_all_reduce_bytes": params + math.prod(input_shape) * size,
+    }
+
+
+def trunk_plan(trunk, size: tuple[int, ...], schedule: Schedule) -> ShapePlan:
+    from .tiling import plan_shape
+
+    return plan_shape(trunk.geometry, trunk.plan, size, schedule)
+
+
+def split_lines(split: dict) -> list[str]:
+    """``fxstream plan --ranks N``: one line per rank, then the collectives."""
+    from .auto import format_bytes
+
+    total = split["single_process_work"]
+    lines = [f"tile-parallel split over {split['ranks']} ranks (bands of tile rows; work = computed pixels):"]
+    for r, ((a, b), tiles, work) in enumerate(zip(split["bands"], split["tiles"], split["work"])):
+        lines.append(
+            f"  rank {r}: tile rows {a}..{b - 1}, {tiles} tiles, work {work:,} px ({work / total:.1%} of one process)"
+        )
+    lines += [
+        f"  predicted speedup {split['predicted_speedup']:.2f}x (single-process work / the largest rank's)",
+        f"  peak memory per rank <= {format_bytes(split['peak_bytes_per_rank'])} (the whole trunk output, one tile, "
+        "its band's stripes)",
+        f"  collectives per step: forward all_reduce {format_bytes(split['forward_all_reduce_bytes'])} (trunk output), "
+        f"backward all_reduce {format_bytes(split['backward_all_reduce_bytes'])} (trunk gradients + input gradient)",
+    ]
+    return lines
