@@ -38,7 +38,7 @@ from .schedule import Schedule
 from .tiling import ShapePlan
 
 MAX_DIMS = 8  # input dims carried by the shape check (N, C and up to 6 spatial)
-REBALANCE = 3  # carry: rounds of rebalancing on the work of the banded rows
+DP_LIMIT = 4_000_000  # balanced_bands: the exact split up to ranks * rows**2 steps
 
 
 def as_process_group(group):
@@ -80,10 +80,12 @@ def row_work(shape_plan: ShapePlan) -> list[int]:
     return work
 
 
-def balanced_bands(work: Sequence[int], ranks: int) -> tuple[int, ...]:
-    """The starts of ``ranks`` contiguous, non-empty bands of rows whose summed ``work``
-    is balanced: band ``r`` ends at the row where the running total is nearest ``(r + 1) /
-    ranks`` of the total, leaving at least one row to every later band."""
+def balanced_bands(work: Sequence[int], ranks: int, start_work: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The starts of ``ranks`` contiguous, non-empty bands of rows that minimise the largest
+    band's work. A band ``[a, b)`` costs ``start_work[a] + sum(work[a + 1 : b])``: under
+    carry the first row of a band computes more (it recomputes its cone), ``start_work``;
+    by default it is ``work``. Exact (dynamic programming) up to ``DP_LIMIT`` steps, else
+    each band ends where the running total is nearest its share."""
     rows = len(work)
     if ranks > rows:
         raise user_error(
@@ -91,9 +93,28 @@ def balanced_bands(work: Sequence[int], ranks: int) -> tuple[int, ...]:
             f"the input has {rows} tile rows, too few for {ranks} ranks: every rank needs at least one row",
             fix="use a smaller tile_size (more rows) or a smaller tile group",
         )
+    start = list(start_work) if start_work is not None else list(work)
     prefix = [0]
     for w in work:
         prefix.append(prefix[-1] + w)
+    if ranks * rows * rows > DP_LIMIT:
+        return _nearest_shares(prefix, ranks)
+
+    def cost(a: int, b: int) -> int:
+        return start[a] + prefix[b] - prefix[a + 1]
+
+    # best[b]: (largest band, starts) of the best split of rows [0, b) into r bands
+    best = {b: (cost(0, b), (0,)) for b in range(1, rows + 1)}
+    for r in range(1, ranks):
+        best = {
+            b: min(((max(best[a][0], cost(a, b)), best[a][1] + (a,)) for a in range(r, b)), key=lambda v: v[0])
+            for b in range(r + 1, rows + 1)
+        }
+    return best[rows][1]
+
+
+def _nearest_shares(prefix: list[int], ranks: int) -> tuple[int, ...]:
+    rows = len(prefix) - 1
     starts = [0]
     for r in range(1, ranks):
         target = prefix[-1] * r / ranks
@@ -106,22 +127,16 @@ def banded(shape_plan_of, schedule: Schedule, size: tuple[int, ...], ranks: int)
     """The tiling of an input of spatial ``size`` split into ``ranks`` bands.
     ``shape_plan_of(size, schedule)`` builds a tiling (``tiling.plan_shape``)."""
     base = shape_plan_of(size, schedule.with_bands((0,)))
-    bands = balanced_bands(row_work(base), ranks)
-    if bands == (0,):
+    if ranks == 1:
         return base
     if not schedule.carries:
+        bands = balanced_bands(row_work(base), ranks)
         return dataclasses.replace(base, schedule=schedule.with_bands(bands))
-    # under carry a band start adds its recomputed cone: rebalance on the banded rows' work
-    best = shape_plan_of(size, schedule.with_bands(bands))
-    for _ in range(REBALANCE):
-        bands = balanced_bands(row_work(best), ranks)
-        if bands == best.schedule.bands:
-            break
-        candidate = shape_plan_of(size, schedule.with_bands(bands))
-        if max(rank_work(candidate)) >= max(rank_work(best)):
-            break
-        best = candidate
-    return best
+    # under carry the first row of a band recomputes its cone: a tiling where every row
+    # starts a band gives each row's work as a band start
+    every = shape_plan_of(size, schedule.with_bands(range(base.grid[0])))
+    bands = balanced_bands(row_work(base), ranks, row_work(every))
+    return shape_plan_of(size, schedule.with_bands(bands))
 
 
 def band_positions(shape_plan: ShapePlan, band: int) -> range:
