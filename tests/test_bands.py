@@ -94,3 +94,23 @@ def test_bad_bands_raise():
     model, _ = build_zoo("pools")
     with pytest.raises(FxStreamError, match="tile rows"):
         _banded(model, 50, (0, 40)).shape_plan(97, 71)
+
+
+def test_balanced_bands_minimise_the_largest_band():
+    from fxstream.distributed import balanced_bands
+
+    assert balanced_bands([1, 1, 1, 1], 2) == (0, 2)
+    assert balanced_bands([5, 1, 1, 1, 1, 1], 2) == (0, 1)
+    # a band start costs its cone: no band starts at the expensive row 1
+    assert balanced_bands([2, 2, 2, 2], 2, start_work=[2, 9, 2, 3]) == (0, 2)
+    assert balanced_bands([3, 1, 4, 1, 5, 9, 2, 6], 3) == (0, 4, 6)
+    with pytest.raises(fxstream.TileGroupError, match="too few for 3 ranks"):
+        balanced_bands([1, 1], 3)
+
+
+def test_plan_ranks_shows_the_split(capsys):
+    from fxstream.cli import main
+
+    assert main(["plan", "resnet18", "--input-shape", "1,3,320,256", "--tile-size", "160", "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tile-parallel split over 2 ranks" in out and "rank 1: tile rows" in out and "predicted speedup" in out
