@@ -111,6 +111,6 @@ def test_balanced_bands_minimise_the_largest_band():
 def test_plan_ranks_shows_the_split(capsys):
     from fxstream.cli import main
 
-    assert main(["plan", "resnet18", "--input-shape", "1,3,320,256", "--tile-size", "160", "--ranks", "2"]) == 0
+    assert main(["plan", "resnet18", "--input-shape", "1,3,900,300", "--tile-size", "448", "--ranks", "2"]) == 0
     out = capsys.readouterr().out
     assert "tile-parallel split over 2 ranks" in out and "rank 1: tile rows" in out and "predicted speedup" in out
