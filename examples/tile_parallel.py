@@ -83,7 +83,9 @@ def main() -> None:
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(image), target).backward()
-        worst = max((grads[n] - p.grad).abs().max().item() / p.grad.abs().max().item() for n, p in model.named_parameters())
+        worst = max(
+            (grads[n] - p.grad).abs().max().item() / p.grad.abs().max().item() for n, p in model.named_parameters()
+        )
         print(f"largest relative gradient difference from plain autograd: {worst:.2e}")
     if distributed:
         dist.destroy_process_group()

@@ -35,8 +35,8 @@ import torch.nn as nn
 
 from . import render, report
 from .auto import choose, parse_bytes
-from .errors import ArgumentError, FxStreamError
 from .distributed import split_lines, split_report
+from .errors import ArgumentError, FxStreamError
 from .module import compile as fx_compile
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

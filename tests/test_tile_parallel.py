@@ -39,7 +39,9 @@ class Residual(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 6, 3, padding=1)
-        self.block = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1))
+        self.block = nn.Sequential(
+            nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1)
+        )
         self.down = nn.Conv2d(6, 8, 3, stride=2, padding=1)
         self.fc = nn.Linear(8, 3)
 
@@ -87,7 +89,11 @@ def gradients(model: nn.Module, out_fn) -> dict:
     out = out_fn(x)
     grad = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     grads = torch.autograd.grad(out, [x] + params, grad)
-    return {"output": out.detach(), "input": grads[0], **{n: g for (n, _), g in zip(model.named_parameters(), grads[1:])}}
+    return {
+        "output": out.detach(),
+        "input": grads[0],
+        **{n: g for (n, _), g in zip(model.named_parameters(), grads[1:])},
+    }
 
 
 class Call:
@@ -109,7 +115,9 @@ def _exactness_cases(rank: int, groups: dict) -> dict:
         for name, (_, shape, tiles) in CASES.items():
             for schedule in SCHEDULES:
                 model = build(name)
-                smodel = fxstream.compile(model, tile_size=tiles[schedule], schedule=schedule, tile_group=groups[group_name])
+                smodel = fxstream.compile(
+                    model, tile_size=tiles[schedule], schedule=schedule, tile_group=groups[group_name]
+                )
                 plan = smodel.shape_plan(*shape[2:])
                 positions = smodel.streamed_trunk.positions(plan)
                 results[(group_name, name, schedule)] = {
