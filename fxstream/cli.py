@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from . import render, report
 from .auto import choose, parse_bytes
+from .distributed import split_lines, split_report
 from .errors import ArgumentError, FxStreamError
 from .module import compile as fx_compile
 
@@ -102,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
         help="e.g. 8GiB: check the prediction against it, or choose --tile-size/--boundary auto within it",
     )
     plan.add_argument("--train", action="store_true", help="keep the model in training mode (default: eval)")
+    plan.add_argument(
+        "--ranks", type=int, default=1, metavar="N", help="show the tile-parallel split over N ranks (tile_group)"
+    )
     return parser
 
 
@@ -130,6 +134,10 @@ def plan_command(args: argparse.Namespace) -> int:
         )
     data = report.build(smodel, input_shape, dtype, model_name=args.model, budget=budget)
     data["choice"] = reason or None
+    if args.ranks < 1:
+        raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
+    if args.ranks > 1:
+        data["split"] = split_report(smodel, input_shape, args.ranks, data, dtype)
     if args.png:
         shape = smodel.shape_plan(*input_shape[2:])
         image = io.BytesIO()
@@ -148,7 +156,8 @@ def _render(fmt: str, data: dict, smodel, reason: str) -> str:
         program = smodel.program()
         trunk = {n.name for n in program.analysis.trunk}
         return render.dot(program.analysis.gm.graph, trunk, program.geometry.image, program.plan.boundary)
-    return (reason + "\n\n" if reason else "") + render.text(data) + "\n"
+    split = split_lines(data["split"]) if data.get("split") else []
+    return (reason + "\n\n" if reason else "") + "\n".join([render.text(data), *split]) + "\n"
 
 
 def _budget(text: str) -> int:

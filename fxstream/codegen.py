@@ -185,14 +185,29 @@ class StreamedTrunk(nn.Module):
     def output_device(self) -> torch.device | None:
         return self.settings.output_device
 
+    @property
+    def tile_group(self):
+        """The :class:`fxstream.distributed.TileGroup` splitting the tiles, or None."""
+        return self.settings.tile_group
+
     def shape_plan(self, size: tuple[int, ...]) -> ShapePlan:
-        return _cached(self._shape_plans, size, lambda: plan_shape(self.geometry, self.plan, size, self.schedule))
+        """The tiling of an input of spatial ``size`` (with a tile group: split into its bands)."""
+        group = self.tile_group
+        if group is None:
+            return _cached(self._shape_plans, size, lambda: plan_shape(self.geometry, self.plan, size, self.schedule))
+        plan_of = lambda s, schedule: plan_shape(self.geometry, self.plan, s, schedule)  # noqa: E731
+        return _cached(self._shape_plans, (size, group.size), lambda: group.shape_plan(plan_of, self.schedule, size))
+
+    def positions(self, shape_plan: ShapePlan) -> range:
+        """The raster positions of the tiles this process runs (with a tile group: its band)."""
+        group = self.tile_group
+        return range(shape_plan.num_tiles) if group is None else group.positions(shape_plan)
 
     def stripes(self, shape_plan: ShapePlan) -> Stripes | None:
         """The stripe bookkeeping of a carry tiling (None under recompute)."""
         if not shape_plan.schedule.carries:
             return None
-        return _cached(self._stripes, shape_plan.input_size, lambda: Stripes.of(shape_plan))
+        return _cached(self._stripes, (shape_plan.input_size, shape_plan.schedule), lambda: Stripes.of(shape_plan))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: a tensor, or an array-like (``fxstream.arrays``) read tile by tile."""
@@ -210,6 +225,8 @@ class StreamedTrunk(nn.Module):
     def stream(self, x: torch.Tensor) -> torch.Tensor:
         """The streamed trunk output for ``x`` (a differentiable autograd.Function)."""
         size = tuple(x.shape[d] for d in self.input_dims)
+        if self.tile_group is not None:  # before any other collective: every rank has the same shape
+            self.tile_group.check_shape(tuple(x.shape), self.compute_device(x))
         params = [p for p in self.tile.parameters() if p.requires_grad]
         if not torch.is_grad_enabled():  # inference: nothing to differentiate (and no graph to keep)
             x, params = (x.detach() if isinstance(x, torch.Tensor) else x), []

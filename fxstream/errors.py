@@ -80,6 +80,12 @@ class ContractError(FxStreamError):
     the compiled module cannot follow."""
 
 
+class TileGroupError(FxStreamError):
+    """Raised on every rank of a tile group (``compile(..., tile_group=...)``) when a
+    collective fails or times out (a rank died, or stopped calling the model), or when the
+    group cannot split the input (fewer tile rows than ranks)."""
+
+
 class PlannerError(FxStreamError):
     """An internal inconsistency between the plan and the computed tiles. It
     means a bug in fxstream: please report it with the model."""

@@ -140,8 +140,11 @@ class StreamFunction(torch.autograd.Function):
         ctx.random = trunk.random_draws(x)  # None, or the draws every tile replays
         ctx.members = live.snapshot(trunk.tile)  # backward recomputes with these (see live.restored)
         wants_grad = any(ctx.needs_input_grad)
-        keep = shape_plan.num_tiles - 1 if wants_grad else None
+        ctx.positions = trunk.positions(shape_plan)  # all tiles, or this rank's bands
+        keep = ctx.positions[-1] if wants_grad else None
         ctx.store, ctx.kept, out = _run_forward(ctx, x, keep, advance=True, keep_store=wants_grad)
+        if trunk.tile_group is not None:  # each rank wrote its blocks into zeros: sum them
+            out = trunk.tile_group.assemble(out)
         return out
 
     @staticmethod
@@ -169,7 +172,7 @@ def _backward(ctx, grad_out):
     store, pending = ctx.store, {}
     device = trunk.compute_device(x)
     kept, ctx.kept = ctx.kept, None
-    order = range(shape_plan.num_tiles - 1, -1, -1)
+    order = list(reversed(ctx.positions))
     skip = {kept.position} if kept is not None else set()
     loaded = trunk.tiles(x, shape_plan, device, "backward", order, skip)
     with Timer(device) as timer:
@@ -203,7 +206,10 @@ def _backward(ctx, grad_out):
             if stripes:
                 _free(store, leaves, stripes.last_backward, position)
     ctx.store = None
-    trunk.stats.record("backward", shape_plan.num_tiles, timer.seconds, device)
+    trunk.stats.record("backward", len(order), timer.seconds, device)
+    if trunk.tile_group is not None:  # each rank back-propagated its own tiles: sum them
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wanted)]
+        trunk.tile_group.reduce(([grad_x] if want_x else []) + grads)
     result = iter(grads)
     param_grads = [next(result) if need else None for need in ctx.needs_input_grad[3:]]
     return (grad_x, None, None, *param_grads)
@@ -217,12 +223,14 @@ def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> t
     device = trunk.compute_device(x)
     store: dict = {}
     out, kept = None, None
-    tiles = trunk.tiles(x, shape_plan, device, "forward", range(shape_plan.num_tiles))
+    positions = ctx.positions
+    tiles = trunk.tiles(x, shape_plan, device, "forward", positions)
     with torch.no_grad(), Timer(device) as timer:
         for position, tile, crop in tiles:
             grad = position == keep
             with torch.set_grad_enabled(grad):
-                with _random_tile(ctx.random, shape_plan, position, advance=advance and position == 0) as random:
+                first = position == positions[0]
+                with _random_tile(ctx.random, shape_plan, position, advance=advance and first) as random:
                     leaf = crop.requires_grad_(ctx.needs_input_grad[0]) if grad else crop
                     leaves = _leaves(tile, store, grad)
                     saves = stripes.saves[position] if stripes else None
@@ -232,10 +240,11 @@ def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> t
                 kept = _Kept(position, leaf, leaves, run, block)
             if stripes and not keep_store:
                 _free(store, leaves, stripes.last_forward, position)
-            if out is None:
-                out = _allocate(block, trunk.output_dims, shape_plan.output_size, trunk.output_device)
+            if out is None:  # zeros where other ranks' blocks go
+                partial = len(positions) < shape_plan.num_tiles
+                out = _allocate(block, trunk.output_dims, shape_plan.output_size, trunk.output_device, partial)
             crop_view(out, trunk.output_dims, tile.block).copy_(block.detach())
-    trunk.stats.record("forward", shape_plan.num_tiles, timer.seconds, device)
+    trunk.stats.record("forward", len(positions), timer.seconds, device)
     return (store if keep_store else None), kept, out
 
 
@@ -288,8 +297,8 @@ def _random_tile(draws, shape_plan, position: int, advance: bool) -> Iterator:
         yield random
 
 
-def _allocate(block: torch.Tensor, dims, size, device=None) -> torch.Tensor:
+def _allocate(block: torch.Tensor, dims, size, device=None, zeros: bool = False) -> torch.Tensor:
     shape = list(block.shape)
     for dim, n in zip(dims, size):
         shape[dim] = n
-    return block.new_empty(shape, device=device)
+    return block.new_zeros(shape, device=device) if zeros else block.new_empty(shape, device=device)

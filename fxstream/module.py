@@ -13,6 +13,7 @@ import torch.nn as nn
 from . import hooks, live
 from .analyze import Analysis, analyze
 from .codegen import StreamedTrunk, graph_module, outer_graph, tile_graph
+from .distributed import TileGroup
 from .errors import ArgumentError, BoundaryError, ContractError, TileSizeError, user_error
 from .plan import Plan, TrunkGeometry, build_geometry, build_plan
 from .progress import StreamStats
@@ -221,6 +222,7 @@ def compile(
     input_shape: tuple[int, ...] | None = None,
     verbose: bool = False,
     schedule: str | Schedule | None = None,
+    tile_group=None,
 ) -> StreamedModule:
     """Compile ``model`` so its local trunk runs tile by tile with exact gradients.
 
@@ -247,6 +249,10 @@ def compile(
             default) computes every activation once and carries thin stripes between
             neighbouring tiles; ``"recompute"`` makes tiles independent by recomputing
             each tile's halo. Both are exact.
+        tile_group: a ``torch.distributed`` ProcessGroup (or a 1-D DeviceMesh) whose ranks
+            all receive the same image and split its tiles into bands of tile rows; the
+            trunk output and the gradients are those of one process on every rank (see
+            :mod:`fxstream.distributed`). Default None: this process runs every tile.
 
     After a call, ``smodel.last_stats`` summarises the streaming work (tiles, time,
     peak memory); ``fxstream.serial_backward`` resets it at the start of each step.
@@ -275,7 +281,12 @@ def compile(
         if verbose:
             print(choice.reason)
     validate_tile_size(tile_size)
-    settings = StreamSettings(input_transform=input_transform, output_device=_device(output_device), progress=progress)
+    settings = StreamSettings(
+        input_transform=input_transform,
+        output_device=_device(output_device),
+        progress=progress,
+        tile_group=TileGroup(tile_group) if tile_group is not None else None,
+    )
     return StreamedModule(model, tile_size, boundary, settings, as_schedule(schedule))
 
 

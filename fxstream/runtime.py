@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,9 @@ class StreamSettings:
     * ``progress``: a tqdm bar over the tiles of each pass;
     * ``stats``: what the trunk did since the last reset (:class:`StreamStats`);
     * ``intercept``: when set, ``trunk(x)`` returns ``intercept(trunk, x)`` instead of
-      streaming (used by ``serial_backward`` to split a model at its trunk).
+      streaming (used by ``serial_backward`` to split a model at its trunk);
+    * ``tile_group``: a :class:`fxstream.distributed.TileGroup` whose ranks split the tiles
+      of each image, or None (one process runs them all).
     """
 
     input_transform: Callable | None = None
@@ -94,6 +97,7 @@ class StreamSettings:
     progress: bool = False
     stats: StreamStats = field(default_factory=StreamStats)
     intercept: Callable | None = None
+    tile_group: Any = None
 
 
 class AutocastState:

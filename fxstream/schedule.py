@@ -32,13 +32,29 @@ DEFAULT = "carry"
 @dataclass(frozen=True)
 class Schedule:
     """``kind``: 'carry' or 'recompute'. Tiles run in raster order (the last axis fastest);
-    the backward pass visits them in reverse order."""
+    the backward pass visits them in reverse order.
+
+    ``bands``: the axis-0 block indices where a new *band* of tile rows starts (always
+    ``0`` first). Bands are what the ranks of a tile group run (``fxstream.distributed``).
+    Under carry each band carries internally and no stripe crosses a band start: the
+    cells of a band's first block row start at the recompute cone of its first output
+    row, so neighbouring bands recompute the overlap. Under recompute, tiles are
+    independent and bands only group them."""
 
     kind: str = DEFAULT
+    bands: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ScheduleError(f"schedule={self.kind!r} is not a schedule; use one of {', '.join(map(repr, KINDS))}")
+        bands = tuple(self.bands)
+        if not bands or bands[0] != 0 or any(b <= a for a, b in zip(bands, bands[1:])):
+            raise ScheduleError(f"bands={bands!r} must start at 0 and increase strictly")
+        object.__setattr__(self, "bands", tuple(int(b) for b in bands))
+
+    def with_bands(self, bands) -> Schedule:
+        """This schedule with its tile rows grouped into ``bands``."""
+        return Schedule(self.kind, tuple(bands))
 
     @property
     def carries(self) -> bool:

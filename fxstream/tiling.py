@@ -155,7 +155,8 @@ def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], sche
     sizes = node_sizes(geo, tuple(input_size))
     if schedule.carries:
         axes = tuple(
-            tuple(_carry_axis(geo, sizes, a, bounds)) for a, bounds in enumerate(carry_bounds(geo, plan, sizes))
+            tuple(_carry_axis(geo, sizes, a, bounds, schedule.bands if a == 0 else (0,)))
+            for a, bounds in enumerate(carry_bounds(geo, plan, sizes))
         )
     else:
         axes = tuple(
@@ -168,6 +169,10 @@ def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], sche
     whole = sum(math.prod(sizes[s.name]) for s in geo.steps)
     stripes = _stripe_pixels(axes, names) if schedule.carries else ()
     grid = tuple(len(a) for a in axes)
+    if schedule.bands[-1] >= grid[0]:
+        raise TileSizeError(
+            f"bands={schedule.bands} start beyond the {grid[0]} tile rows of an input of size {_fmt(input_size)}"
+        )
     return ShapePlan(tuple(input_size), sizes[geo.output], grid, schedule, axes, computed, whole, stripes)
 
 
@@ -377,19 +382,38 @@ def _carry_regions(geo: TrunkGeometry, sizes: dict, axis: int, bounds: dict, k: 
     return cells, region, raw
 
 
-def _carry_axis(geo: TrunkGeometry, sizes: dict, axis: int, out_bounds: list[int]) -> list[AxisTile]:
+def _carry_axis(
+    geo: TrunkGeometry, sizes: dict, axis: int, out_bounds: list[int], bands: tuple[int, ...] = (0,)
+) -> list[AxisTile]:
+    """The carry tiles of one axis. At a band start ``k`` (``bands``), every node's cell ``k``
+    starts at the recompute cone of output block ``k`` instead, so the band reads no stripe of
+    the previous band (the cells overlap there and both bands compute the overlap)."""
     bounds = cell_boundaries(geo, sizes, axis, out_bounds)
     tiles = []
+    local, first = bounds, 0  # the cell boundaries of the current band, and its first block
     for k in range(len(out_bounds) - 1):
-        cells, region, raw = _carry_regions(geo, sizes, axis, bounds, k)
+        if k > 0 and k in bands:
+            local, first = _band_bounds(geo, sizes, axis, out_bounds, bounds, k), k
+        cells, region, raw = _carry_regions(geo, sizes, axis, local, k)
         for name, r in region.items():
-            if r.hi > cells[name].hi:
-                raise TileSizeError(f"planner: cell {k} of '{name}' is read beyond its end ({r} vs {cells[name]})")
+            if r.hi > cells[name].hi or (name != geo.image and r.lo < local[name][first]):
+                raise TileSizeError(f"planner: cell {k} of '{name}' is read beyond its band ({r} vs {cells[name]})")
         computed = dict(cells)
         computed[geo.image] = region[geo.image]  # the image is read from the input, not carried
-        pieces = tuple((name, _segments(bounds[name], region[name], k)) for name in _carried(geo))
+        pieces = tuple((name, _segments(local[name], region[name], k, first)) for name in _carried(geo))
         tiles.append(_axis_tile(geo, sizes, axis, (out_bounds[k], out_bounds[k + 1]), computed, region, raw, pieces))
     return tiles
+
+
+def _band_bounds(geo: TrunkGeometry, sizes: dict, axis: int, out_bounds: list[int], bounds: dict, k: int) -> dict:
+    """``bounds`` with every node's boundary ``k`` moved down to the start of the recompute
+    cone of output block ``k``: the first cells of a band that starts at block ``k``."""
+    cone = _walk(geo, sizes, axis, (out_bounds[k], out_bounds[k + 1]))[0]
+    result = {}
+    for name, b in bounds.items():
+        lo = min(int(cone[name].lo), b[k]) if name in cone else b[k]
+        result[name] = b[:k] + [lo] + b[k + 1 :]
+    return result
 
 
 def _carried(geo: TrunkGeometry) -> list[str]:
@@ -398,10 +422,11 @@ def _carried(geo: TrunkGeometry) -> list[str]:
     return [s.name for s in geo.steps if s.name in producers]
 
 
-def _segments(bounds: list[int], region: g.Interval, k: int) -> tuple:
-    """``region`` cut at the cell boundaries: ((cell index, (lo, hi)), ...), the last the cell ``k``."""
+def _segments(bounds: list[int], region: g.Interval, k: int, first: int = 0) -> tuple:
+    """``region`` cut at the cell boundaries: ((cell index, (lo, hi)), ...), the last the cell
+    ``k``; cells before ``first`` (an earlier band) are never read."""
     segments = []
-    for j in range(k + 1):
+    for j in range(first, k + 1):
         lo, hi = max(region.lo, bounds[j]), min(region.hi, bounds[j + 1])
         if hi > lo or j == k:
             segments.append((j, (int(lo), int(hi))))

@@ -70,17 +70,19 @@ def serial_backward(
         verbose: print the step's streaming summary (tiles, time, peak memory).
 
     The returned loss and the gradients equal those of one whole-batch
-    ``loss_fn(model(inputs), targets).backward()`` (up to summation order).
+    ``loss_fn(model(inputs), targets).backward()`` (up to summation order). With a tile
+    group (``compile(..., tile_group=...)``), a step that fails leaves ``.grad`` unchanged.
     """
     if reduction not in ("mean", "sum"):
         raise user_error(ArgumentError, f"reduction must be 'mean' or 'sum', got {reduction!r}")
     streamed = _streamed_modules(model)
     for smodel in streamed:
         smodel.last_stats.reset(_device_of(smodel))
-    if whole_batch_head:
-        loss = _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_size, scaler)
-    else:
-        loss = _per_micro_batch(model, loss_fn, inputs, targets, micro_batch_size, reduction, scaler)
+    with _grads_restored_on_error(model, any(s.settings.tile_group is not None for s in streamed)):
+        if whole_batch_head:
+            loss = _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_size, scaler)
+        else:
+            loss = _per_micro_batch(model, loss_fn, inputs, targets, micro_batch_size, reduction, scaler)
     if verbose:
         for smodel in streamed:
             print(f"fxstream step: loss {loss.item():.4g}; {smodel.last_stats}")
@@ -245,3 +247,20 @@ def _intercepted(settings, hook) -> Iterator[None]:
         yield
     finally:
         settings.intercept = previous
+
+
+@contextlib.contextmanager
+def _grads_restored_on_error(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """With a tile group, a failed step (a collective that timed out) leaves every ``.grad``
+    as it was: the head's gradients may already have been accumulated when the trunk's
+    gradient reduction fails."""
+    if not enabled:
+        yield
+        return
+    saved = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, grad in saved:
+            p.grad = grad
+        raise
