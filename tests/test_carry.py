@@ -19,7 +19,6 @@ import fxstream
 from fxstream.tiling import cell_boundaries, plan_shape
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """These tests build models and inputs in float64; restore the default afterwards so that
