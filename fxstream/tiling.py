@@ -301,9 +301,11 @@ def cell_boundaries(geo: TrunkGeometry, sizes: dict, axis: int, out_bounds: list
                 # reflect/replicate padding at the left border also reads mirrored pixels
                 block = g.Interval(bw - 1, bw) if w.fill == "constant" else g.Interval(0, bw)
                 read = w.stencils[axis].read(block, n) if w.stencils else block
-                src = g.source_interval(read, n, w.fill)
-                if not src.is_empty():
-                    hi = max(hi, int(src.hi))
+                if w.fill == "constant":  # a read past the end (padding) still ends at n
+                    hi = max(hi, min(int(read.hi), n))
+                else:
+                    src = g.source_interval(read, n, w.fill)
+                    hi = max(hi, int(src.hi)) if not src.is_empty() else hi
             result.append(min(max(hi, result[-1] if result else 0), n))
         bounds[name] = result
     return bounds

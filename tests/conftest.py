@@ -35,3 +35,16 @@ def schedule(request, monkeypatch):
             fxstream.tiling, "carry_split", lambda width, n, limit, block: fxstream.plan.balanced_split(n, block)
         )
     return request.param
+
+
+def pytest_collection_finish(session):
+    """Test modules are imported during collection; none may change torch's default dtype
+    for the others (tests that need float64 set it in a fixture and restore it)."""
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _default_dtype_restored():
+    saved = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(saved)

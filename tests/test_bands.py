@@ -14,7 +14,15 @@ from zoo import build as build_zoo
 import fxstream
 from fxstream.errors import FxStreamError
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Build models and inputs in float64; restore the default for other test modules."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(saved)
 
 
 @pytest.fixture
