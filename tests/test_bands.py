@@ -15,7 +15,6 @@ import fxstream
 from fxstream.errors import FxStreamError
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """Build models and inputs in float64; restore the default for other test modules."""
