@@ -44,14 +44,14 @@ from torch import nn
 import fxstream
 
 TOLERANCE = 1e-10  # float64: streamed and whole-image differ only in summation order
-# The exactness image is cut into 2x1 tiles; the measured image into 3x3 (carry) and 3x2
+# The exactness image is cut into 2x1 tiles; the measured image into 4x3 (carry) and 3x2
 # (recompute, which needs tiles larger than the receptive field).
 DEFAULTS = {
-    "size": "896x672",
+    "size": "1280x960",
     "check_size": "300x233",
-    "tile_size": 320,
+    "tile_size": 384,
     "check_tile_size": 256,
-    "recompute_tile_size": 640,
+    "recompute_tile_size": 768,
     "reps": 2,
 }
 QUICK = {
@@ -69,6 +69,11 @@ QUICK = {
 # OS when torch frees it: RSS then follows the memory torch holds. Each fresh mapping costs
 # page faults, so the times are measured in this process, with the default settings.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}
+# THREADS_NOTE: on a CPU shared with other jobs, a multi-threaded (OpenMP) step waits at
+# every op's barrier for threads that the kernel has descheduled. A streamed step runs many
+# more, smaller ops than a plain one, so it pays this far more often: on a 2-core machine
+# with a load average of 5, two threads made the streamed step 12x a plain one, one thread
+# 1.3x. One thread per process (the default here) measures the schedules, not the contention.
 
 
 # --- Setup -------------------------------------------------------------------------------
@@ -84,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--recompute-tile-size", type=int, metavar="T", help=f"recompute tile edge ({DEFAULTS['recompute_tile_size']})"
     )
     parser.add_argument("--reps", type=int, metavar="R", help="timed steps per method; the fastest counts (2)")
+    parser.add_argument(
+        "--threads", type=int, default=1, metavar="N", help="CPU threads per process (default 1; see THREADS_NOTE)"
+    )
     parser.add_argument("--compare-recompute", action="store_true", help="also time the recompute schedule")
     parser.add_argument("--quick", action="store_true", help="small images, for a fast smoke test")
     parser.add_argument("--measure", choices=["plain", "streamed"], help=argparse.SUPPRESS)
@@ -150,13 +158,12 @@ def print_plan(args: argparse.Namespace, carry: fxstream.StreamedModule, recompu
     print(f"trunk: up to '{plan.boundary}' (the rest runs normally on the assembled feature map)")
     print(f"receptive field: {fmt(plan.receptive_field)} px, stride: {fmt(plan.stride)} px")
     for name, smodel, tile in (("carry", carry, args.tile_size), ("recompute", recompute, args.recompute_tile_size)):
-        for size in [args.size]:
-            shape = smodel.shape_plan(*size)
-            h = shape.halo_overhead
-            print(
-                f"{name:<9} tile {tile} px, image {fmt(size)}: {fmt(shape.grid)} = {shape.num_tiles} tiles, "
-                f"h = {h:.2f}, step arithmetic {smodel.schedule.step_ratio(h):.2f}x plain"
-            )
+        shape = smodel.shape_plan(*args.size)
+        h = shape.halo_overhead
+        print(
+            f"{name:<9} tile {tile} px, image {fmt(args.size)}: {fmt(shape.grid)} = {shape.num_tiles} tiles, "
+            f"h = {h:.2f}, step arithmetic {smodel.schedule.step_ratio(h):.2f}x plain"
+        )
     print("(h: pixels computed over all tiles / one whole-image pass; carry computes each once)")
     print()
 
@@ -240,6 +247,7 @@ def run_child(mode: str, args: argparse.Namespace) -> dict:
     """Run this script with ``--measure mode`` in a fresh process and parse its result."""
     script = os.path.abspath(__file__)
     command = [sys.executable, script, "--measure", mode, "--size", fmt(args.size), "--tile-size", str(args.tile_size)]
+    command += ["--threads", str(args.threads)]
     proc = subprocess.run(command, check=False, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -338,6 +346,8 @@ def print_summary(args: argparse.Namespace, error: float, memory: dict, timing: 
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # show progress when piped too
+    if device().type == "cpu":
+        torch.set_num_threads(args.threads)
     if args.measure:
         measure_child(args)
         return 0

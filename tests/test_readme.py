@@ -141,3 +141,28 @@ def test_readme_plan_command_runs():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "predicted peak, training" in proc.stdout, proc.stdout
+
+
+def anchors(path: str) -> set[str]:
+    """GitHub's anchors of the headings of a Markdown file."""
+    with open(path) as f:
+        headings = re.findall(r"^#+ (.*)$", f.read(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+DOCS = ["README.md", "BENCHMARKS.md", *sorted(f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_relative_links_resolve(doc):
+    path = os.path.join(ROOT, doc)
+    with open(path) as f:
+        links = re.findall(r"\]\(([^)\s]+)\)", f.read())
+    for link in links:
+        if link.startswith(("http://", "https://")):
+            continue
+        target, _, anchor = link.partition("#")
+        target_path = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
+        assert os.path.exists(target_path), f"{doc}: broken link {link}"
+        if anchor:
+            assert anchor in anchors(target_path), f"{doc}: no heading for #{anchor} in {target or doc}"
