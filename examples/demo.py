@@ -1,6 +1,6 @@
 """fxstream demo: one training step of ResNet-18, plain and streamed: same gradients, less memory.
 
-What it shows, on synthetic data (no downloads, a CPU is enough), in about a minute:
+What it shows, on synthetic data (no downloads, a CPU is enough), in one to two minutes on 2 CPU cores:
 
 1. The plan: ``fxstream.compile`` finds the trunk of a torchvision ResNet-18 (everything
    before the global average pool), its receptive field and stride, and how an image is cut
@@ -10,7 +10,9 @@ What it shows, on synthetic data (no downloads, a CPU is enough), in about a min
    parameter gradient match plain autograd to rounding error (~1e-15), on several tiles.
 3. Memory: the peak memory of one float32 training step (forward + backward), plain
    autograd against fxstream, each measured in a fresh subprocess. Plain autograd keeps
-   every activation of the whole image; fxstream keeps those of one tile (plus stripes).
+   every activation of the whole image; fxstream keeps those of one tile (plus stripes and
+   a second buffer of the trunk's parameter gradients), so the gap grows with the image
+   (``--size 2048x1536``: about 3x).
 4. Time: plain and streamed steps timed in this process, alternating, so that both see the
    same machine load. The carry schedule computes every activation once in the forward
    pass and once more in the backward recomputation: about 4/3 of a plain step's
@@ -22,8 +24,10 @@ What it shows, on synthetic data (no downloads, a CPU is enough), in about a min
 The model is in eval mode (streaming needs a local trunk, so BatchNorm uses its running
 statistics, which are randomised a little so that every gradient is non-trivial).
 
+CPU steps run on one thread per process by default (``--threads``; see THREADS_NOTE).
+
 Usage: python examples/demo.py [--size HxW] [--check-size HxW] [--tile-size T] [--reps R]
-       [--compare-recompute] [--recompute-tile-size T] [--quick]
+       [--threads N] [--compare-recompute] [--recompute-tile-size T] [--quick]
 """
 
 from __future__ import annotations
@@ -44,12 +48,12 @@ from torch import nn
 import fxstream
 
 TOLERANCE = 1e-10  # float64: streamed and whole-image differ only in summation order
-# The exactness image is cut into 2x1 tiles; the measured image into 4x3 (carry) and 3x2
+# The exactness image is cut into 2x1 tiles; the measured image into 5x4 (carry) and 3x2
 # (recompute, which needs tiles larger than the receptive field).
 DEFAULTS = {
     "size": "1280x960",
     "check_size": "300x233",
-    "tile_size": 384,
+    "tile_size": 320,
     "check_tile_size": 256,
     "recompute_tile_size": 768,
     "reps": 2,
