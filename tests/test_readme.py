@@ -93,11 +93,11 @@ def test_every_python_block_is_tested():
     assert sorted(readme_blocks()) == sorted(SMALL)
 
 
-def write_slide(path: str) -> None:
+def write_slide(path: str, size: tuple[int, int] = (300, 233)) -> None:
     """A small tiled RGB TIFF with one pyramid level below it."""
     tifffile = pytest.importorskip("tifffile")
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (300, 233, 3), dtype=np.uint8)
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
     with tifffile.TiffWriter(path) as tif:
         tif.write(image, tile=(64, 64), photometric="rgb", subifds=1)
         tif.write(image[::2, ::2].copy(), tile=(64, 64), photometric="rgb", subfiletype=1)
@@ -111,7 +111,8 @@ def test_readme_block_runs(name, tmp_path, monkeypatch, capsys):
         code = code.replace(old, new)
     monkeypatch.chdir(tmp_path)
     if name == "slides":
-        write_slide("slide.tif")
+        for path, size in (("slide.tif", (300, 233)), ("a.tif", (300, 233)), ("b.tif", (280, 251))):
+            write_slide(path, size)
     torch.manual_seed(0)
     namespace: dict = {"__name__": f"readme_{name}"}
     exec(compile(code, f"README.md:{name}", "exec"), namespace)
