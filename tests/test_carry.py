@@ -18,7 +18,15 @@ from zoo import build as build_zoo
 import fxstream
 from fxstream.tiling import cell_boundaries, plan_shape
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 by default inside this module's tests only: a module-level set_default_dtype
+    would change the default for every test collected after it (test_amp, test_auto)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _carry(model, tile, **kwargs):
