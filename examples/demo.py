@@ -1,22 +1,33 @@
-"""fxstream demo: train ResNet-18 on a large image tile by tile, exactly.
+"""fxstream demo: one training step of ResNet-18, plain and streamed: same gradients, less memory.
 
-What it shows, on synthetic data (no downloads, CPU is enough):
+What it shows, on synthetic data (no downloads, a CPU is enough), in one to two minutes on 2 CPU cores:
 
 1. The plan: ``fxstream.compile`` finds the trunk of a torchvision ResNet-18 (everything
-   before the global average pool), its receptive field and stride, and the block of
-   trunk-output pixels that one input tile of ``--tile-size`` pixels yields. For a given
-   image it cuts the trunk output into a grid of such blocks; ``h`` (halo overhead) is the
-   work of all tiles divided by one whole-image pass.
+   before the global average pool), its receptive field and stride, and how an image is cut
+   into tiles. With the default carry schedule a tile may be smaller than the receptive
+   field (435 px here): each tile reads thin stripes that earlier tiles left.
 2. Exactness: in float64, the streamed model's output, its input gradient and every
-   parameter gradient match plain autograd to rounding error (~1e-15).
-3. Memory: the peak memory of one float32 training step (forward + backward), measured
-   for plain autograd and for fxstream, each in a fresh subprocess. Plain autograd keeps
-   every activation of the whole image; fxstream keeps those of one tile.
+   parameter gradient match plain autograd to rounding error (~1e-15), on several tiles.
+3. Memory: the peak memory of one float32 training step (forward + backward), plain
+   autograd against fxstream, each measured in a fresh subprocess. Plain autograd keeps
+   every activation of the whole image; fxstream keeps those of one tile (plus stripes and
+   a second buffer of the trunk's parameter gradients), so the gap grows with the image
+   (``--size 2048x1536``: about 3x).
+4. Time: plain and streamed steps timed in this process, alternating, so that both see the
+   same machine load. The carry schedule computes every activation once in the forward
+   pass and once more in the backward recomputation: about 4/3 of a plain step's
+   arithmetic, plus the stripe copies and the overhead of many smaller convolutions, which
+   the measured ratio includes. ``--compare-recompute`` also times the recompute schedule
+   (independent tiles, each recomputing its halo; predicted (1 + 3h) / 3), at a tile larger
+   than the receptive field, which it needs.
 
 The model is in eval mode (streaming needs a local trunk, so BatchNorm uses its running
 statistics, which are randomised a little so that every gradient is non-trivial).
 
-Usage: python examples/demo.py [--size HxW] [--check-size HxW] [--tile-size T] [--quick]
+CPU steps run on one thread per process by default (``--threads``; see THREADS_NOTE).
+
+Usage: python examples/demo.py [--size HxW] [--check-size HxW] [--tile-size T] [--reps R]
+       [--threads N] [--compare-recompute] [--recompute-tile-size T] [--quick]
 """
 
 from __future__ import annotations
@@ -37,17 +48,36 @@ from torch import nn
 import fxstream
 
 TOLERANCE = 1e-10  # float64: streamed and whole-image differ only in summation order
-# The exactness image is taller than the tile, so that it is cut into several tiles (an
-# image axis that fits in one tile is not cut).
-DEFAULTS = {"size": "2048x1536", "check_size": "1000x709", "tile_size": 768}
-QUICK = {"size": "300x233", "check_size": "500x233", "tile_size": 480}
+# The exactness image is cut into 2x1 tiles; the measured image into 5x4 (carry) and 3x2
+# (recompute, which needs tiles larger than the receptive field).
+DEFAULTS = {
+    "size": "1280x960",
+    "check_size": "300x233",
+    "tile_size": 320,
+    "check_tile_size": 256,
+    "recompute_tile_size": 768,
+    "reps": 2,
+}
+QUICK = {
+    "size": "300x233",
+    "check_size": "300x233",
+    "tile_size": 224,
+    "check_tile_size": 224,
+    "recompute_tile_size": 480,
+    "reps": 1,
+}
 # The CPU memory measure is the process's peak resident set size. glibc normally keeps
 # freed blocks below an adaptive threshold (up to 32 MiB) in its heap, so the RSS of a
 # process that allocates many tile-sized tensors counts memory torch has already freed.
 # A fixed threshold makes every block of 256 KiB or more its own mapping, returned to the
 # OS when torch frees it: RSS then follows the memory torch holds. Each fresh mapping costs
-# page faults, though, so the time per step is taken from a run with the default settings.
+# page faults, so the times are measured in this process, with the default settings.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}
+# THREADS_NOTE: on a CPU shared with other jobs, a multi-threaded (OpenMP) step waits at
+# every op's barrier for threads that the kernel has descheduled. A streamed step runs many
+# more, smaller ops than a plain one, so it pays this far more often: on a 2-core machine
+# with a load average of 5, two threads made the streamed step 12x a plain one, one thread
+# 1.3x. One thread per process (the default here) measures the schedules, not the contention.
 
 
 # --- Setup -------------------------------------------------------------------------------
@@ -55,15 +85,18 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", metavar="HxW", help=f"image of the memory and time measurement ({DEFAULTS['size']})")
+    parser.add_argument("--check-size", metavar="HxW", help=f"image of the float64 check ({DEFAULTS['check_size']})")
+    parser.add_argument("--tile-size", type=int, metavar="T", help=f"carry tile edge, px ({DEFAULTS['tile_size']})")
+    parser.add_argument("--check-tile-size", type=int, metavar="T", help="carry tile edge of the float64 check (256)")
     parser.add_argument(
-        "--size", metavar="HxW", help=f"image of the memory/time measurement (default {DEFAULTS['size']})"
+        "--recompute-tile-size", type=int, metavar="T", help=f"recompute tile edge ({DEFAULTS['recompute_tile_size']})"
     )
+    parser.add_argument("--reps", type=int, metavar="R", help="timed steps per method; the fastest counts (2)")
     parser.add_argument(
-        "--check-size", metavar="HxW", help=f"image of the float64 exactness check (default {DEFAULTS['check_size']})"
+        "--threads", type=int, default=1, metavar="N", help="CPU threads per process (default 1; see THREADS_NOTE)"
     )
-    parser.add_argument(
-        "--tile-size", type=int, metavar="T", help=f"input tile edge in pixels (default {DEFAULTS['tile_size']})"
-    )
+    parser.add_argument("--compare-recompute", action="store_true", help="also time the recompute schedule")
     parser.add_argument("--quick", action="store_true", help="small images, for a fast smoke test")
     parser.add_argument("--measure", choices=["plain", "streamed"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -116,27 +149,27 @@ def training_step(net: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torc
     return out.detach()
 
 
+def fmt(values) -> str:
+    return "x".join(str(v) for v in values)
+
+
 # --- 1. The plan ---------------------------------------------------------------------------
 
 
-def print_plan(smodel: fxstream.StreamedModule, sizes: list[tuple[int, int]]) -> None:
-    plan = smodel.plan
+def print_plan(args: argparse.Namespace, carry: fxstream.StreamedModule, recompute) -> None:
+    plan = carry.plan
     print("== 1. Plan ==")
     print(f"trunk: up to '{plan.boundary}' (the rest runs normally on the assembled feature map)")
     print(f"receptive field: {fmt(plan.receptive_field)} px, stride: {fmt(plan.stride)} px")
-    print(f"tile size {fmt(plan.tile_size)} px  ->  output block per tile: {fmt(plan.block)} px of the trunk output")
-    for size in dict.fromkeys(sizes):  # each distinct size once
-        shape = smodel.shape_plan(*size)
+    for name, smodel, tile in (("carry", carry, args.tile_size), ("recompute", recompute, args.recompute_tile_size)):
+        shape = smodel.shape_plan(*args.size)
         h = shape.halo_overhead
         print(
-            f"image {fmt(size)}: trunk output {fmt(shape.output_size)}, tile grid {fmt(shape.grid)} = "
-            f"{len(shape.tiles)} tiles, halo overhead h = {h:.2f}, FLOP ratio (1+3h)/3 = {(1 + 3 * h) / 3:.2f}x"
+            f"{name:<9} tile {tile} px, image {fmt(args.size)}: {fmt(shape.grid)} = {shape.num_tiles} tiles, "
+            f"h = {h:.2f}, step arithmetic {smodel.schedule.step_ratio(h):.2f}x plain"
         )
+    print("(h: pixels computed over all tiles / one whole-image pass; carry computes each once)")
     print()
-
-
-def fmt(values) -> str:
-    return "x".join(str(v) for v in values)
 
 
 # --- 2. Exactness --------------------------------------------------------------------------
@@ -144,17 +177,18 @@ def fmt(values) -> str:
 
 def check_exactness(args: argparse.Namespace) -> float:
     """Streamed vs plain in float64: output, input gradient, every parameter gradient."""
-    print(f"== 2. Exactness (float64, image {fmt(args.check_size)}) ==")
+    print(f"== 2. Exactness (float64, image {fmt(args.check_size)}, carry tile {args.check_tile_size}) ==")
     model = build_model(torch.float64)
-    smodel = fxstream.compile(model, tile_size=args.tile_size)
+    smodel = fxstream.compile(model, tile_size=args.check_tile_size)
     x, target = synthetic_batch(args.check_size, torch.float64)
     start = time.perf_counter()
     reference = gradients(model, model, x, target)
     streamed = gradients(smodel, model, x, target)
     errors = {name: rel_err(streamed[name], ref) for name, ref in reference.items()}
     worst = max(errors, key=errors.get)
+    tiles = smodel.shape_plan(*args.check_size).num_tiles
     print(f"compared {len(errors)} tensors: the output, the input gradient and {len(errors) - 2} parameter gradients")
-    print(f"  output {errors['output']:.1e}, input grad {errors['input grad']:.1e}, worst: {worst}")
+    print(f"  in {tiles} tiles; output {errors['output']:.1e}, input grad {errors['input grad']:.1e}, worst: {worst}")
     print(f"max relative error: {errors[worst]:.2e} (tolerance {TOLERANCE:.0e}; {time.perf_counter() - start:.1f} s)")
     print()
     return errors[worst]
@@ -176,7 +210,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
-# --- 3. Memory and time (each in a fresh subprocess) -----------------------------------------
+# --- 3. Memory (each in a fresh subprocess) -------------------------------------------------
 
 
 def measure_child(args: argparse.Namespace) -> None:
@@ -187,11 +221,8 @@ def measure_child(args: argparse.Namespace) -> None:
     with torch.no_grad():  # warm up kernels and thread pools on a tiny image (no grads kept)
         net(torch.zeros(1, 3, 64, 64, device=x.device))
     baseline = memory_now()
-    start = time.perf_counter()
     training_step(net, x, target)
-    sync()
-    seconds = time.perf_counter() - start
-    print(json.dumps({"peak_mib": (peak_memory() - baseline) / 2**20, "seconds": seconds}))
+    print(json.dumps({"peak_mib": (peak_memory() - baseline) / 2**20}))
 
 
 def memory_now() -> int:
@@ -216,16 +247,12 @@ def peak_memory() -> int:
         return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB elsewhere
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def run_child(mode: str, args: argparse.Namespace, env: dict) -> dict:
+def run_child(mode: str, args: argparse.Namespace) -> dict:
     """Run this script with ``--measure mode`` in a fresh process and parse its result."""
     script = os.path.abspath(__file__)
     command = [sys.executable, script, "--measure", mode, "--size", fmt(args.size), "--tile-size", str(args.tile_size)]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True, env={**os.environ, **env})
+    command += ["--threads", str(args.threads)]
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"the '{mode}' measurement failed (exit code {proc.returncode})")
@@ -233,74 +260,122 @@ def run_child(mode: str, args: argparse.Namespace, env: dict) -> dict:
 
 
 def measure_memory(args: argparse.Namespace) -> dict:
-    """Peak memory and time of one step, plain and streamed, each in fresh subprocesses."""
-    print(f"== 3. Memory and time of one training step (float32, image {fmt(args.size)}) ==")
-    cuda = torch.cuda.is_available()
-    retime = not cuda and not args.quick  # the fixed mmap threshold costs page faults: time a default run
-    if cuda:
-        print("memory: torch.cuda.max_memory_allocated() during the step, minus the memory allocated before it")
+    """Peak memory of one step, plain and streamed (carry), each in a fresh subprocess."""
+    print(f"== 3. Peak memory of one training step (float32, image {fmt(args.size)}, carry tile {args.tile_size}) ==")
+    if torch.cuda.is_available():
+        print("torch.cuda.max_memory_allocated() during the step, minus the memory allocated before it")
     else:
         malloc = " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
-        print("memory: peak RSS increase over a baseline taken after building the model and the input")
-        print("        (torch has no allocator counter on CPU; VmHWM of /proc/self/status, else ru_maxrss),")
-        print(f"        with {malloc} so that the tensors torch frees leave the RSS")
-    if retime:
-        print("time:   a second run with the default malloc settings (the fixed threshold costs page faults)")
+        print("peak RSS increase over a baseline taken after building the model and the input")
+        print(f"(VmHWM of /proc/self/status), each in a fresh process with {malloc}")
     results = {}
     for mode in ("plain", "streamed"):
-        result = run_child(mode, args, MALLOC_ENV)
-        if retime:
-            result["seconds"] = run_child(mode, args, {})["seconds"]
-        results[mode] = result
-        print(f"  {mode:<9} peak +{result['peak_mib']:5.0f} MiB   {result['seconds']:5.1f} s/step")
+        results[mode] = run_child(mode, args)["peak_mib"]
+        print(f"  {mode:<9} peak +{results[mode]:5.0f} MiB")
     print()
     return results
+
+
+# --- 4. Time (in this process, alternating) -----------------------------------------------
+
+
+def measure_time(args: argparse.Namespace) -> dict:
+    """Seconds per float32 training step: the fastest of ``reps`` steps per method, the
+    methods alternating in each round so that a change of machine load hits them all."""
+    print(f"== 4. Time of one training step (float32, image {fmt(args.size)}, this process) ==")
+    model = build_model(torch.float32)
+    nets = {
+        "plain": model,
+        "carry": fxstream.compile(model, tile_size=args.tile_size),
+    }
+    if args.compare_recompute:
+        nets["recompute"] = fxstream.compile(model, tile_size=args.recompute_tile_size, schedule="recompute")
+    x, target = synthetic_batch(args.size, torch.float32)
+    with torch.no_grad():  # warm up kernels and thread pools
+        for net in nets.values():
+            net(torch.zeros(1, 3, 64, 64, device=x.device))
+    times = {name: float("inf") for name in nets}
+    for _ in range(args.reps):
+        for name, net in nets.items():
+            model.zero_grad(set_to_none=True)
+            sync()
+            start = time.perf_counter()
+            training_step(net, x, target)
+            sync()
+            times[name] = min(times[name], time.perf_counter() - start)
+    for name, seconds in times.items():
+        print(f"  {name:<9} {seconds:6.2f} s/step   ({seconds / times['plain']:.2f}x plain)")
+    print(f"(the fastest of {args.reps} steps each; {os.cpu_count()} CPUs, load average {load_average()})")
+    print()
+    return {"times": times, "nets": nets}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 # --- Summary -------------------------------------------------------------------------------
 
 
-def print_summary(args: argparse.Namespace, smodel, error: float, results: dict) -> None:
-    plain, streamed = results["plain"], results["streamed"]
-    h = smodel.shape_plan(*args.size).halo_overhead
-    rows = [
-        ("peak memory (MiB)", f"{plain['peak_mib']:.0f}", f"{streamed['peak_mib']:.0f}"),
-        ("time per step (s)", f"{plain['seconds']:.1f}", f"{streamed['seconds']:.1f}"),
-        ("max rel. error, float64", "(reference)", f"{error:.1e}"),
-    ]
+def print_summary(args: argparse.Namespace, error: float, memory: dict, timing: dict) -> None:
+    times, nets = timing["times"], timing["nets"]
+    h = nets["carry"].shape_plan(*args.size).halo_overhead
     print("== Summary ==")
-    print(f"ResNet-18, one training step on {fmt(args.size)}, tile size {args.tile_size}:")
-    print(f"  {'':<24} {'plain autograd':>14} {'fxstream':>14}")
-    for name, a, b in rows:
-        print(f"  {name:<24} {a:>14} {b:>14}")
+    print(f"ResNet-18, one float32 training step on {fmt(args.size)}:")
+    print(f"  {'':<26} {'plain autograd':>15} {'fxstream carry':>15}")
+    print(f"  {'peak memory (MiB)':<26} {memory['plain']:>15.0f} {memory['streamed']:>15.0f}")
+    print(f"  {'time per step (s)':<26} {times['plain']:>15.2f} {times['carry']:>15.2f}")
+    print(f"  {'max rel. error, float64':<26} {'(reference)':>15} {error:>15.1e}")
     print(
-        f"  peak memory plain / fxstream = {plain['peak_mib'] / streamed['peak_mib']:.1f}x; time fxstream / plain = "
-        f"{streamed['seconds'] / plain['seconds']:.1f}x (FLOP ratio estimate (1+3h)/3 = {(1 + 3 * h) / 3:.2f}x)"
+        f"  peak memory plain / fxstream = {memory['plain'] / memory['streamed']:.1f}x with tile {args.tile_size}; "
+        f"time fxstream / plain = {times['carry'] / times['plain']:.2f}x "
+        f"(arithmetic alone: {nets['carry'].schedule.step_ratio(h):.2f}x)"
     )
+    if "recompute" in nets:
+        h = nets["recompute"].shape_plan(*args.size).halo_overhead
+        print(
+            f"  recompute schedule, tile {args.recompute_tile_size}: time {times['recompute'] / times['plain']:.2f}x "
+            f"plain (arithmetic alone: (1+3h)/3 = {nets['recompute'].schedule.step_ratio(h):.2f}x, h = {h:.2f})"
+        )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # show progress when piped too
+    if device().type == "cpu":
+        torch.set_num_threads(args.threads)
     if args.measure:
         measure_child(args)
         return 0
+    start = time.perf_counter()
     print(
         f"fxstream {fxstream.__version__}, torch {torch.__version__}, device {device()}, "
         f"{torch.get_num_threads()} threads\n"
     )
     try:
-        smodel = fxstream.compile(build_model(), tile_size=args.tile_size)
+        model = build_model()
+        carry = fxstream.compile(model, tile_size=args.tile_size)
+        recompute = fxstream.compile(model, tile_size=args.recompute_tile_size, schedule="recompute")
     except fxstream.FxStreamError as exc:
         print(f"fxstream.compile failed: {exc}", file=sys.stderr)
         return 2
-    print_plan(smodel, [args.check_size, args.size])
+    print_plan(args, carry, recompute)
     error = check_exactness(args)
     if not error < TOLERANCE:
         print(f"FAILED: max relative error {error:.2e} is not below {TOLERANCE:.0e}", file=sys.stderr)
         return 1
-    results = measure_memory(args)
-    print_summary(args, smodel, error, results)
+    memory = measure_memory(args)
+    timing = measure_time(args)
+    print_summary(args, error, memory, timing)
+    print(f"\n(demo took {time.perf_counter() - start:.0f} s)")
     return 0
 
 
