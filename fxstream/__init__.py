@@ -21,7 +21,7 @@ from .errors import (
 from .module import StreamedModule, compile
 from .plan import Plan
 from .progress import StreamStats
-from .schedule import Schedule
+from .schedule import Schedule, ScheduleError
 from .slides import SlideArray, SlideDataset, open_image
 from .tiling import ShapePlan
 from .trace import trace
@@ -44,6 +44,7 @@ __all__ = [
     "Plan",
     "ShapePlan",
     "Schedule",
+    "ScheduleError",
     "FxStreamError",
     "UnsupportedOpError",
     "TraceError",

@@ -12,9 +12,9 @@
   the cut reads a node before it): for each cumulative stride, the last such node, and
   the whole trunk. A cut streams the prefix and runs the rest with plain autograd on
   the assembled (low-resolution) feature map. Predicted time, in forward FLOPs of the
-  whole-image trunk: the streamed part costs ``4 * h * F_prefix`` (this runtime runs
-  each tile forward, then recomputes it and back-propagates: ``h + h + 2h``, with ``h``
-  the FLOP-weighted halo overhead), the rest ``3 * F_rest``. The fastest candidate
+  whole-image trunk: the streamed part costs ``4 * h * F_prefix`` (each tile runs forward,
+  then is recomputed and back-propagated: ``h + h + 2h``, with ``h`` the FLOP-weighted halo
+  overhead of the schedule's tiles; ``h = 1`` under carry), the rest ``3 * F_rest``. The fastest candidate
   whose predicted peak fits the budget wins.
 """
 

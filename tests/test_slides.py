@@ -127,7 +127,7 @@ def _zarr(x, tmp_path):
 
 
 @pytest.mark.parametrize("make_array", [_numpy, _memmap, _zarr], ids=["numpy", "memmap", "zarr"])
-def test_array_like_equals_tensor(make_array, tmp_path):
+def test_array_like_equals_tensor(schedule, make_array, tmp_path):
     model = make()
     smodel = fxstream.compile(model, tile_size=14)
     x = torch.randn(2, 3, 37, 29, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -140,7 +140,7 @@ def test_array_like_equals_tensor(make_array, tmp_path):
 @pytest.mark.parametrize(
     ("level", "cache_bytes"), [(0, slides.DEFAULT_CACHE_BYTES), (1, slides.DEFAULT_CACHE_BYTES), (0, 0)]
 )
-def test_tiff_pyramid_level_equals_tensor(tmp_path, level, cache_bytes):
+def test_tiff_pyramid_level_equals_tensor(schedule, tmp_path, level, cache_bytes):
     """uint8 RGB pyramid, per-tile Normalize; aligned (cached) and direct reads."""
     rng = np.random.default_rng(level)
     path = tmp_path / "slide.tif"
@@ -287,7 +287,7 @@ def test_no_input_gradient_for_array_likes():
 
 
 @pytest.mark.parametrize("whole_batch_head", [False, True])
-def test_list_batch_of_array_likes(tmp_path, whole_batch_head):
+def test_list_batch_of_array_likes(schedule, tmp_path, whole_batch_head):
     """Images of different kinds (and sizes, unless the head takes the whole batch) as one
     batch: the gradients of the same list of tensors, and of the plain model; a label
     tensor is split per image."""
