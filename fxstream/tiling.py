@@ -46,6 +46,7 @@ from .plan import (
     Plan,
     TrunkGeometry,
     _fmt,
+    _hull,
     _non_empty,
     _resample_entry,
     _window_entry,
@@ -230,14 +231,6 @@ def _walk(geo: TrunkGeometry, sizes: dict, axis: int, block: Pair) -> tuple[dict
             need[producer] = _hull(src, old) if old is not None else src
     need[geo.image] = _non_empty(need[geo.image], sizes[geo.image][axis])
     return need, raw
-
-
-def _hull(a: g.Interval, b: g.Interval) -> g.Interval:
-    if a.is_empty():
-        return b
-    if b.is_empty():
-        return a
-    return a.hull(b)
 
 
 def _recompute_axis(geo: TrunkGeometry, sizes: dict, axis: int, block: Pair) -> AxisTile:
