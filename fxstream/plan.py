@@ -555,11 +555,3 @@ def node_windows(geo: TrunkGeometry, input_size: tuple[int, ...], block: tuple[P
     need, raw = _regions(geo, sizes, tuple(g.Interval(lo, hi) for lo, hi in block))
     pairs = lambda intervals: tuple((int(r.lo), int(r.hi)) for r in intervals)  # noqa: E731
     return {name: pairs(region) for name, region in need.items()}, {k: pairs(v) for k, v in raw.items() if k[0]}
-
-
-def tile_splits(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...]) -> list[list[Pair]]:
-    """Per spatial axis, the trunk-output blocks ``(lo, hi)`` that :func:`plan_shape` cuts an
-    input of ``input_size`` into; the tiles are their products (read-only; for the memory model)."""
-    geo = resolved(geo, tuple(input_size))
-    splits = _splits(geo, plan, node_sizes(geo, tuple(input_size)))
-    return [[(int(r.lo), int(r.hi)) for r in split] for split in splits]
