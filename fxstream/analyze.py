@@ -50,12 +50,17 @@ class Analysis:
     image: fx.Node  # the image placeholder
     trunk: list  # spatial fx.Nodes computed per tile (image excluded)
     constants: list  # const fx.Nodes the trunk needs
-    output: fx.Node  # the trunk output (last streamed node)
+    outputs: tuple  # the trunk outputs the rest of the model reads, in topological order
     verdicts: dict  # fx.Node -> ops.Local | ops.Window
     layouts: dict  # fx.Node -> ops.Layout
     ndim: int
     dynamic: frozenset = frozenset()  # trunk nodes whose window depends on spatial sizes
     size_nodes: list = None  # shape/size fx.Nodes the dynamic nodes and size guards need, in graph order
+
+    @property
+    def output(self) -> fx.Node:
+        """The primary trunk output (the last in topological order): the tiles are its blocks."""
+        return self.outputs[-1]
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -67,8 +72,11 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     return dag
 
 
-def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | None = None) -> Analysis:
-    """Find the trunk. ``ndim_hint`` (from a per-dim tile_size) is used only when no
+def analyze(
+    gm: fx.GraphModule, boundary: str | tuple[str, ...] | None = None, ndim_hint: int | None = None
+) -> Analysis:
+    """Find the trunk. ``boundary``: the last streamed op, or several (one per trunk output);
+    the trunk is what they need. ``ndim_hint`` (from a per-dim tile_size) is used only when no
     convolution or pooling op tells the number of spatial dims."""
     graph = gm.graph
     dag = to_networkx(graph)
@@ -81,9 +89,11 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
     dag = to_networkx(graph)
     ndim = infer_ndim(gm, image, dag) or ndim_hint or 2
     scope = None
+    if isinstance(boundary, str):
+        boundary = (boundary,)
     if boundary is not None:
-        end = find_boundary(gm, boundary)
-        scope = nx.ancestors(dag, end) | {end}
+        ends = {spec: find_boundary(gm, spec) for spec in boundary}
+        scope = set().union(*(nx.ancestors(dag, end) | {end} for end in ends.values()))
     _record_constant_shapes(gm, dag)
     states: dict = {}
     verdicts: dict = {}
@@ -97,21 +107,22 @@ def analyze(gm: fx.GraphModule, boundary: str | None = None, ndim_hint: int | No
     trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
     if boundary is not None:
         trunk_nodes &= scope
-        if end not in trunk_nodes:
-            raise BoundaryError(
-                f"boundary={boundary!r} resolves to node '{end.name}', which is not a full-resolution "
-                "tensor computed from the image; name a convolution, activation or block output"
-            )
-    output = _trunk_output(trunk_nodes, states, dag)
-    check_inplace_state(gm, output)
-    needed = nx.ancestors(dag, output) | {output}
+        for spec, end in ends.items():
+            if end not in trunk_nodes:
+                raise BoundaryError(
+                    f"boundary={spec!r} resolves to node '{end.name}', which is not a full-resolution "
+                    "tensor computed from the image; name a convolution, activation or block output"
+                )
+    outputs = _trunk_outputs(trunk_nodes, states, dag, graph)
+    check_inplace_state(gm, outputs[-1])
+    needed = set(outputs).union(*(nx.ancestors(dag, o) for o in outputs))
     trunk = [n for n in graph.nodes if n in trunk_nodes and n in needed]
     constants = [n for n in graph.nodes if states.get(n) in (CONST, SHAPE) and n in needed and n.op != "output"]
     dynamic = frozenset(n for n in trunk if n in dynamic)
     guards = [n for n in graph.nodes if n.op == "call_function" and n.target is size_guard and states.get(n) == SIZE]
     size_needed = set(guards).union(*(nx.ancestors(dag, n) for n in list(dynamic) + guards))
     size_nodes = [n for n in graph.nodes if n in size_needed and states.get(n) in (SIZE, SHAPE)]
-    return Analysis(gm, image, trunk, constants, output, verdicts, layouts, ndim, dynamic, size_nodes)
+    return Analysis(gm, image, trunk, constants, outputs, verdicts, layouts, ndim, dynamic, size_nodes)
 
 
 def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> int | None:
@@ -249,8 +260,9 @@ def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, imag
     prefix = diagnose.largest_prefix(gm, states, verdicts, image)
     if prefix is None:
         return err
-    message = f"{err}\n  largest streamable prefix: {prefix}"
-    return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op)
+    spec, described = prefix
+    message = f"{err}\n  largest streamable prefix: {described}"
+    return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op, boundary=spec)
 
 
 def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
@@ -350,17 +362,12 @@ def _unsupported(node: fx.Node, module, reason: str, fix: str) -> UnsupportedOpE
     return UnsupportedOpError(message, node=node.name, module_path=module_path(node), op=op)
 
 
-def _trunk_output(trunk: set, states: dict, dag: nx.DiGraph) -> fx.Node:
-    """The one trunk node the head reads. Size queries do not count as uses: those of
-    batch/channel dims (const) are evaluated per tile, those of spatial dims per input size."""
+def _trunk_outputs(trunk: set, states: dict, dag: nx.DiGraph, graph: fx.Graph) -> tuple:
+    """The trunk nodes the rest of the model reads, in topological order: each is streamed
+    and assembled whole. Size queries do not count as uses: those of batch/channel dims
+    (const) are evaluated per tile, those of spatial dims per input size."""
     metadata = (CONST, SHAPE, SIZE)
-    outputs = [n for n in trunk if any(u not in trunk and states.get(u) not in metadata for u in dag.successors(n))]
-    if not outputs:
+    used = {n for n in trunk if any(u not in trunk and states.get(u) not in metadata for u in dag.successors(n))}
+    if not used:
         raise BoundaryError("nothing to stream: no full-resolution op reads the image before the first global op")
-    if len(outputs) > 1:
-        names = ", ".join(sorted(f"'{n.name}'" for n in outputs))
-        raise BoundaryError(
-            f"the streamed trunk has several outputs that the rest of the model uses ({names}); "
-            "fxstream streams one trunk output. Pass boundary=<one of them> to stream a prefix."
-        )
-    return outputs[0]
+    return tuple(n for n in graph.nodes if n in used)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .errors import TileSizeError
+from .errors import TileSizeError, UnsupportedOpError
 from .memory import MemoryModel, block_for, parameter_bytes
 from .module import build_program
 from .nodestats import TrunkStats, measure
@@ -100,7 +100,7 @@ def choose(
         raise TileSizeError(f"memory_budget: {exc}") from None
     auto_tile = tile_size == "auto"
     probe_tile = (1 << 20) if auto_tile else tile_size
-    program = build_program(model, probe_tile, None if boundary == "auto" else boundary, schedule)
+    program = _program(model, probe_tile, boundary, schedule)
     schedule = program.schedule
     geo = program.geometry
     spatial = tuple(input_shape[2:])
@@ -144,6 +144,19 @@ def choose(
         chosen_boundary = boundary
     reason = _reason(best, candidates, budget, auto_tile, boundary == "auto")
     return Choice(best.tile, chosen_boundary, reason, tuple(candidates))
+
+
+def _program(model: nn.Module, tile, boundary, schedule):
+    """The program whose trunk the choice cuts: with ``boundary="auto"``, the whole local
+    trunk, or where a non-local op sits inside it, its largest streamable prefix."""
+    if boundary != "auto":
+        return build_program(model, tile, boundary, schedule)
+    try:
+        return build_program(model, tile, None, schedule)
+    except UnsupportedOpError as err:
+        if err.boundary is None:
+            raise
+        return build_program(model, tile, err.boundary, schedule)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -247,15 +260,17 @@ def cut_candidates(geo: TrunkGeometry, plan) -> list[str]:
 
 
 def prefix_geometry(geo: TrunkGeometry, cut: str) -> TrunkGeometry:
-    """The trunk up to the separating node ``cut``, as its own geometry."""
+    """The trunk up to the separating node ``cut``, as its own geometry: its outputs are
+    the trunk outputs before ``cut`` and ``cut`` itself."""
     if cut == geo.output:
         return geo
     names = [s.name for s in geo.steps]
     steps = geo.steps[: names.index(cut) + 1]
     kept = {s.name for s in steps}
-    slots = tuple(s for s in geo.slots if s.consumer in kept) + (Slot("window", "", cut),)
+    outputs = tuple(o for o in geo.outputs if o in kept and o != cut) + (cut,)
+    slots = tuple(s for s in geo.slots if s.consumer in kept) + tuple(Slot("window", "", o) for o in outputs)
     dims = tuple((n, d) for n, d in geo.dims if n in kept or n == geo.image)
-    return dataclasses.replace(geo, output=cut, steps=steps, dims=dims, slots=slots)
+    return dataclasses.replace(geo, output=cut, steps=steps, dims=dims, slots=slots, outputs=outputs)
 
 
 def _reason(best: Candidate, candidates: list, budget: int, auto_tile: bool, auto_boundary: bool) -> str:

@@ -90,7 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="T",
         help="tile edge in pixels (halo included): T, T1,T2 per spatial dim, or 'auto' (needs --memory-budget)",
     )
-    plan.add_argument("--boundary", metavar="NODE", help="node or module path of the last streamed op, or 'auto'")
+    plan.add_argument(
+        "--boundary",
+        metavar="NODE",
+        help="node or module path of the last streamed op, several separated by commas (one per trunk output), "
+        "or 'auto'",
+    )
     plan.add_argument(
         "--schedule", choices=["carry", "recompute"], default=None, help="how the tiles run (default: carry)"
     )
@@ -119,6 +124,8 @@ def plan_command(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     model.train(args.train)
     boundary = args.boundary
+    if boundary is not None and "," in boundary:
+        boundary = [part.strip() for part in boundary.split(",")]
     reason = ""
     if tile_size == "auto" or boundary == "auto":
         if budget is None:
@@ -155,7 +162,7 @@ def _render(fmt: str, data: dict, smodel, reason: str) -> str:
     if fmt == "dot":
         program = smodel.program()
         trunk = {n.name for n in program.analysis.trunk}
-        return render.dot(program.analysis.gm.graph, trunk, program.geometry.image, program.plan.boundary)
+        return render.dot(program.analysis.gm.graph, trunk, program.geometry.image, program.geometry.outputs)
     split = split_lines(data["split"]) if data.get("split") else []
     return (reason + "\n\n" if reason else "") + "\n".join([render.text(data), *split]) + "\n"
 

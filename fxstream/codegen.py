@@ -73,8 +73,11 @@ def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
             env[node] = _emit_window(graph, node, verdict, windows[verdict.input], env, geometry, geo)
         if node.name in producers:  # its region: its cell, and under carry the stripes of earlier tiles
             env[node] = graph.call_method("region", (carry, node.name, env[node]))
-    spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", "", analysis.output.name)))
-    graph.output(graph.call_function(runtime.window, (env[analysis.output], spec)))
+    blocks = []
+    for output in analysis.outputs:  # each output cropped to its block
+        spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", "", output.name)))
+        blocks.append(graph.call_function(runtime.window, (env[output], spec)))
+    graph.output(blocks[0] if len(blocks) == 1 else tuple(blocks))
     graph.lint()
     return graph
 
@@ -96,32 +99,47 @@ def _value(graph: fx.Graph, value: Any, env: dict) -> Any:
 
 
 def outer_graph(analysis: Analysis) -> fx.Graph:
+    """The model with its trunk replaced by one ``fxstream_trunk`` call, made where the
+    first trunk output was (with several outputs, the head reads item ``i`` of its tuple)."""
     graph = fx.Graph()
     env: dict = {}
     head = _head_nodes(analysis)
+    outputs = analysis.outputs
     for node in analysis.gm.graph.nodes:
-        if node is analysis.output:
-            env[node] = graph.call_module("fxstream_trunk", (env[analysis.image],))
+        if node is outputs[0]:
+            trunk = graph.call_module("fxstream_trunk", (env[analysis.image],))
+            for i, output in enumerate(outputs):
+                env[output] = trunk if len(outputs) == 1 else graph.call_function(operator.getitem, (trunk, i))
         elif node in head:
             env[node] = graph.node_copy(node, lambda n: env[n])
+    _restore_output_type(graph, analysis.gm.meta.get("fxstream_output_type"))
     graph.lint()
     return graph
 
 
+def _restore_output_type(graph: fx.Graph, output_type) -> None:
+    """torch.fx returns a traced ``OrderedDict`` as a plain dict: rebuild it as the model does."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    value = output.args[0]
+    if output_type is None or not isinstance(value, dict):
+        return
+    with graph.inserting_before(output):
+        rebuilt = graph.call_function(output_type, (tuple(value.items()),))
+    output.args = (rebuilt,)
+
+
 def _head_nodes(analysis: Analysis) -> set:
-    """The nodes the graph output needs, given the trunk output as a computed value."""
+    """The nodes the graph output needs, given the trunk outputs as computed values."""
     trunk = set(analysis.trunk)
+    outputs = set(analysis.outputs)
     needed: set = set()
     stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")]
     while stack:
         node = stack.pop()
-        if node in needed or node is analysis.output:
+        if node in needed or node in outputs:
             continue
-        if node in trunk:
-            raise BoundaryError(
-                f"the rest of the model uses '{node.name}', an intermediate trunk tensor, besides the trunk "
-                f"output '{analysis.output.name}'. Pass boundary=... to stream a prefix that ends there."
-            )
+        if node in trunk:  # cannot happen: analyze makes every trunk node the head reads an output
+            raise BoundaryError(f"planner: the rest of the model reads '{node.name}', which is not a trunk output")
         needed.add(node)
         stack.extend(node.all_input_nodes)
     return needed
@@ -171,7 +189,8 @@ class StreamedTrunk(nn.Module):
         self.schedule = as_schedule(schedule)
         self.settings = settings if settings is not None else runtime.StreamSettings()
         self.input_dims = geometry.axis_dims(geometry.image)
-        self.output_dims = geometry.axis_dims(geometry.output)
+        self.output_dims = geometry.axis_dims(geometry.output)  # of the primary output
+        self.outputs_dims = tuple(geometry.axis_dims(o) for o in geometry.outputs)
         self.node_dims = {name: dims for name, dims in geometry.dims}
         self.random_ops = rng.rewrite_random(tile, geometry)
         self._shape_plans: OrderedDict = OrderedDict()
@@ -278,13 +297,21 @@ class StreamedTrunk(nn.Module):
         keyed = self.random_ops.keyed
         return rng.Draws(self.random_ops, lambda sp, i: sp.origins(i, keyed), self.compute_device(x))
 
-    def run_tile(self, x: torch.Tensor, tile, run, random=None) -> torch.Tensor:
+    @property
+    def multi_output(self) -> bool:
+        """Whether the trunk has several outputs (returned as a tuple, in ``geometry.outputs`` order)."""
+        return len(self.geometry.outputs) > 1
+
+    def run_tile(self, x: torch.Tensor, tile, run, random=None) -> tuple[torch.Tensor, ...]:
+        """The tile's block of every trunk output (a tuple, in ``geometry.outputs`` order)."""
         if self.random_ops.keyed:
-            block = self.tile(x, tile.geometry, run, random)
+            blocks = self.tile(x, tile.geometry, run, random)
         else:
-            block = self.tile(x, tile.geometry, run)
-        runtime.check_block(block, self.output_dims, tile)
-        return block
+            blocks = self.tile(x, tile.geometry, run)
+        blocks = blocks if self.multi_output else (blocks,)
+        for block, dims, box in zip(blocks, self.outputs_dims, tile.blocks):
+            runtime.check_block(block, dims, box)
+        return blocks
 
 
 def _cached(cache: OrderedDict, key, make):

@@ -79,9 +79,13 @@ def rejected_category(reason: str, module: nn.Module | None, node: fx.Node) -> s
     return None
 
 
-def largest_prefix(gm: fx.GraphModule, states: dict, verdicts: dict, image: fx.Node) -> str | None:
-    """``boundary='...' (stride s)`` for the largest streamable prefix (most trunk nodes) among
-    the trunk nodes classified so far, or None when there is none."""
+def largest_prefix(gm: fx.GraphModule, states: dict, verdicts: dict, image: fx.Node) -> tuple[str, str] | None:
+    """The largest streamable prefix (most trunk nodes) among the trunk nodes classified so
+    far, as ``(boundary, description)``, or None when there is none.
+
+    A prefix ends at one node. Its other nodes may be read by ops after the rejected one (not
+    classified yet): they become further trunk outputs, e.g. the stride-4 skip that a
+    DeepLabV3+ decoder reads besides the encoder output. Nothing else outside it may read them."""
     dag = nx.DiGraph()
     for node in gm.graph.nodes:
         for inp in node.all_input_nodes:
@@ -98,14 +102,22 @@ def largest_prefix(gm: fx.GraphModule, states: dict, verdicts: dict, image: fx.N
         if len(inside) <= best_size:
             continue
         leaks = any(
-            u not in inside and states.get(u) not in metadata for n in inside - {candidate} for u in dag.successors(n)
+            u not in inside and u in states and states[u] not in metadata
+            for n in inside - {candidate}
+            for u in dag.successors(n)
         )
         if not leaks and _strides(candidate, verdicts, image) is not None:
             best, best_size = candidate, len(inside)
     if best is None:
         return None
     stride = _strides(best, verdicts, image)
-    return f"boundary={_boundary_name(gm, best)!r} (node '{best.name}', stride {_fmt(stride)})"
+    inside = (nx.ancestors(dag, best) & spatial_set) | {best}
+    others = [n for n in spatial if n in inside - {best} and any(u not in inside for u in dag.successors(n))]
+    spec = _boundary_name(gm, best)
+    described = f"boundary={spec!r} (node '{best.name}', stride {_fmt(stride)})"
+    if others:
+        described += f"; it also streams {', '.join(repr(n.name) for n in others)}, which the rest reads"
+    return spec, described
 
 
 def _boundary_name(gm: fx.GraphModule, node: fx.Node) -> str:

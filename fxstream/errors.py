@@ -37,14 +37,16 @@ class UnsupportedOpError(FxStreamError):
     module inside the trunk (see ``docs/contract.md``).
 
     Attributes: ``node`` (FX node name), ``module_path`` (dotted path of the
-    module the op belongs to, or ``""``), ``op`` (a short description).
+    module the op belongs to, or ``""``), ``op`` (a short description), ``boundary``
+    (the ``boundary=`` of the largest streamable prefix, or None).
     """
 
-    def __init__(self, message: str, *, node: str = "", module_path: str = "", op: str = ""):
+    def __init__(self, message: str, *, node: str = "", module_path: str = "", op: str = "", boundary=None):
         super().__init__(message)
         self.node = node
         self.module_path = module_path
         self.op = op
+        self.boundary = boundary
 
 
 class BoundaryError(FxStreamError):

@@ -2,7 +2,7 @@
 as one differentiable ``autograd.Function``.
 
 Forward (no grad, raster order): each tile runs the generated tile code on its input crop
-and writes its block of the trunk output. Under the carry schedule it also stores the
+and writes its block of every trunk output. Under the carry schedule it also stores the
 stripes of its cells that later tiles read (:class:`Stripes`), and reads the stripes that
 earlier tiles stored. When gradients are wanted, the last tile runs with autograd and keeps
 its graph, so the backward pass does not recompute it.
@@ -10,7 +10,7 @@ its graph, so the backward pass does not recompute it.
 Backward (reverse raster order): each tile is recomputed with autograd, from its input crop
 and its stripes as detached leaves, and back-propagates
 
-* its block of the trunk-output gradient, and
+* its block of every trunk output's gradient, and
 * the *pending* gradients that later tiles sent to its cells (carry only),
 
 to the parameters, its input crop, and its stripe leaves. A stripe leaf's gradient is added
@@ -18,7 +18,7 @@ to the pending gradient of the cell it was cut from; that cell's tile runs later
 order, so its pending gradient is complete when it runs. Every use of every activation is
 back-propagated exactly once, so the summed gradients are the whole-image gradients (see
 the README's "Why it is exact"). Under the recompute schedule there are no stripes and no
-pending gradients: the tiles' output blocks partition the output gradient.
+pending gradients: the tiles' output blocks partition the output gradients.
 
 The recomputation re-enters the forward pass's autocast state and replays its random
 draws, so it computes exactly what the forward pass computed. The order of the backward
@@ -120,15 +120,16 @@ class _Kept:
     leaf: torch.Tensor
     leaves: dict
     run: TileRun
-    block: torch.Tensor
+    blocks: tuple
 
 
 class StreamFunction(torch.autograd.Function):
-    """Runs a trunk tile by tile. ``apply(x, trunk, shape_plan, *params)``.
+    """Runs a trunk tile by tile. ``apply(x, trunk, shape_plan, *params)``: the trunk output,
+    or a tuple of them when the trunk has several (``trunk.geometry.outputs``).
 
     ``x`` may live on another device than the trunk (a host-resident image): tiles are
     copied to the trunk's device one at a time, input gradients are assembled next to
-    ``x``, and the output is assembled on ``trunk.output_device`` (default: the trunk's
+    ``x``, and the outputs are assembled on ``trunk.output_device`` (default: the trunk's
     device)."""
 
     @staticmethod
@@ -142,20 +143,20 @@ class StreamFunction(torch.autograd.Function):
         wants_grad = any(ctx.needs_input_grad)
         ctx.positions = trunk.positions(shape_plan)  # all tiles, or this rank's bands
         keep = ctx.positions[-1] if wants_grad else None
-        ctx.store, ctx.kept, out = _run_forward(ctx, x, keep, advance=True, keep_store=wants_grad)
+        ctx.store, ctx.kept, outs = _run_forward(ctx, x, keep, advance=True, keep_store=wants_grad)
         if trunk.tile_group is not None:  # each rank wrote its blocks into zeros: sum them
-            out = trunk.tile_group.assemble(out)
-        return out
+            outs = tuple(trunk.tile_group.assemble(out) for out in outs)
+        return outs if trunk.multi_output else outs[0]
 
     @staticmethod
     @first_order  # create_graph=True raises ContractError
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_outs):
         # recompute with the members of the forward pass (functional_call may have restored others)
         with live.restored(ctx.members):
-            return _backward(ctx, grad_out)
+            return _backward(ctx, grad_outs)
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_outs: tuple):
     """The backward pass of :class:`StreamFunction` (see the module docstring)."""
     x, *params = ([ctx.image] if ctx.image is not None else []) + list(ctx.saved_tensors)
     trunk, shape_plan = ctx.trunk, ctx.shape_plan
@@ -179,23 +180,26 @@ def _backward(ctx, grad_out):
         for position, tile, crop in loaded:
             with torch.enable_grad(), ctx.autocast.restored():
                 if kept is not None and position == kept.position:
-                    leaf, leaves, run, block = kept.leaf, kept.leaves, kept.run, kept.block
+                    leaf, leaves, run, blocks = kept.leaf, kept.leaves, kept.run, kept.blocks
                     kept = None
                 else:
                     with _random_tile(ctx.random, shape_plan, position, advance=False) as random:
                         leaf = crop.requires_grad_(want_x)
                         leaves = _leaves(tile, store, True)
                         run = TileRun(tile, trunk.node_dims, leaves)
-                        block = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
-                outputs = [block]
-                grad_outputs = [crop_view(grad_out, trunk.output_dims, tile.block).to(block.device)]
+                        blocks = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
+                outputs = list(blocks)
+                grad_outputs = [
+                    crop_view(grad, dims, box).to(block.device)
+                    for grad, dims, box, block in zip(grad_outs, trunk.outputs_dims, tile.blocks, blocks)
+                ]
                 for name, grad in _pending_grads(pending.pop(position, {}), run, trunk.node_dims):
                     outputs.append(run.fresh[name])
                     grad_outputs.append(grad)
                 keys = list(leaves)
                 inputs = ([leaf] if want_x else []) + wanted + [leaves[k] for k in keys]
                 tile_grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
-            del block, outputs, grad_outputs, run
+            del blocks, outputs, grad_outputs, run
             if want_x:
                 crop_view(grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(grad_x.device))
             for i in range(len(wanted)):
@@ -217,12 +221,12 @@ def _backward(ctx, grad_out):
 
 def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> tuple:
     """Every tile in raster order, without autograd but for tile ``keep``: returns the stripe
-    store, the kept tile and the assembled output."""
+    store, the kept tile and the assembled outputs (a tuple)."""
     trunk, shape_plan = ctx.trunk, ctx.shape_plan
     stripes = trunk.stripes(shape_plan)
     device = trunk.compute_device(x)
     store: dict = {}
-    out, kept = None, None
+    outs, kept = None, None
     positions = ctx.positions
     tiles = trunk.tiles(x, shape_plan, device, "forward", positions)
     with torch.no_grad(), Timer(device) as timer:
@@ -235,17 +239,21 @@ def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> t
                     leaves = _leaves(tile, store, grad)
                     saves = stripes.saves[position] if stripes else None
                     run = TileRun(tile, trunk.node_dims, leaves, store, saves)
-                    block = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
+                    blocks = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
             if grad:
-                kept = _Kept(position, leaf, leaves, run, block)
+                kept = _Kept(position, leaf, leaves, run, blocks)
             if stripes and not keep_store:
                 _free(store, leaves, stripes.last_forward, position)
-            if out is None:  # zeros where other ranks' blocks go
+            if outs is None:  # zeros where other ranks' blocks go
                 partial = len(positions) < shape_plan.num_tiles
-                out = _allocate(block, trunk.output_dims, shape_plan.output_size, trunk.output_device, partial)
-            crop_view(out, trunk.output_dims, tile.block).copy_(block.detach())
+                outs = tuple(
+                    _allocate(block, dims, size, trunk.output_device, partial)
+                    for block, dims, size in zip(blocks, trunk.outputs_dims, shape_plan.output_sizes)
+                )
+            for out, block, dims, box in zip(outs, blocks, trunk.outputs_dims, tile.blocks):
+                crop_view(out, dims, box).copy_(block.detach())
     trunk.stats.record("forward", len(positions), timer.seconds, device)
-    return (store if keep_store else None), kept, out
+    return (store if keep_store else None), kept, outs
 
 
 def _leaves(tile, store: dict, grad: bool) -> dict:

@@ -10,7 +10,13 @@ So module hooks follow one rule:
   and its gradient (what Grad-CAM on the last convolution needs). When such a module's
   input is the image, its hooks also get the input (and forward-pre hooks may replace
   it); otherwise its input never exists whole: forward hooks get ``input=()``, full
-  backward hooks get ``grad_input=()``, and forward-pre hooks are rejected;
+  backward hooks get ``grad_input=()``, and forward-pre hooks are rejected.
+  A trunk with several outputs (e.g. ``layer1`` and ``layer4``) has one such module
+  chain per output, which fires with that output. There, where later trunk ops read an
+  output (``layer2`` reads ``layer1``), its modules' forward hooks may observe it but not
+  replace it (:class:`ContractError`), and backward hooks are rejected (the gradient
+  that flows inside the trunk never exists whole); forward-pre and backward hooks on a
+  module whose input is the image are rejected too;
 * hooks on ``torch.nn`` modules of the **head** fire as usual: the head runs
   unchanged on the assembled feature map;
 * hooks on any other module that computes part of the trunk, on head modules that
@@ -31,7 +37,7 @@ import torch.nn.modules.module as module_globals
 from torch.utils.hooks import BackwardHook
 
 from .analyze import Analysis
-from .errors import UnsupportedOpError, user_error
+from .errors import ContractError, UnsupportedOpError, user_error
 from .live import fetch
 
 _HOOK_SLOTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
@@ -45,10 +51,15 @@ _GLOBAL = (
 
 @dataclass(frozen=True)
 class OutputModule:
-    """A trunk-output module: its path, and whether its input is the image."""
+    """A trunk-output module: its path, whether its input is the image, which trunk output
+    it ends at (an index into ``Analysis.outputs``), whether the trunk has several outputs,
+    and whether later trunk ops read its output."""
 
     path: str
     takes_input: bool
+    index: int = 0
+    several: bool = False
+    consumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class HookRule:
 def hook_rule(analysis: Analysis) -> HookRule:
     """Classify every module of the traced model for the hook rule."""
     trunk = set(analysis.trunk)
+    outs = list(analysis.outputs)
     nodes: dict[str, list[fx.Node]] = {}
     repeated: set[str] = set()
     leaves: set[str] = set()
@@ -86,8 +98,16 @@ def hook_rule(analysis: Analysis) -> HookRule:
         if not streamed:
             if path not in leaves:
                 traced_head.append((path, members[0].name))
-        elif path not in repeated and len(streamed) == len(members) and members[-1] is analysis.output:
-            outputs.append(OutputModule(path, _reads_only_image(members, analysis)))
+        elif (
+            path not in repeated
+            and len(streamed) == len(members)
+            and members[-1] in outs
+            and sum(n in outs for n in members) == 1  # a module ending at one output, not at several
+        ):
+            end = members[-1]
+            consumed = any(u in trunk for u in end.users)
+            several = len(outs) > 1
+            outputs.append(OutputModule(path, _reads_only_image(members, analysis), outs.index(end), several, consumed))
         else:
             inside.append((path, streamed[0].name))
     outputs.sort(key=lambda m: m.path.count("."))
@@ -149,11 +169,23 @@ def check(rule: HookRule, root: nn.Module, source: nn.Module) -> None:
 
 def _check_output(module: nn.Module, out: OutputModule) -> None:
     problem = ""
+    backward = bool(module._backward_hooks or module._backward_pre_hooks)
     if module._backward_hooks and module._is_full_backward_hook is not True:
         problem, fix = "an old-style backward hook", "use register_full_backward_hook"
-    elif module._forward_pre_hooks and not out.takes_input:
+    elif module._forward_pre_hooks and (not out.takes_input or out.several):
         problem = "a forward-pre hook, but its input is inside the trunk and never exists whole"
+        if out.several:
+            problem = "a forward-pre hook, and the trunk has several outputs computed together"
         fix = f"pass boundary=... ending before '{out.path}' so that it runs on the whole feature map"
+    elif backward and out.consumed:
+        problem = (
+            "a backward hook, but later trunk ops read its output, so the gradient it would see is computed "
+            "tile by tile and never exists whole"
+        )
+        fix = f"pass boundary=... ending at '{out.path}' so that its readers run on the whole feature map"
+    elif backward and out.several and out.takes_input:
+        problem = "a backward hook, and its input (the image) feeds several trunk outputs computed together"
+        fix = "move the hook to a module that does not read the image, or to the head"
     if problem:
         raise user_error(
             UnsupportedOpError,
@@ -170,12 +202,52 @@ def _hooks(module: nn.Module) -> bool:
 
 def around(forward: Callable, root: nn.Module, rule: HookRule) -> Callable:
     """``forward`` (the streamed trunk's) wrapped to fire the trunk-output modules' hooks."""
+    if any(out.several for out in rule.outputs):
+        return _around_several(forward, root, rule)
     paths = [(out.path, out.takes_input) for out in rule.outputs]
 
     def hooked(x):
         layers = [(fetch(root, path), takes_input) for path, takes_input in paths]
         layers = [(m, takes_input) for m, takes_input in layers if _hooks(m)]
         return _call(layers, forward, x) if layers else forward(x)
+
+    return hooked
+
+
+def _around_several(forward: Callable, root: nn.Module, rule: HookRule) -> Callable:
+    """A trunk with several outputs: each output's modules fire (innermost first, outputs in
+    topological order, as on the plain model) with that output. :func:`check` has rejected
+    forward-pre hooks, and backward hooks where the gradient never exists whole."""
+    chains = sorted(rule.outputs, key=lambda out: (out.index, -out.path.count(".")))
+
+    def hooked(x):
+        layers = [(fetch(root, out.path), out) for out in chains]
+        layers = [(m, out) for m, out in layers if _hooks(m)]
+        outs = forward(x)
+        if not layers:
+            return outs
+        outs = list(outs)
+        for module, out in layers:
+            value = outs[out.index]
+            for key, hook in list(module._forward_hooks.items()):
+                kwargs = ({},) if key in module._forward_hooks_with_kwargs else ()
+                result = hook(module, (), *kwargs, value)
+                if result is not None and out.consumed:
+                    raise user_error(
+                        ContractError,
+                        f"a forward hook of module '{out.path}' returned a new output, but later trunk ops read "
+                        "its output and were computed from the original one tile by tile",
+                        module_path=out.path,
+                        fix=f"pass boundary=... ending at '{out.path}' so that its readers run on the whole "
+                        "feature map, or return None from the hook",
+                    )
+                value = value if result is None else result
+            full, _ = module._get_backward_hooks()
+            pre = list(module._backward_pre_hooks.values())
+            if (full or pre) and value.requires_grad:
+                value.register_hook(_output_grad_hook(module, full, pre))
+            outs[out.index] = value
+        return tuple(outs)
 
     return hooked
 

@@ -270,7 +270,8 @@ class MemoryModel:
     def full_size_terms(self, input_size: tuple[int, ...]) -> tuple[dict, dict]:
         """Node sizes of the image, and the trunk-output and plain-remainder parts."""
         sizes = node_sizes(self.trunk, input_size)
-        out = self.batch * self.stats[-1].bytes_per_pixel * math.prod(sizes[self.geo.output])
+        # every trunk output is assembled whole, and so is its gradient (summed over the outputs)
+        out = sum(self.batch * self._bpp[o] * math.prod(sizes[o]) for o in self.geo.outputs)
         parts = {"trunk output": out, "trunk output grad": out}
         if self.rest_stats:
             px = {name: math.prod(size) for name, size in sizes.items()}

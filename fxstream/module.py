@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -39,7 +39,9 @@ class Program:
     bindings: tuple = ()  # live.Binding of each GraphModule: keeps their members current
 
 
-def build_program(model: nn.Module, tile_size: TileSize, boundary: str | None, schedule=None) -> Program:
+def build_program(
+    model: nn.Module, tile_size: TileSize, boundary: str | tuple[str, ...] | None, schedule=None
+) -> Program:
     gm = trace(model)  # nn.Module -> fx.GraphModule
     ndim = len(tile_size) if isinstance(tile_size, tuple) else None
     analysis = analyze(gm, boundary, ndim)  # -> Analysis: trunk, boundary, layouts
@@ -214,7 +216,7 @@ def compile(
     model: nn.Module,
     tile_size: TileSize,
     *,
-    boundary: str | None = None,
+    boundary: str | Sequence[str] | None = None,
     input_transform: Callable | None = None,
     output_device: str | torch.device | None = None,
     progress: bool = False,
@@ -232,8 +234,11 @@ def compile(
             pooling, padding, pointwise ops, eval-mode BatchNorm, channel LayerNorm...
         tile_size: input tile edge in pixels, halo included: an int, or one int per
             spatial dim. It bounds the memory of one tile.
-        boundary: optional node name or module path of the last op to stream; the rest
-            runs normally on the assembled feature map.
+        boundary: optional node name or module path of the last op to stream, or a list of
+            them (one per trunk output, e.g. ``["layer1", "layer4"]``); the rest runs
+            normally on the assembled feature maps. Default: everything up to the first
+            global op. Every trunk tensor the rest of the model reads is a trunk output:
+            each tile writes its block of each one, and each is assembled whole.
         input_transform: optional ``transform(tile, dtype)`` applied to every tile on the
             trunk's device before the trunk, e.g. ``fxstream.Normalize(mean, std,
             scale=1/255)`` to feed a host-resident ``uint8`` image.
@@ -260,8 +265,8 @@ def compile(
     Raises:
         UnsupportedOpError: a non-local or unknown op, or a module hook, inside the trunk.
         TileSizeError: ``tile_size`` malformed or smaller than the receptive field.
-        BoundaryError: ``boundary`` is not a string, names nothing streamable, or the trunk has
-            several outputs.
+        BoundaryError: ``boundary`` is not a string or a list of strings, or names nothing
+            streamable.
         ArgumentError: ``model`` is not an nn.Module; ``memory_budget``/``input_shape`` given
             without ``"auto"``; a malformed ``output_device`` or ``input_transform``.
         TraceError: torch.fx cannot trace the model.
@@ -273,6 +278,8 @@ def compile(
         torch.Size([1, 1000])
     """
     _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform)
+    if boundary is not None and not isinstance(boundary, str):
+        boundary = tuple(boundary)
     if tile_size == "auto" or boundary == "auto":
         from .auto import choose
 
@@ -298,11 +305,14 @@ def _check_arguments(model, tile_size, boundary, memory_budget, input_shape, inp
         raise user_error(
             ArgumentError, "this model is already compiled", fix="pass the original model to fxstream.compile"
         )
-    if boundary is not None and not isinstance(boundary, str):
+    several = isinstance(boundary, (list, tuple)) and boundary and all(isinstance(b, str) for b in boundary)
+    if boundary is not None and not isinstance(boundary, str) and not (several and "auto" not in boundary):
         raise user_error(
             BoundaryError,
-            f"boundary must be a node name or module path (a string), or 'auto', got {boundary!r}",
-            fix="e.g. boundary='layer3' or boundary='layer3.1.relu'; `fxstream plan --format dot` shows the names",
+            f"boundary must be a node name or module path (a string), a non-empty list of them, or 'auto', "
+            f"got {boundary!r}",
+            fix="e.g. boundary='layer3', boundary='layer3.1.relu' or boundary=['layer1', 'layer4']; "
+            "`fxstream plan --format dot` shows the names",
         )
     automatic = tile_size == "auto" or boundary == "auto"
     for name, value in (("memory_budget", memory_budget), ("input_shape", input_shape)):

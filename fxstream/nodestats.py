@@ -152,7 +152,7 @@ class _Run:
             elem = self._itemsize_of(value)
             owner = owners[_ptr(value)]
             users = [index[u] for u in node.users if u in index]
-            last = len(nodes) - 1 if node is analysis.output else max(users, default=index[node])
+            last = len(nodes) - 1 if node in analysis.outputs else max(users, default=index[node])
             result.append(
                 NodeStats(
                     name=node.name,

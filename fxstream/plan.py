@@ -80,6 +80,10 @@ class SizeNode:
 
 @dataclass(frozen=True)
 class TrunkGeometry:
+    """``outputs``: the trunk outputs in topological order; ``output``, the last, is the
+    *primary* output, whose blocks define the tiles. Tile ``k`` computes the block of every
+    other output aligned with the primary's (:func:`aligned`)."""
+
     ndim: int
     image: str
     output: str
@@ -87,6 +91,11 @@ class TrunkGeometry:
     dims: tuple[tuple[str, tuple[int, ...]], ...]  # node -> tensor dim of each spatial axis
     slots: tuple[Slot, ...]
     size_nodes: tuple[SizeNode, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            object.__setattr__(self, "outputs", (self.output,))
 
     @functools.cached_property
     def steps_by_name(self) -> dict:
@@ -134,12 +143,27 @@ def build_geometry(analysis: Analysis) -> TrunkGeometry:
         steps.append(step)
         slots += [Slot("window", node.name, producer) for producer in step.inputs]
         slots += [Slot(kind, node.name, step.inputs[0]) for kind in step.extra_slots]
-    slots.append(Slot("window", "", analysis.output.name))
+    slots += [Slot("window", "", output.name) for output in analysis.outputs]
     nodes = [analysis.image] + analysis.trunk
     dims = tuple((n.name, tuple(analysis.layouts[n].index(a) for a in range(analysis.ndim))) for n in nodes)
+    outputs = tuple(n.name for n in analysis.outputs)
     return TrunkGeometry(
-        analysis.ndim, analysis.image.name, analysis.output.name, tuple(steps), dims, tuple(slots), size_nodes
+        analysis.ndim, analysis.image.name, outputs[-1], tuple(steps), dims, tuple(slots), size_nodes, outputs
     )
+
+
+def aligned(bound: int, primary: int, size: int) -> int:
+    """The block boundary of an output of ``size`` pixels (along one axis) aligned with the
+    primary output's boundary ``bound`` of ``primary`` pixels: the same fraction of the
+    image, rounded down (0 and the end map to 0 and the end)."""
+    return bound * size // primary
+
+
+def output_blocks(geo: TrunkGeometry, sizes: dict, axis: int, block: Pair) -> dict:
+    """Output name -> its block along ``axis`` in the tile whose primary block is ``block``."""
+    n = sizes[geo.output][axis]
+    lo, hi = block
+    return {o: g.Interval(aligned(lo, n, sizes[o][axis]), aligned(hi, n, sizes[o][axis])) for o in geo.outputs}
 
 
 # Dynamic steps get their compile-time stencils from this input size (per axis): large enough
@@ -198,6 +222,7 @@ class Plan:
     # False once the trunk upsamples (or has size-dependent windows): receptive field, halo and
     # block then come from affine bounds; the tiles of each input size fit their exact regions.
     exact: bool = True
+    outputs: tuple[str, ...] = ()  # every trunk output (``boundary`` is the primary one, the last)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,6 +242,12 @@ class Plan:
         lines += [
             "",
             f"boundary (trunk output): {self.boundary}",
+        ]
+        if len(self.outputs) > 1:
+            strides = {n.name: n.stride for n in self.nodes}
+            listed = ", ".join(f"{o} (stride {_fmt(strides[o])})" for o in self.outputs)
+            lines.append(f"trunk outputs ({len(self.outputs)}, each assembled whole): {listed}")
+        lines += [
             f"tile size: {_fmt(self.tile_size)}  ->  output block per tile: {_fmt(self.block)}",
             f"receptive field: {_fmt(self.receptive_field)}, stride: {_fmt(self.stride)}, "
             f"halo (left,right): {self.halo}",
@@ -268,7 +299,7 @@ def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...], carries: bool = F
             f"{_fmt(tuple(4 * r for r in receptive_field))}) to keep the halo overhead small.",
             minimum=receptive_field,
         )
-    return Plan(geo.ndim, tile_size, block, stride, receptive_field, halo, geo.output, tuple(nodes), exact)
+    return Plan(geo.ndim, tile_size, block, stride, receptive_field, halo, geo.output, tuple(nodes), exact, geo.outputs)
 
 
 def _check_same_stride(step: Step, inputs: list) -> None:
@@ -376,7 +407,7 @@ def _axis_width(geo: TrunkGeometry, sizes: dict, axis: int):
     ndim = len(sizes[geo.output])
 
     def width(lo: int, hi: int) -> int:
-        corner = tuple(g.Interval(lo, hi) if a == axis else g.Interval(0, 1) for a in range(ndim))
+        corner = tuple((lo, hi) if a == axis else (0, 1) for a in range(ndim))
         region = _regions(geo, sizes, corner)[0][geo.image][axis]
         return region.hi - region.lo
 
@@ -427,10 +458,13 @@ def plan_splits(plan: Plan, out_size: tuple[int, ...]) -> list[list[g.Interval]]
 
 
 def _regions(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[dict, dict]:
-    """Walk the trunk backwards from the output block: the region every node computes,
-    and for every edge the raw interval its consumer reads (padding included)."""
-    need: dict = {geo.output: list(block)}
-    raw: dict = {}
+    """Walk the trunk backwards from the primary output's ``block`` (per axis ``(lo, hi)``)
+    and the other outputs' aligned blocks: the region every node computes, and for every
+    edge the raw interval its consumer reads (padding included; ``("", output)``: the block)."""
+    per_axis = [output_blocks(geo, sizes, axis, b) for axis, b in enumerate(block)]
+    blocks = {o: [axis[o] for axis in per_axis] for o in geo.outputs}
+    need: dict = dict(blocks)
+    raw: dict = {("", o): b for o, b in blocks.items()}
     for step in reversed(geo.steps):
         region = need.get(step.name)
         if region is None:
@@ -446,7 +480,6 @@ def _regions(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[dict, dict]
             old = need.get(producer)
             need[producer] = [_hull(s, o) for s, o in zip(src, old)] if old else src
     need[geo.image] = [_non_empty(r, n) for r, n in zip(need[geo.image], sizes[geo.image])]
-    raw[("", geo.output)] = list(block)
     return need, raw
 
 
@@ -552,6 +585,6 @@ def node_windows(geo: TrunkGeometry, input_size: tuple[int, ...], block: tuple[P
     the window is padded at the image border)."""
     geo = resolved(geo, tuple(input_size))
     sizes = node_sizes(geo, tuple(input_size))
-    need, raw = _regions(geo, sizes, tuple(g.Interval(lo, hi) for lo, hi in block))
+    need, raw = _regions(geo, sizes, tuple(block))
     pairs = lambda intervals: tuple((int(r.lo), int(r.hi)) for r in intervals)  # noqa: E731
     return {name: pairs(region) for name, region in need.items()}, {k: pairs(v) for k, v in raw.items() if k[0]}

@@ -58,13 +58,26 @@ def text(report: dict) -> str:
     return "\n".join(lines + summary(report))
 
 
+def _outputs(report: dict) -> list[tuple[str, str]]:
+    """The trunk output's shape, or one row per output of a trunk with several."""
+    outputs = report["trunk_outputs"]
+    if len(outputs) == 1:
+        return [("trunk output shape", _x(report["trunk_output_shape"]))]
+    rows = [("trunk outputs", f"{len(outputs)}, each assembled whole (the tiles are blocks of the last)")]
+    for out in outputs:
+        rows.append(
+            (f"  {out['name']}", f"{_x(out['shape'])}, stride {_x(out['stride'])} px, {format_bytes(out['bytes'])}")
+        )
+    return rows
+
+
 def summary(report: dict) -> list[str]:
     memory = report["memory"]
     streamed, plain = memory["streamed"], memory["plain"]
     rows = [
         ("model", f"{report['model']}  input {_x(report['input_shape'])} {report['dtype']}"),
         ("boundary (trunk output)", report["boundary"]),
-        ("trunk output shape", _x(report["trunk_output_shape"])),
+        *_outputs(report),
         ("tile size", f"{_x(report['tile_size'])} px (halo included)"),
         (
             "output block per tile",
@@ -107,8 +120,9 @@ def summary(report: dict) -> list[str]:
 # --- dot ---------------------------------------------------------------------------------
 
 
-def dot(graph: fx.Graph, trunk: set, image: str, boundary: str) -> str:
-    """Graphviz source: image green, trunk blue, head grey, boundary red (double border)."""
+def dot(graph: fx.Graph, trunk: set, image: str, outputs: tuple[str, ...]) -> str:
+    """Graphviz source: image green, trunk blue, head grey, trunk outputs red (double border)."""
+    boundary = ", ".join(outputs)
     lines = [
         "digraph fxstream {",
         "  rankdir=TB;",
@@ -118,7 +132,7 @@ def dot(graph: fx.Graph, trunk: set, image: str, boundary: str) -> str:
     for node in graph.nodes:
         if node.name == image:
             style = 'fillcolor="#b7e4c7"'
-        elif node.name == boundary:
+        elif node.name in outputs:
             style = 'fillcolor="#f4a3a3", color="#c0392b", peripheries=2, penwidth=2'
         elif node.name in trunk:
             style = 'fillcolor="#a9cce3"'

@@ -68,6 +68,7 @@ def build(
     computed = sum(s.count * sum(s.px[step.name] for step in geo.steps) for s in shapes)
     whole = sum(math.prod(sizes[step.name]) for step in geo.steps)
     shape_plan = smodel.shape_plan(*spatial)
+    strides = {node.name: node.stride for node in plan.nodes}
     splits = [[part.block for part in axis] for axis in shape_plan.axes]
     grid = [len(split) for split in splits]
     estimate = model.estimate(spatial)
@@ -79,7 +80,16 @@ def build(
         "dtype": str(dtype).replace("torch.", ""),
         "ndim": geo.ndim,
         "boundary": plan.boundary,
-        "trunk_output_shape": _output_shape(stats, geo, input_shape[0], sizes[geo.output]),
+        "trunk_output_shape": _output_shape(stats, geo, geo.output, input_shape[0], sizes),
+        "trunk_outputs": [
+            {
+                "name": name,
+                "shape": _output_shape(stats, geo, name, input_shape[0], sizes),
+                "stride": list(strides[name]),
+                "bytes": int(input_shape[0] * stats.by_name()[name].bytes_per_pixel * math.prod(sizes[name])),
+            }
+            for name in geo.outputs
+        ],
         "tile_size": list(plan.tile_size),
         "output_block": list(plan.block),
         "largest_block": [max(hi - lo for lo, hi in split) for split in splits],
@@ -145,9 +155,9 @@ def _list(values) -> list | None:
     return list(values) if values is not None else None
 
 
-def _output_shape(stats, geo, batch: int, size: tuple[int, ...]) -> list[int]:
-    probe = list(stats.by_name()[geo.output].shape)
-    for dim, n in zip(geo.axis_dims(geo.output), size):
+def _output_shape(stats, geo, name: str, batch: int, sizes: dict) -> list[int]:
+    probe = list(stats.by_name()[name].shape)
+    for dim, n in zip(geo.axis_dims(name), sizes[name]):
         probe[dim] = n
     probe[0] = batch
     return probe

@@ -130,8 +130,9 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
         return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
-def check_block(block: torch.Tensor, dims: Sequence[int], tile) -> None:
-    expected = tuple(hi - lo for lo, hi in tile.block)
+def check_block(block: torch.Tensor, dims: Sequence[int], box: Sequence[tuple[int, int]]) -> None:
+    """A tile's block of one trunk output must have the planned extent ``box`` (per axis ``(lo, hi)``)."""
+    expected = tuple(hi - lo for lo, hi in box)
     got = tuple(block.shape[d] for d in dims)
     if got != expected:
         raise PlannerError(f"tile produced a block of size {got}, the plan expected {expected}")

@@ -63,7 +63,7 @@ Pair = tuple[int, int]
 class AxisTile:
     """One block along one axis, and what every node does along that axis in its tiles."""
 
-    block: Pair
+    block: Pair  # the primary output's block
     computed: tuple[tuple[str, Pair], ...]  # node -> interval it computes (image: its crop)
     region: tuple[tuple[str, Pair], ...]  # node -> interval it offers its consumers
     entries: tuple  # one entry per TrunkGeometry.slots
@@ -71,17 +71,19 @@ class AxisTile:
     # carry only: node -> ((cell index j, (lo, hi)), ...) covering the region, ascending j;
     # the last segment is the node's own cell
     pieces: tuple[tuple[str, tuple[tuple[int, Pair], ...]], ...] = ()
+    blocks: tuple[Pair, ...] = ()  # the block of every trunk output (TrunkGeometry.outputs)
 
 
 @dataclass(frozen=True)
 class Tile:
     index: tuple[int, ...]  # grid position
-    block: tuple[Pair, ...]  # trunk-output block per axis, [lo, hi)
+    block: tuple[Pair, ...]  # primary trunk-output block per axis, [lo, hi)
     region: tuple[Pair, ...]  # image region read, per axis
     geometry: tuple  # one entry per TrunkGeometry.slots
     # carry only, per carried node: (name, cell box, ((source tile position, box), ...),
     # grid of the pieces per axis); the pieces in raster order, the own cell at source -1
     carry: tuple = ()
+    blocks: tuple[tuple[Pair, ...], ...] = ()  # per trunk output (TrunkGeometry.outputs), its block per axis
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,14 @@ class ShapePlan:
     """The tiles of one input size under one schedule. ``tiles`` is built on first use."""
 
     input_size: tuple[int, ...]
-    output_size: tuple[int, ...]
+    output_size: tuple[int, ...]  # of the primary output
     grid: tuple[int, ...]  # tiles per axis
     schedule: Schedule
     axes: tuple[tuple[AxisTile, ...], ...]  # per axis, per block
     computed: int  # pixels computed over all tiles and nodes
     whole: int  # pixels of one whole-image pass over all nodes
     stripe_pixels: tuple[tuple[str, int], ...] = ()  # carry: node -> pixels of its stored stripes
+    output_sizes: tuple[tuple[int, ...], ...] = ()  # of every trunk output (TrunkGeometry.outputs)
 
     @property
     def halo_overhead(self) -> float:
@@ -115,7 +118,8 @@ class ShapePlan:
         geometry = tuple(tuple(p.entries[s] for p in parts) for s in range(len(parts[0].entries)))
         image = tuple(dict(p.computed)[""] for p in parts)
         carry = self._carry(index, parts) if self.schedule.carries else ()
-        return Tile(tuple(index), tuple(p.block for p in parts), image, geometry, carry)
+        blocks = tuple(tuple(p.blocks[i] for p in parts) for i in range(len(parts[0].blocks)))
+        return Tile(tuple(index), tuple(p.block for p in parts), image, geometry, carry, blocks)
 
     def _carry(self, index: tuple[int, ...], parts: list[AxisTile]) -> tuple:
         """Per carried node: its cell box, and the pieces of its region in raster order."""
@@ -174,7 +178,8 @@ def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], sche
         raise TileSizeError(
             f"bands={schedule.bands} start beyond the {grid[0]} tile rows of an input of size {_fmt(input_size)}"
         )
-    return ShapePlan(tuple(input_size), sizes[geo.output], grid, schedule, axes, computed, whole, stripes)
+    outputs = tuple(sizes[o] for o in geo.outputs)
+    return ShapePlan(tuple(input_size), sizes[geo.output], grid, schedule, axes, computed, whole, stripes, outputs)
 
 
 def _sum_lengths(axis: tuple[AxisTile, ...], names) -> dict:
@@ -213,9 +218,10 @@ def _stripe_pixels(axes, names) -> tuple:
 
 
 def _walk(geo: TrunkGeometry, sizes: dict, axis: int, block: Pair) -> tuple[dict, dict]:
-    """Along ``axis``: the interval every node computes for the output ``block``, and the
-    raw interval (padding included) each consumer reads of each producer."""
-    need = {geo.output: g.Interval(*block)}
+    """Along ``axis``: the interval every node computes for the primary output ``block`` (and
+    the other outputs' aligned blocks), and the raw interval (padding included) each consumer
+    reads of each producer."""
+    need = planner.output_blocks(geo, sizes, axis, block)
     raw: dict = {}
     for step in reversed(geo.steps):
         region = need.get(step.name)
@@ -235,11 +241,12 @@ def _walk(geo: TrunkGeometry, sizes: dict, axis: int, block: Pair) -> tuple[dict
 
 def _recompute_axis(geo: TrunkGeometry, sizes: dict, axis: int, block: Pair) -> AxisTile:
     need, raw = _walk(geo, sizes, axis, block)
-    return _axis_tile(geo, sizes, axis, block, need, need, raw)
+    blocks = planner.output_blocks(geo, sizes, axis, block)
+    return _axis_tile(geo, sizes, axis, block, blocks, need, need, raw)
 
 
-def _axis_tile(geo, sizes, axis, block, computed, region, raw, pieces=()) -> AxisTile:
-    """The per-slot entries of one block along ``axis``."""
+def _axis_tile(geo, sizes, axis, block, blocks, computed, region, raw, pieces=()) -> AxisTile:
+    """The per-slot entries of one block along ``axis`` (``blocks``: output -> its block)."""
     steps = geo.steps_by_name
     entries = []
     for slot in geo.slots:
@@ -257,21 +264,24 @@ def _axis_tile(geo, sizes, axis, block, computed, region, raw, pieces=()) -> Axi
         elif slot.kind == "counts":
             entries.append(step.stencils[axis].window_counts(computed[step.name], n, step.include_pad))
         else:
-            edge = raw[(slot.consumer, slot.producer)] if slot.consumer else g.Interval(*block)
+            edge = raw[(slot.consumer, slot.producer)] if slot.consumer else blocks[slot.producer]
             fill = step.fill if step is not None else "constant"
             dims = (geo.axis_dims(slot.producer)[axis],)
             entries.append(_window_entry([edge], [region[slot.producer]], [n], dims, fill)[0])
     pairs = lambda d: tuple(("" if k == geo.image else k, (int(v.lo), int(v.hi))) for k, v in d.items())  # noqa: E731
     reads = tuple((edge, (int(r.lo), int(r.hi))) for edge, r in raw.items())
-    return AxisTile(block, pairs(computed), pairs(region), tuple(entries), reads, pieces)
+    out = tuple((int(blocks[o].lo), int(blocks[o].hi)) for o in geo.outputs)
+    return AxisTile(block, pairs(computed), pairs(region), tuple(entries), reads, pieces, out)
 
 
 # --- Carry schedule: cells, regions and stripes -------------------------------------------
 
 
 def cell_boundaries(geo: TrunkGeometry, sizes: dict, axis: int, out_bounds: list[int]) -> dict:
-    """Node -> its cell boundaries along ``axis`` for the trunk-output boundaries
-    ``out_bounds`` (ascending; ``0`` and the output size map to ``0`` and the node size)."""
+    """Node -> its cell boundaries along ``axis`` for the primary output's boundaries
+    ``out_bounds`` (ascending; ``0`` and the output size map to ``0`` and the node size).
+    Another trunk output's boundary is at least its aligned one (``plan.aligned``): its
+    cells are its blocks."""
     consumers: dict = {}
     for step in geo.steps:
         for producer in step.inputs:
@@ -285,7 +295,7 @@ def cell_boundaries(geo: TrunkGeometry, sizes: dict, axis: int, out_bounds: list
             if b <= 0 or b >= n_out:
                 result.append(0 if b <= 0 else n)
                 continue
-            hi = 0
+            hi = planner.aligned(b, n_out, n) if name in geo.outputs else 0
             for w in consumers.get(name, ()):
                 bw = bounds[w.name][k]
                 if bw <= 0:
@@ -347,8 +357,10 @@ def _drop_empty(geo: TrunkGeometry, sizes: dict, axis: int, out_bounds: list[int
         )
         if empty is None:
             break
-        out_bounds = out_bounds[: empty + 1] + out_bounds[empty + 2 :] if empty + 1 < len(out_bounds) - 1 else (
-            out_bounds[:empty] + out_bounds[empty + 1 :]
+        out_bounds = (
+            out_bounds[: empty + 1] + out_bounds[empty + 2 :]
+            if empty + 1 < len(out_bounds) - 1
+            else (out_bounds[:empty] + out_bounds[empty + 1 :])
         )
     return out_bounds
 
@@ -396,7 +408,10 @@ def _carry_axis(
         computed = dict(cells)
         computed[geo.image] = region[geo.image]  # the image is read from the input, not carried
         pieces = tuple((name, _segments(local[name], region[name], k, first)) for name in _carried(geo))
-        tiles.append(_axis_tile(geo, sizes, axis, (out_bounds[k], out_bounds[k + 1]), computed, region, raw, pieces))
+        # an output's block is its cell in the whole tiling (a band's first cells overlap the previous band's)
+        blocks = {o: g.Interval(bounds[o][k], bounds[o][k + 1]) for o in geo.outputs}
+        block = (out_bounds[k], out_bounds[k + 1])
+        tiles.append(_axis_tile(geo, sizes, axis, block, blocks, computed, region, raw, pieces))
     return tiles
 
 

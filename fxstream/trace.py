@@ -38,6 +38,7 @@ guards every trace: the traced graph and the eager model must agree on a probe i
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import operator
 import os
@@ -268,7 +269,9 @@ def trace(model: torch.nn.Module, sample: torch.Tensor | None = None) -> fx.Grap
             raise
         except Exception as exc:
             raise _trace_error(model, exc, f" (also with concrete sizes from a {tuple(sample.shape)} sample)") from exc
-    check_trace(model, gm, sample)
+    expected = check_trace(model, gm, sample)
+    if type(expected) is collections.OrderedDict:  # torch.fx returns a plain dict: codegen restores it
+        gm.meta["fxstream_output_type"] = collections.OrderedDict
     return gm
 
 

@@ -45,16 +45,17 @@ def probe_input(model: nn.Module) -> torch.Tensor | None:
     return x.to(conv.weight.device)
 
 
-def check_trace(model: nn.Module, gm: fx.GraphModule, probe: torch.Tensor | None = None) -> None:
-    """Raise :class:`TraceError` when ``gm`` and ``model`` differ on ``probe``. Models the probe
-    does not fit (the eager model raises on it) are not checked."""
+def check_trace(model: nn.Module, gm: fx.GraphModule, probe: torch.Tensor | None = None) -> Any:
+    """Raise :class:`TraceError` when ``gm`` and ``model`` differ on ``probe``; returns the eager
+    model's output (None when not checked). Models the probe does not fit (the eager model
+    raises on it) are not checked."""
     probe = probe if probe is not None else probe_input(model)
     if probe is None:
-        return
+        return None
     try:
         expected = _run(model, probe)
     except Exception:  # the probe does not fit this model: nothing to compare
-        return
+        return None
     try:
         actual = _run(gm, probe)
     except Exception as exc:
@@ -68,6 +69,7 @@ def check_trace(model: nn.Module, gm: fx.GraphModule, probe: torch.Tensor | None
                 f"the traced graph of {type(model).__name__} is not the model: its output {name} differs from "
                 f"the eager model's on a {tuple(probe.shape)} probe input ({_difference(a, b)}).\n{_CAUSES}"
             )
+    return expected
 
 
 _CAUSES = (

@@ -162,11 +162,13 @@ def _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_siz
                     "whole_batch_head=True: the model's forward never called its fxstream trunk",
                     fix="pass a model whose forward calls the compiled module",
                 )
-    stacked = torch.cat(features)
+    several = isinstance(features[0], tuple)  # a trunk with several outputs
+    stacked = tuple(map(torch.cat, zip(*features))) if several else torch.cat(features)
+    batch = (stacked[0] if several else stacked).shape[0]
     calls = []
 
     def provide(trunk, x):
-        if calls or x.shape[0] != stacked.shape[0]:
+        if calls or x.shape[0] != batch:
             raise user_error(
                 ArgumentError,
                 "whole_batch_head=True needs a model that calls its fxstream trunk once on the batch",
@@ -179,7 +181,7 @@ def _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_siz
         if targets is not None and not _by_sample(targets, [x.shape[0] for x in inputs]):
             targets = torch.cat(list(targets))
         first = inputs[0][:1] if isinstance(inputs[0], torch.Tensor) else torch.zeros(())  # the head reads no pixels
-        inputs = first.expand(stacked.shape[0], *inputs[0].shape[1:])
+        inputs = first.expand(batch, *inputs[0].shape[1:])
     with _intercepted(settings, provide):
         loss = loss_fn(model(inputs), targets)
     _backward(loss, scaler)

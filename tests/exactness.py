@@ -4,6 +4,7 @@ and the input gradient."""
 from __future__ import annotations
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 import fxstream
 
@@ -40,16 +41,21 @@ def check_streamed(model, x, tile_size, rtol=None, boundary=None, min_tiles=1, s
     params = [p for p in model.parameters() if p.requires_grad]
     x_ref = x.detach().clone().requires_grad_(True)
     x_str = x.detach().clone().requires_grad_(True)
-    ref = model(x_ref)
-    out = smodel(x_str)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
+    # a tensor, or a list/tuple/dict of them (a trunk with several outputs): same structure
+    refs, ref_spec = tree_flatten(model(x_ref))
+    outs, out_spec = tree_flatten(smodel(x_str))
+    assert out_spec == ref_spec, f"output structure {out_spec} != {ref_spec}"
+    for out, ref in zip(outs, refs):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
     gen = torch.Generator().manual_seed(seed)
-    grad = torch.randn(ref.shape, generator=gen, dtype=ref.dtype).to(ref.device)
-    g_ref = torch.autograd.grad(ref, [x_ref] + params, grad, allow_unused=True)
-    g_str = torch.autograd.grad(out, [x_str] + params, grad, allow_unused=True)
+    grads = [torch.randn(ref.shape, generator=gen, dtype=ref.dtype).to(ref.device) for ref in refs]
+    g_ref = torch.autograd.grad(refs, [x_ref] + params, grads, allow_unused=True)
+    g_str = torch.autograd.grad(outs, [x_str] + params, grads, allow_unused=True)
 
     names = ["input"] + [n for n, p in model.named_parameters() if p.requires_grad]
-    errors = {"output": rel_err(out.detach(), ref.detach())}
+    errors = {
+        f"output{i}" if i else "output": rel_err(o.detach(), r.detach()) for i, (o, r) in enumerate(zip(outs, refs))
+    }
     errors.update({f"grad:{n}": rel_err(a, b) for n, a, b in zip(names, g_str, g_ref)})
     worst = max(errors, key=errors.get)
     assert errors[worst] <= rtol, f"{worst}: relative error {errors[worst]:.3e} > {rtol:.0e} ({n_tiles} tiles)"
