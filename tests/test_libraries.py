@@ -6,9 +6,9 @@ prefix named with ``boundary=``), or is rejected with the category of its non-lo
 ``boundary=`` suggestion that compiles. Images are small and tiles are a few pixels larger
 than the receptive field, so each case runs on a few tiles in seconds.
 
-Families that need several trunk outputs (timm ``features_only``, smp DeepLabV3Plus's
-encoder: stride-4 skip + stride-16 ASPP input; FPN/PAN/MAnet encoders) are streamed here up to
-their largest single-output prefix.
+Families whose trunk has several outputs stream them together (see tests/test_multi_output.py):
+timm ``features_only``, torchvision's FPN backbones, smp DeepLabV3Plus's encoder (its stride-4
+skip and stride-16 ASPP input, with the decoder's image pooling run plain).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
+import torch.nn as nn
 import torchvision
 from exactness import check_streamed
 from monai.networks.layers import Norm
 from monai.networks.nets import BasicUNet, DynUNet, FlexibleUNet, UNet
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 import fxstream
 
@@ -54,6 +56,19 @@ STREAMS = {
     # vgg's head branches on sizes (the concrete tracer)
     "timm.vgg11": (tm("vgg11", mlp_ratio=1 / 64), "features.5", (38, 33)),
     "torchvision.shufflenet_v2": (lambda: torchvision.models.shufflenet_v2_x0_5(), "stage2", (107, 93)),
+    # several trunk outputs: a feature pyramid (a list), an FPN backbone (an OrderedDict)
+    "timm.resnet18.features_only": (
+        lambda: timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(0, 1, 2)),
+        None,
+        (170, 150),
+    ),
+    "torchvision.resnet_fpn_backbone": (lambda: fpn_backbone(), None, (190, 170)),
+    # the encoder (stride 4 and 16 outputs); ASPP's image pooling runs plain. Sizes: multiples of 16 (smp checks)
+    "smp.DeepLabV3Plus.encoder": (
+        lambda: smp.DeepLabV3Plus("tu-resnet10t", encoder_weights=None, classes=2),
+        "encoder",
+        (224, 224),
+    ),
     # segmentation models: the whole model
     "smp.Unet": (lambda: smp.Unet("tu-resnet10t", decoder_channels=DECODER, **SMP), None, (200, 176)),
     "smp.UnetPlusPlus": (lambda: smp.UnetPlusPlus("tu-resnet10t", decoder_channels=DECODER, **SMP), None, (168, 144)),
@@ -69,9 +84,16 @@ STREAMS = {
         (64, 56),
     ),
     "monai.BasicUNet": (lambda: BasicUNet(2, 3, 2, features=(4, 4, 4, 4, 4, 4), norm=("batch", {})), None, (272, 240)),
-    # several encoder outputs feed the decoder: the stem streams (see also the trace test below)
+    # a prefix whose tensors the decoder also reads (the trace test below streams the whole model)
     "monai.FlexibleUNet": (lambda: flexible_unet(), "encoder.act", (64, 64)),
 }
+
+
+def fpn_backbone():
+    """torchvision's detection backbone: resnet18 up to layer2, FPN with LastLevelMaxPool."""
+    return resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, returned_layers=[1, 2], trainable_layers=5, norm_layer=nn.BatchNorm2d
+    )
 
 
 def flexible_unet():
@@ -104,7 +126,7 @@ REJECTS = {
     "smp.FPN": (lambda: smp.FPN("tu-resnet10t", **SMP), "global norm"),  # GroupNorm in the decoder
     "smp.PAN": (lambda: smp.PAN("tu-resnet10t", encoder_weights=None, classes=2), "global pooling branch"),
     "smp.MAnet": (lambda: smp.MAnet("tu-resnet10t", decoder_channels=DECODER, **SMP), "attention"),
-    # ASPP's image pooling; the encoder needs two outputs (stride 4 and 16): up to layer1 streams
+    # ASPP's image pooling; the suggestion is the encoder, with its stride-4 skip as a second output
     "smp.DeepLabV3Plus": (
         lambda: smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=2),
         "global pooling branch",

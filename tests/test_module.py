@@ -164,9 +164,9 @@ def test_inference_under_no_grad_keeps_no_graph():
     run_tile = trunk.run_tile
 
     def recording(crop, tile, run, random=None):
-        block = run_tile(crop, tile, run, random)
-        kept.append(block.requires_grad)
-        return block
+        blocks = run_tile(crop, tile, run, random)
+        kept.append(blocks[0].requires_grad)
+        return blocks
 
     trunk.run_tile = recording
     with torch.no_grad():

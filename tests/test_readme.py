@@ -36,6 +36,7 @@ SMALL = {
     "auto": [("resnet34", "resnet18"), ("8GiB", "1GiB"), ("(1, 3, 8192, 8192)", "(1, 3, 2048, 2048)")],
     "contract": [("tile_size=512", "tile_size=256"), ("1000, 700", "300, 233")],
     "errors": [],
+    "pyramid": [("tile_size=512", "tile_size=256"), ("900, 700", "400, 333")],
 }
 
 
@@ -71,6 +72,16 @@ def check_contract(ns: dict) -> None:
     assert ns["features"]["layer4"].shape[:2] == (1, 512)
 
 
+def check_pyramid(ns: dict) -> None:
+    """Each map is the plain backbone's, from a streamed call over several tiles."""
+    x = torch.randn(1, 3, 400, 333)
+    plain = ns["backbone"](x)
+    streamed = ns["streamed"](x)
+    assert len(streamed) == len(plain) == 3
+    assert all(torch.allclose(s, p, rtol=1e-4, atol=1e-4) for s, p in zip(streamed, plain))
+    assert ns["streamed"].shape_plan(400, 333).num_tiles >= 2
+
+
 CHECKS = {
     "quickstart": check_quickstart,
     "train": check_train,
@@ -78,6 +89,7 @@ CHECKS = {
     "auto": check_auto,
     "contract": check_contract,
     "errors": lambda ns: None,
+    "pyramid": check_pyramid,
 }
 
 

@@ -14,11 +14,11 @@ def record_tiles(smodel, n_tiles: int) -> dict:
     calls = []
 
     def recording(x, tile, run, random=None):
-        block = run_tile(x, tile, run, random)
+        outputs = run_tile(x, tile, run, random)  # the tile's block of every trunk output
         phase = "forward" if len(calls) < n_tiles else "backward"
         calls.append(tile)
-        blocks[phase][tile.block] = block.detach().clone()
-        return block
+        blocks[phase][tile.block] = outputs[-1].detach().clone()
+        return outputs
 
     trunk.run_tile = recording
     return blocks
