@@ -392,12 +392,18 @@ def _splits(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[g.Interval
         if split is None:
             raise TileSizeError(
                 f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])}: "
-                f"one output pixel of '{geo.output}' reads more than {limit} pixels along spatial axis {axis}. "
-                f"The plan's receptive field is {_fmt(plan.receptive_field)}.",
+                f"one output pixel of '{geo.output}'{_with_others(geo)} reads more than {limit} pixels along "
+                f"spatial axis {axis}. The plan's receptive field is {_fmt(plan.receptive_field)}.",
                 minimum=plan.receptive_field,
             )
         splits.append(split)
     return splits
+
+
+def _with_others(geo: TrunkGeometry) -> str:
+    """For error messages: the other outputs' blocks that a tile computes too."""
+    others = len(geo.outputs) - 1
+    return f" (with the aligned blocks of the {others} other trunk outputs)" if others else ""
 
 
 def _axis_width(geo: TrunkGeometry, sizes: dict, axis: int):

@@ -1,8 +1,8 @@
 """Tile-parallel streaming (``compile(..., tile_group=...)``) on gloo: four CPU processes,
 spawned once, run every case; the parent compares with the plain model in float64.
 
-* a 2-rank and a 3-rank tile group, both schedules, a residual CNN with a head, a U-Net
-  and a 3D net: the output, the input gradient and every parameter gradient equal the
+* a 2-rank and a 3-rank tile group, both schedules, a residual CNN with a head, a U-Net,
+  a 3D net and a trunk with two outputs: the output, the input gradient and every parameter gradient equal the
   single-process ones to 1e-12 relative on every rank;
 * a 2 x 2 (data x tile) DeviceMesh, DDP over the data dimension, one ``train_step``: the
   gradients and the updated parameters equal single-process training on the whole batch;
@@ -63,11 +63,27 @@ class Net3D(nn.Module):
         return self.c(self.pool(F.relu(self.b(F.relu(self.a(x))))))
 
 
+class TwoMaps(nn.Module):
+    """A trunk with two outputs (stride 2 and 4, the first also read inside the trunk),
+    flattened together by the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+    def forward(self, x):
+        f1 = self.stem(x)
+        f2 = self.down(f1)
+        return torch.cat([f1.flatten(1), f2.flatten(1)], 1)
+
+
 # name -> (builder, input shape, tile size per schedule)
 CASES = {
     "residual": (Residual, (2, 3, 53, 41), {"carry": 16, "recompute": 16}),
     "unet": (lambda: UNet(3, 2, 3, 2, 2, "transpose", "pad"), (1, 3, 110, 60), {"carry": 40, "recompute": 48}),
     "net3d": (Net3D, (1, 1, 45, 14, 11), {"carry": 12, "recompute": 12}),
+    "two_outputs": (TwoMaps, (1, 3, 61, 50), {"carry": 12, "recompute": 16}),
 }
 
 
