@@ -326,8 +326,10 @@ def carry_bounds(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[int]]
         if split is None:
             raise TileSizeError(
                 f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])} "
-                f"under the carry schedule: the first tile must read at least the right halo of its first output "
-                f"pixel along spatial axis {axis}. The plan's receptive field is {_fmt(plan.receptive_field)}.",
+                f"under the carry schedule: a tile of one output pixel reads more than {limit} image pixels along "
+                f"spatial axis {axis} (its cell, the halo it reads from the image, and at the first tile the right "
+                f"halo of its first output pixel). The plan's receptive field is {_fmt(plan.receptive_field)} and its "
+                f"stride {_fmt(plan.stride)}: use a tile of at least their sum.",
                 minimum=plan.receptive_field,
             )
         bounds = [0] + [int(b.hi) for b in split]

@@ -485,6 +485,10 @@ def test_random_local_network_streams_exactly(data):
 
     # tile = minimum + S*(block-1) + jitter gives `block` output pixels per tile (jitter < S
     # makes the tile ragged inside one stride); keep at most MAX_TILES_PER_DIM tiles per dim.
+    # Under carry a tile also reads the left halo of its cell from the image, which is not
+    # carried: a one-pixel block away from the border reads up to receptive field + S - 1.
+    schedule = data.draw(st.sampled_from(["carry", "recompute"]), label="schedule")
+    event(f"schedule: {schedule}")
     tile = []
     for axis, (m, s, n) in enumerate(zip(minimum, out_stride, out.shape[2:])):
         s = math.ceil(s)  # after upsampling the stride is a fraction; the tile stays an int
@@ -493,13 +497,12 @@ def test_random_local_network_streams_exactly(data):
             continue
         lo = max(1, math.ceil(n / MAX_TILES_PER_DIM))
         block = data.draw(st.integers(lo, max(lo, min(n, lo + 4))), label=f"block {axis}")
-        tile.append(m + s * (block - 1) + data.draw(st.integers(0, s - 1), label=f"jitter {axis}"))
+        carry_margin = s - 1 if schedule == "carry" else 0
+        tile.append(m + s * (block - 1) + carry_margin + data.draw(st.integers(0, s - 1), label=f"jitter {axis}"))
     tile_size = tile[0] if tile[0] == tile[1] and data.draw(st.booleans(), label="int tile") else tuple(tile)
     note(f"tile_size = {tile_size!r} (minimum {minimum})")
 
     x = torch.randn(batch, in_channels, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    schedule = data.draw(st.sampled_from(["carry", "recompute"]), label="schedule")
-    event(f"schedule: {schedule}")
     smodel = fxstream.compile(model, tile_size, schedule=schedule)
     errors = check_streamed(model, x, tile_size, seed=seed, streamed=smodel)
     n_tiles = len(smodel.shape_plan(h, w).tiles)
