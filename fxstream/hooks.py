@@ -13,15 +13,16 @@ So module hooks follow one rule:
   backward hooks get ``grad_input=()``, and forward-pre hooks are rejected;
 * hooks on any module of the **head** fire once, as on the plain model. ``torch.nn``
   modules are called by the head as they are. A module that torch.fx traces through
-  (an ``nn.Sequential``, a user class, timm's ``ClassifierHead``) has no call of its own
-  in the traced graph: while it has hooks, :func:`collapse_hooked_calls` replaces the
-  nodes of its call by one call of the module on the recorded arguments
-  (:class:`fxstream.trace.ModuleCall`), so PyTorch fires its hooks with its real inputs
-  and outputs. This needs a *clean* call (:class:`HeadCall`): the module is called once,
-  its arguments are computed in the head (or are the trunk output), its nodes read only
-  its arguments and parameters, and nothing outside the call reads its nodes but its
-  output. :func:`stale` tells when the hooks ask for another set of such calls (a hook
-  registered or removed since the outer program was built);
+  (an ``nn.Sequential``, a user class, timm's ``ClassifierHead``), or an in-place
+  ``torch.nn`` module rewritten out of place, has no call of its own in the traced
+  graph: while it has hooks, :func:`collapse_hooked_calls` replaces the nodes of its
+  call by one call of the module on the recorded arguments
+  (:class:`fxstream.trace.ModuleCall`), so PyTorch fires its hooks with its real
+  inputs and outputs. This needs a *clean* call (:class:`HeadCall`): the module is
+  called once, its arguments are computed in the head (or are the trunk output), its
+  nodes read only its arguments and parameters, and nothing outside the call reads its
+  nodes but its output. :func:`stale` tells when the hooks ask for another set of such
+  calls (a hook registered or removed since the outer program was built);
 * hooks on any other module that computes part of the trunk, on traced-through head
   modules whose call is not clean (unless an enclosing hooked module is called for
   real), on the original model object (call the compiled module: register them there),
@@ -85,7 +86,8 @@ class HeadCall:
 
 @dataclass(frozen=True)
 class HeadModule:
-    """A head module that torch.fx traces through: the traced graph has its nodes, not its call."""
+    """A head module whose call is not in the traced graph, only its nodes: one that torch.fx
+    traces through, or an in-place torch.nn module rewritten out of place (fxstream.functionalize)."""
 
     path: str
     node: str  # its first node (for errors)
@@ -100,7 +102,7 @@ class HookRule:
 
     outputs: tuple[OutputModule, ...]  # outermost first
     inside: tuple[tuple[str, str], ...]  # (module path, first node name): hooks rejected
-    traced_head: tuple[HeadModule, ...]  # head modules traced through: called for real while hooked
+    traced_head: tuple[HeadModule, ...]  # head modules without a call: called for real while hooked, or rejected
 
 
 def hook_rule(analysis: Analysis) -> HookRule:
@@ -150,15 +152,13 @@ class _Unclean(Exception):
 
 
 class _CallSites:
-    """The recorded calls of traced-through modules, checked against the analysed graph."""
+    """The recorded module calls (:func:`fxstream.trace.module_calls`), checked against the
+    analysed graph: which head modules without a call of their own can be called for real."""
 
     def __init__(self, analysis: Analysis):
-        self.calls: dict[str, list[ModuleCall]] | None = None
-        recorded = module_calls(analysis.gm)
-        if recorded is not None:
-            self.calls = {}
-            for call in recorded:
-                self.calls.setdefault(call.path, []).append(call)
+        self.calls: dict[str, list[ModuleCall]] = {}
+        for call in module_calls(analysis.gm) or ():
+            self.calls.setdefault(call.path, []).append(call)
         self.by_name = {n.name: n for n in analysis.gm.graph.nodes}
         self.head = _head_nodes(analysis)  # the nodes the outer graph copies, by name
         self.live = self.head | set(analysis.trunk) | set(analysis.constants)
@@ -171,8 +171,8 @@ class _CallSites:
             return HeadModule(path, members[0].name, names, None, str(why))
 
     def _call(self, path: str) -> HeadCall:
-        calls = (self.calls or {}).get(path, [])
-        if self.calls is None or not calls:
+        calls = self.calls.get(path, [])
+        if not calls:
             raise _Unclean("its call was not recorded when the model was traced")
         if len(calls) > 1:
             raise _Unclean(f"it is called {len(calls)} times")
@@ -222,6 +222,8 @@ class _CallSites:
 
     def _locate(self, name: str, nodes: list[fx.Node]) -> tuple[str, str, int]:
         argument = self.by_name.get(name)
+        if argument is None:
+            raise _Unclean(f"its argument '{name}' was rewritten by the analysis")
         for node in nodes:
             if node in self.head and argument in node.all_input_nodes:
                 return name, node.name, node.all_input_nodes.index(argument)
@@ -285,9 +287,9 @@ def check(rule: HookRule, root: nn.Module, source: nn.Module) -> None:
         if head.call is None and not head.nodes <= covered and _hooks(fetch(root, head.path)):
             raise user_error(
                 UnsupportedOpError,
-                f"cannot fire the hooks of module '{head.path}': it is traced through (not a torch.nn leaf), so the "
-                f"compiled head has its nodes but no call of it, and it cannot be called as a whole because "
-                f"{head.problem}",
+                f"cannot fire the hooks of module '{head.path}': the compiled head has its nodes but no call of it "
+                "(it is traced through, or an in-place module rewritten out of place), and it cannot be called as a "
+                f"whole because {head.problem}",
                 node=head.node,
                 module_path=head.path,
                 op="module hook",
@@ -305,6 +307,7 @@ def _collapsing(rule: HookRule, root: nn.Module) -> list[HeadModule]:
 
 
 def _within(inner: HeadCall, outer: HeadCall) -> bool:
+    """Whether ``inner`` is a call made during ``outer`` (calling ``outer`` for real makes it too)."""
     return outer.depth < inner.depth and set(inner.nodes) <= set(outer.nodes)
 
 

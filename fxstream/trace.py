@@ -34,12 +34,12 @@ a MONAI BasicUNet at a size that needs its odd-size padding. Guards in the head,
 trunk, are not evaluated: the head runs as traced. :func:`fxstream.tracecheck.check_trace`
 guards every trace: the traced graph and the eager model must agree on a probe input.
 
-Both tracers trace a registered module through its ``forward``, without its hooks (hooks are
-fired by :mod:`fxstream.hooks`, not baked into the graph as they were at compile time), and
-record every such call (:class:`ModuleCall`: its path, its arguments and output with nodes
-named, the nodes it created), read back with :func:`module_calls`. The hook rule uses them to
-call a hooked head module for real. The probe check runs the eager model with the hooks of the
-root and of these modules suspended (:func:`hooks_suspended`), as the graph has none of them.
+Both tracers trace through a registered module that is not a leaf by its ``forward``, without
+its hooks (:mod:`fxstream.hooks` fires hooks; torch.fx alone would bake their effect at compile
+time into the graph), and record the call of every registered module (:class:`ModuleCall`: its path, its arguments and
+output with nodes named, the nodes it created), read back with :func:`module_calls`. The hook
+rule uses them to call a hooked head module for real. The probe check compares the graph with
+the eager model with every module hook suspended (:func:`hooks_suspended`).
 """
 
 from __future__ import annotations
@@ -77,13 +77,14 @@ class NodeName:
 
 @dataclass(frozen=True)
 class ModuleCall:
-    """One call of a module that the tracer traced through (plain data).
+    """One call of a registered module while tracing (plain data): a leaf's ``call_module``
+    node, or the nodes of a module traced through.
 
     ``args``, ``kwargs`` and ``output`` are the call's values with every node replaced by a
     :class:`NodeName` (tuples, lists, dicts and literals kept); ``recorded`` is False, and they
     are empty, when a value has no such form (a tensor constant, an arbitrary object).
     ``nodes`` names the nodes created during the call, in graph order; ``depth`` is the number
-    of traced-through calls around it (0 for a call made by the root's ``forward``)."""
+    of calls around it (0 for a call made by the root's ``forward``)."""
 
     path: str
     depth: int
@@ -122,7 +123,7 @@ class StreamTracer(fx.Tracer):
         super().__init__()
         self.record_stack_traces = True
         self.proxy_buffer_attributes = True  # in-place ops on buffers become nodes, checked later
-        self.module_calls: list[ModuleCall] = []  # every traced-through call, innermost first
+        self.module_calls: list[ModuleCall] = []  # every call of a registered module, innermost first
         self._depth = 0
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
@@ -135,13 +136,11 @@ class StreamTracer(fx.Tracer):
             self.path_of_module(m)
         except NameError:  # called but not registered (e.g. kept in a plain list): trace through it
             return forward(*args, **kwargs)
-        path = self.path_of_module(m)
-        if self.is_leaf_module(m, path):
-            return super().call_module(m, m.forward, args, kwargs)
-        return self._traced_call(m, path, forward, args, kwargs)
+        return self._recorded_call(m, self.path_of_module(m), args, kwargs)
 
-    def _traced_call(self, m: torch.nn.Module, path: str, forward, args: tuple, kwargs: dict) -> Any:
-        """Trace through ``m`` and record the call (:class:`ModuleCall`)."""
+    def _recorded_call(self, m: torch.nn.Module, path: str, args: tuple, kwargs: dict) -> Any:
+        """Trace the call of ``m`` and record it (:class:`ModuleCall`). A leaf becomes one
+        ``call_module`` node; any other module is traced through its ``forward``."""
         try:
             inputs = (_plain(args), _plain(kwargs))
         except _NoGraphForm:
@@ -362,7 +361,7 @@ def trace(model: torch.nn.Module, sample: torch.Tensor | None = None) -> fx.Grap
             raise
         except Exception as exc:
             raise _trace_error(model, exc, f" (also with concrete sizes from a {tuple(sample.shape)} sample)") from exc
-    with hooks_suspended(model, module_calls(gm)):  # the graph has none of them
+    with hooks_suspended(model):  # the graph has none of them (and the probe is not the user's call)
         check_trace(model, gm, sample)
     return gm
 
@@ -371,10 +370,9 @@ HOOK_SLOTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_b
 
 
 @contextlib.contextmanager
-def hooks_suspended(model: torch.nn.Module, calls: tuple[ModuleCall, ...]) -> Iterator[None]:
-    """For the duration, ``model`` and the modules of ``calls`` (traced through) have no hooks."""
-    modules = {id(m): m for m in [model] + [model.get_submodule(call.path) for call in calls]}
-    saved = [(m, slot, m.__dict__[slot]) for m in modules.values() for slot in HOOK_SLOTS]
+def hooks_suspended(model: torch.nn.Module) -> Iterator[None]:
+    """For the duration, no module of ``model`` has hooks."""
+    saved = [(m, slot, m.__dict__[slot]) for m in model.modules() for slot in HOOK_SLOTS]
     for module, slot, hooks in saved:
         module.__dict__[slot] = type(hooks)()
     try:

@@ -200,6 +200,22 @@ def test_hooks_on_nested_head_modules_each_fire_once():
     handle.remove()
 
 
+def test_hooks_on_an_in_place_head_module_fire_once():
+    """fxstream rewrites ReLU(inplace=True) out of place; while hooked, the module itself runs."""
+    model = Net(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(True), nn.Linear(8, 4)))
+    model = model.double().eval()
+    smodel = compiled(model)
+    plain, streamed = [], []
+    for log, runner in ((plain, model), (streamed, smodel)):
+        handles = [model.head[3].register_forward_hook(_recorder(log)["forward"])]
+        handles.append(model.head[3].register_forward_hook(_affine_output))
+        log.append(("result", list(_run(runner, image()))))
+        for handle in handles:
+            handle.remove()
+    assert [kind for kind, _ in streamed] == ["forward", "result"]
+    _same_logs(streamed, plain)
+
+
 @pytest.mark.parametrize("path", ["0", "1"], ids=["trunk-output module", "head module"])
 def test_hooks_registered_before_compiling_are_not_traced_into_the_graph(path):
     """torch.fx runs the hooks of a module it traces through; fxstream traces its forward only,
