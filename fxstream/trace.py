@@ -35,11 +35,12 @@ trunk, are not evaluated: the head runs as traced. :func:`fxstream.tracecheck.ch
 guards every trace: the traced graph and the eager model must agree on a probe input.
 
 Both tracers trace through a registered module that is not a leaf by its ``forward``, without
-its hooks (:mod:`fxstream.hooks` fires hooks; torch.fx alone would bake their effect at compile
-time into the graph), and record the call of every registered module (:class:`ModuleCall`: its path, its arguments and
-output with nodes named, the nodes it created), read back with :func:`module_calls`. The hook
-rule uses them to call a hooked head module for real. The probe check compares the graph with
-the eager model with every module hook suspended (:func:`hooks_suspended`).
+its hooks (:mod:`fxstream.hooks` fires hooks; torch.fx alone would run them while tracing and
+bake their effect into the graph), and record the call of every registered module
+(:class:`ModuleCall`: its path, its arguments and output with nodes named, the nodes it created),
+read back with :func:`module_calls`. The hook rule uses them to call a hooked head module for
+real. The probe check compares the graph with the eager model with every module hook suspended
+(:func:`hooks_suspended`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ _METADATA_METHODS = ("size", "dim", "numel", "nelement")
 _METADATA_ATTRIBUTES = ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
 _UNKNOWN = object()  # a value the concrete tracer could not compute
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+HOOK_SLOTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")  # of a module
 _CALLS_KEY = "fxstream_module_calls"  # GraphModule.meta key of the recorded ModuleCalls
 _LITERALS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
@@ -331,8 +333,8 @@ def run_tracer(tracer: StreamTracer, model: torch.nn.Module) -> fx.GraphModule:
 
 
 def module_calls(gm: fx.GraphModule) -> tuple[ModuleCall, ...] | None:
-    """The traced-through module calls recorded when ``gm`` was traced (innermost first), or
-    None for a GraphModule that :func:`run_tracer` did not make."""
+    """The module calls recorded when ``gm`` was traced (innermost first), or None for a
+    GraphModule that :func:`run_tracer` did not make."""
     return gm.meta.get(_CALLS_KEY)
 
 
@@ -364,9 +366,6 @@ def trace(model: torch.nn.Module, sample: torch.Tensor | None = None) -> fx.Grap
     with hooks_suspended(model):  # the graph has none of them (and the probe is not the user's call)
         check_trace(model, gm, sample)
     return gm
-
-
-HOOK_SLOTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")  # of a module
 
 
 @contextlib.contextmanager

@@ -165,6 +165,47 @@ def test_hooks_that_change_values_change_them_as_on_the_plain_model(kind, regist
     assert rel_err(smodel(x).detach(), before[0]) < 1e-10
 
 
+class Pair(Head):
+    """A head returning a tuple, both of whose items the model reads."""
+
+    def forward(self, x, shift: float = 0.0):
+        pooled = x.mean((2, 3))
+        return self.fc(self.block(pooled)) * self.gain + shift, pooled
+
+
+class KeywordNet(Net):
+    """Calls its head with a keyword argument and reads both items of its output."""
+
+    def forward(self, x):
+        logits, pooled = self.head(self.last(self.stem(x)), shift=0.5)
+        return logits + pooled.sum(1, keepdim=True)
+
+
+def _triple_shift(module, args, kwargs):
+    return args, {**kwargs, "shift": kwargs["shift"] * 3}
+
+
+def _swap_pair(module, args, kwargs, out):
+    assert kwargs == {"shift": 1.5}  # as the pre-hook left it
+    return out[0] * 2, out[1] - 1
+
+
+def test_keyword_arguments_and_tuple_outputs_reach_the_hooks():
+    model = KeywordNet(Pair(8, 4)).double().eval()
+    smodel = compiled(model)
+    x = image()
+    before = _run(model, x)
+    handles = [
+        model.head.register_forward_pre_hook(_triple_shift, with_kwargs=True),
+        model.head.register_forward_hook(_swap_pair, with_kwargs=True),
+    ]
+    assert rel_err(_run(model, x)[0], before[0]) > 1e-3
+    check_streamed(model, x, None, streamed=smodel, min_tiles=4)
+    for handle in handles:
+        handle.remove()
+    assert rel_err(_run(smodel, x)[0], before[0]) < 1e-10
+
+
 def test_a_hook_registered_after_the_first_call_fires_and_is_dropped_on_removal():
     model = net("user")
     smodel = compiled(model)
