@@ -17,18 +17,31 @@ So module hooks follow one rule:
   replace it (:class:`ContractError`), and backward hooks are rejected (the gradient
   that flows inside the trunk never exists whole); forward-pre and backward hooks on a
   module whose input is the image are rejected too;
-* hooks on ``torch.nn`` modules of the **head** fire as usual: the head runs
-  unchanged on the assembled feature map;
-* hooks on any other module that computes part of the trunk, on head modules that
-  are traced through (their hooks would never fire), on the original model object
-  (call the compiled module: register them there), and global module hooks raise
-  :class:`UnsupportedOpError` when the module is compiled or on the next call.
+* hooks on any module of the **head** fire once, as on the plain model. ``torch.nn``
+  modules are called by the head as they are. A module that torch.fx traces through
+  (an ``nn.Sequential``, a user class, timm's ``ClassifierHead``), or an in-place
+  ``torch.nn`` module rewritten out of place, has no call of its own in the traced
+  graph: while it has hooks, :func:`collapse_hooked_calls` replaces the nodes of its
+  call by one call of the module on the recorded arguments
+  (:class:`fxstream.trace.ModuleCall`), so PyTorch fires its hooks with its real
+  inputs and outputs. This needs a *clean* call (:class:`HeadCall`): the module is
+  called once, its arguments are computed in the head (or are trunk outputs), its
+  nodes read only its arguments and parameters, and nothing outside the call reads its
+  nodes but its output. :func:`stale` tells when the hooks ask for another set of such
+  calls (a hook registered or removed since the outer program was built);
+* hooks on any other module that computes part of the trunk, on traced-through head
+  modules whose call is not clean (unless an enclosing hooked module is called for
+  real), on the original model object (call the compiled module: register them there),
+  and global module hooks raise :class:`UnsupportedOpError` when the module is compiled
+  or on the next call.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -37,10 +50,11 @@ import torch.nn.modules.module as module_globals
 from torch.utils.hooks import BackwardHook
 
 from .analyze import Analysis
+from .codegen import _head_nodes
 from .errors import ContractError, UnsupportedOpError, user_error
 from .live import fetch
+from .trace import HOOK_SLOTS, ModuleCall, NodeName, module_calls
 
-_HOOK_SLOTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 _GLOBAL = (
     "_global_forward_pre_hooks",
     "_global_forward_hooks",
@@ -63,12 +77,43 @@ class OutputModule:
 
 
 @dataclass(frozen=True)
+class HeadCall:
+    """How the outer program calls a traced-through head module for real (plain data).
+
+    ``args``/``kwargs`` are the recorded arguments (nodes as :class:`~fxstream.trace.NodeName`).
+    ``inputs`` says where each argument node is in the outer graph, as ``(name, reader,
+    index)``: input ``index`` of ``reader``, a node of the call (the trunk output is renamed
+    there), or, with ``reader=''``, the node of that name. ``outputs`` is ``(keys, name)`` for
+    every node of the module's output that the head reads (``keys`` index into the output).
+    ``nodes`` are the call's nodes in graph order; ``depth`` is its nesting depth."""
+
+    args: tuple
+    kwargs: dict
+    inputs: tuple[tuple[str, str, int], ...]
+    outputs: tuple[tuple[tuple, str], ...]
+    nodes: tuple[str, ...]
+    depth: int
+
+
+@dataclass(frozen=True)
+class HeadModule:
+    """A head module whose call is not in the traced graph, only its nodes: one that torch.fx
+    traces through, or an in-place torch.nn module rewritten out of place (fxstream.functionalize)."""
+
+    path: str
+    node: str  # its first node (for errors)
+    nodes: frozenset[str]  # its nodes, over all its calls
+    call: HeadCall | None  # how to call it for real; None when its call is not clean
+    problem: str = ""  # why it is not clean (with call None)
+
+
+@dataclass(frozen=True)
 class HookRule:
     """Where hooks may sit, for one compiled program (plain data)."""
 
     outputs: tuple[OutputModule, ...]  # outermost first
     inside: tuple[tuple[str, str], ...]  # (module path, first node name): hooks rejected
-    traced_head: tuple[tuple[str, str], ...]  # head modules traced through: hooks never fire
+    traced_head: tuple[HeadModule, ...]  # head modules without a call: called for real while hooked, or rejected
 
 
 def hook_rule(analysis: Analysis) -> HookRule:
@@ -91,13 +136,14 @@ def hook_rule(analysis: Analysis) -> HookRule:
             if node not in nodes.setdefault(str(node.target), []):
                 nodes[str(node.target)].append(node)
     outputs, inside, traced_head = [], [], []
+    sites = _CallSites(analysis)
     for path, members in nodes.items():
         if not path:
             continue
         streamed = [n for n in members if n in trunk]
         if not streamed:
             if path not in leaves:
-                traced_head.append((path, members[0].name))
+                traced_head.append(sites.head_module(path, members))
         elif (
             path not in repeated
             and len(streamed) == len(members)
@@ -119,6 +165,110 @@ def _reads_only_image(members: list[fx.Node], analysis: Analysis) -> bool:
     trunk = set(analysis.trunk) | {analysis.image}
     external = {i for n in members for i in n.all_input_nodes if i not in own and i in trunk}
     return external == {analysis.image}
+
+
+class _Unclean(Exception):
+    """Why a traced-through call cannot be replaced by a call of its module."""
+
+
+class _CallSites:
+    """The recorded module calls (:func:`fxstream.trace.module_calls`), checked against the
+    analysed graph: which head modules without a call of their own can be called for real."""
+
+    def __init__(self, analysis: Analysis):
+        self.calls: dict[str, list[ModuleCall]] = {}
+        for call in module_calls(analysis.gm) or ():
+            self.calls.setdefault(call.path, []).append(call)
+        self.by_name = {n.name: n for n in analysis.gm.graph.nodes}
+        self.head = _head_nodes(analysis)  # the nodes the outer graph copies, by name
+        self.live = self.head | set(analysis.trunk) | set(analysis.constants)
+
+    def head_module(self, path: str, members: list[fx.Node]) -> HeadModule:
+        names = frozenset(n.name for n in members)
+        try:
+            return HeadModule(path, members[0].name, names, self._call(path))
+        except _Unclean as why:
+            return HeadModule(path, members[0].name, names, None, str(why))
+
+    def _call(self, path: str) -> HeadCall:
+        calls = self.calls.get(path, [])
+        if not calls:
+            raise _Unclean("its call was not recorded when the model was traced")
+        if len(calls) > 1:
+            raise _Unclean(f"it is called {len(calls)} times")
+        call = calls[0]
+        if not call.recorded:
+            raise _Unclean("its arguments or output hold values that are neither traced values nor literals")
+        nodes = [self.by_name[n] for n in call.nodes if n in self.by_name]  # the analysis may erase some
+        outputs = self._outputs(call, set(nodes))
+        arguments = dict.fromkeys(v.name for v in _leaves((call.args, call.kwargs)))
+        self._check_uses(nodes, {name for _, name in outputs})
+        self._check_reads(nodes, set(arguments))
+        inputs = tuple(self._locate(name, nodes) for name in arguments)
+        return HeadCall(call.args, call.kwargs, inputs, outputs, tuple(n.name for n in nodes), call.depth)
+
+    def _outputs(self, call: ModuleCall, own: set) -> tuple[tuple[tuple, str], ...]:
+        outputs, seen = [], set()
+        for keys, name in _keyed_leaves(call.output, ()):
+            node = self.by_name.get(name)
+            if node not in own:
+                raise _Unclean(f"it returns '{name}', which it does not compute")
+            if name in seen:
+                raise _Unclean(f"it returns '{name}' twice")
+            seen.add(name)
+            if node in self.head:
+                outputs.append((keys, name))
+        if not outputs:
+            raise _Unclean("the model's output does not depend on its output")
+        return tuple(outputs)
+
+    def _check_uses(self, nodes: list[fx.Node], outputs: set[str]) -> None:
+        own = set(nodes)
+        for node in nodes:
+            if node.op == "get_attr" or node.name in outputs:
+                continue
+            for user in node.users:
+                if user not in own and user in self.live:
+                    raise _Unclean(f"'{user.name}', outside it, reads '{node.name}', a value computed inside it")
+
+    def _check_reads(self, nodes: list[fx.Node], arguments: set[str]) -> None:
+        own = set(nodes)
+        for node in nodes:
+            if node not in self.head:
+                continue
+            for read in node.all_input_nodes:
+                if read not in own and read.name not in arguments and read.op != "get_attr":
+                    raise _Unclean(f"its node '{node.name}' reads '{read.name}', which is not one of its arguments")
+
+    def _locate(self, name: str, nodes: list[fx.Node]) -> tuple[str, str, int]:
+        argument = self.by_name.get(name)
+        if argument is None:
+            raise _Unclean(f"its argument '{name}' was rewritten by the analysis")
+        for node in nodes:
+            if node in self.head and argument in node.all_input_nodes:
+                return name, node.name, node.all_input_nodes.index(argument)
+        if argument in self.head:
+            return name, "", -1
+        raise _Unclean(f"its argument '{name}' is not computed in the head")
+
+
+def _leaves(value: Any) -> list[NodeName]:
+    return [leaf for _, leaf in _keyed_leaves(value, (), named=False)]
+
+
+def _keyed_leaves(value: Any, keys: tuple, named: bool = True) -> list:
+    """``(keys, node name)`` (or ``(keys, NodeName)``) of every node in a recorded value."""
+    if isinstance(value, NodeName):
+        return [(keys, value.name if named else value)]
+    if isinstance(value, (tuple, list)):
+        items = enumerate(value)
+    elif isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, slice):
+        items = enumerate((value.start, value.stop, value.step))
+    else:
+        return []
+    return [leaf for key, item in items for leaf in _keyed_leaves(item, keys + (key,), named)]
 
 
 def check(rule: HookRule, root: nn.Module, source: nn.Module) -> None:
@@ -152,19 +302,93 @@ def check(rule: HookRule, root: nn.Module, source: nn.Module) -> None:
                 fix=f"pass boundary=... ending before '{path}' so that it runs on the whole feature map, or "
                 "move the hook to the trunk-output module or a head module (see docs/contract.md)",
             )
-    for path, node in rule.traced_head:
-        if _hooks(fetch(root, path)):
+    covered = set().union(*(head.call.nodes for head in _collapsing(rule, root)))
+    for head in rule.traced_head:
+        if head.call is None and not head.nodes <= covered and _hooks(fetch(root, head.path)):
             raise user_error(
                 UnsupportedOpError,
-                f"the hooks of module '{path}' would never fire: it is traced through (not a torch.nn leaf), so "
-                "the compiled head calls its submodules, not the module itself",
-                node=node,
-                module_path=path,
+                f"cannot fire the hooks of module '{head.path}': the compiled head has its nodes but no call of it "
+                "(it is traced through, or an in-place module rewritten out of place), and it cannot be called as a "
+                f"whole because {head.problem}",
+                node=head.node,
+                module_path=head.path,
                 op="module hook",
-                fix=f"register the hook on a torch.nn submodule of '{path}', or on the compiled module",
+                fix=f"register the hook on a torch.nn submodule of '{head.path}', on a module that calls it once "
+                "and returns what it computes, or on the compiled module",
             )
     for out in rule.outputs:
         _check_output(fetch(root, out.path), out)
+
+
+def _collapsing(rule: HookRule, root: nn.Module) -> list[HeadModule]:
+    """The hooked traced-through head modules to call for real: clean calls, outermost only."""
+    hooked = [h for h in rule.traced_head if h.call is not None and _hooks(fetch(root, h.path))]
+    return [h for h in hooked if not any(_within(h.call, g.call) for g in hooked if g is not h)]
+
+
+def _within(inner: HeadCall, outer: HeadCall) -> bool:
+    """Whether ``inner`` is a call made during ``outer`` (calling ``outer`` for real makes it too)."""
+    return outer.depth < inner.depth and set(inner.nodes) <= set(outer.nodes)
+
+
+def stale(gm: fx.GraphModule, rule: HookRule, root: nn.Module) -> bool:
+    """Whether the outer GraphModule ``gm`` calls other head modules for real than the hooks
+    registered now ask for (:func:`collapse_hooked_calls` must then run again)."""
+    paths = {head.path for head in rule.traced_head}
+    built = {n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in paths}
+    return built != {head.path for head in _collapsing(rule, root)}
+
+
+def collapse_hooked_calls(graph: fx.Graph, rule: HookRule, root: nn.Module) -> fx.Graph:
+    """``graph`` (the outer graph) with the nodes of every hooked, clean traced-through head
+    module's call replaced by one ``call_module`` of it, so that PyTorch fires its hooks; a new
+    graph, or ``graph`` itself when no such module has hooks."""
+    heads = _collapsing(rule, root)
+    if not heads:
+        return graph
+    new = fx.Graph()
+    new.output(new.graph_copy(graph, {}))
+    replaced: dict[str, fx.Node] = {}
+    for head in heads:
+        _collapse(new, head, replaced)
+    new.lint()
+    return new
+
+
+def _collapse(graph: fx.Graph, head: HeadModule, replaced: dict[str, fx.Node]) -> None:
+    """Replace the call's nodes by ``call_module(head.path)``; ``replaced`` maps the names of
+    replaced output nodes (of earlier calls) to their new nodes."""
+    by_name = {**{n.name: n for n in graph.nodes}, **replaced}
+    call = head.call
+    nodes = [by_name[name] for name in call.nodes if name in by_name]
+    own = set(nodes)
+    found = {
+        name: by_name[reader].all_input_nodes[index] if reader else by_name[name] for name, reader, index in call.inputs
+    }
+    with graph.inserting_before(nodes[0]):
+        value = graph.call_module(head.path, _bind(call.args, found), _bind(call.kwargs, found))
+        for keys, name in call.outputs:
+            item = value
+            for key in keys:
+                item = graph.call_function(operator.getitem, (item, key))
+            by_name[name].replace_all_uses_with(item, delete_user_cb=lambda user: user not in own)
+            replaced[name] = item
+    for node in reversed(nodes):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _bind(value: Any, found: dict[str, fx.Node]) -> Any:
+    """A recorded value with each :class:`NodeName` replaced by its node in ``found``."""
+    if isinstance(value, NodeName):
+        return found[value.name]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_bind(v, found) for v in value)
+    if isinstance(value, dict):
+        return {k: _bind(v, found) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_bind(value.start, found), _bind(value.stop, found), _bind(value.step, found))
+    return value
 
 
 def _check_output(module: nn.Module, out: OutputModule) -> None:
@@ -197,7 +421,7 @@ def _check_output(module: nn.Module, out: OutputModule) -> None:
 
 
 def _hooks(module: nn.Module) -> bool:
-    return any(getattr(module, slot, None) for slot in _HOOK_SLOTS)
+    return any(getattr(module, slot, None) for slot in HOOK_SLOTS)
 
 
 def around(forward: Callable, root: nn.Module, rule: HookRule) -> Callable:

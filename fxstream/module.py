@@ -150,7 +150,7 @@ class StreamedModule(nn.Module):
         _check_transforms()
         program = self.program()
         hooks.check(program.hooks, self, self._source)
-        if program.module is None:
+        if program.module is None or hooks.stale(program.module, program.hooks, self):  # a head hook came or went
             program.module, program.bindings = self._build(program)
         if not all(binding.refresh() for binding in program.bindings):  # a tensor changed shape
             self.__dict__["_structure"] = None
@@ -162,7 +162,8 @@ class StreamedModule(nn.Module):
         trunk = StreamedTrunk(tile, program.geometry, program.plan, self.settings, program.schedule)
         # The streaming call is opaque to torch.compile (it runs eagerly); the head is compiled.
         trunk.forward = torch.compiler.disable(hooks.around(trunk.forward, self, program.hooks))
-        outer = graph_module(self, program.outer_graph, "StreamedModel", {"fxstream_trunk": trunk})
+        outer_graph = hooks.collapse_hooked_calls(program.outer_graph, program.hooks, self)  # hooked head modules
+        outer = graph_module(self, outer_graph, "StreamedModel", {"fxstream_trunk": trunk})
         bindings = (
             live.Binding(tile, self, live.targets(program.tile_graph)),
             live.Binding(outer, self, live.targets(program.outer_graph, skip=("fxstream_trunk",))),

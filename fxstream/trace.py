@@ -33,6 +33,14 @@ refuses a size at which the model would branch differently (:class:`InputShapeEr
 a MONAI BasicUNet at a size that needs its odd-size padding. Guards in the head, after the
 trunk, are not evaluated: the head runs as traced. :func:`fxstream.tracecheck.check_trace`
 guards every trace: the traced graph and the eager model must agree on a probe input.
+
+Both tracers trace through a registered module that is not a leaf by its ``forward``, without
+its hooks (:mod:`fxstream.hooks` fires hooks; torch.fx alone would run them while tracing and
+bake their effect into the graph), and record the call of every registered module
+(:class:`ModuleCall`: its path, its arguments and output with nodes named, the nodes it created),
+read back with :func:`module_calls`. The hook rule uses them to call a hooked head module for
+real. The probe check compares the graph with the eager model with every module hook suspended
+(:func:`hooks_suspended`).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ import operator
 import os
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -56,6 +66,57 @@ _METADATA_METHODS = ("size", "dim", "numel", "nelement")
 _METADATA_ATTRIBUTES = ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
 _UNKNOWN = object()  # a value the concrete tracer could not compute
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+HOOK_SLOTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")  # of a module
+_CALLS_KEY = "fxstream_module_calls"  # GraphModule.meta key of the recorded ModuleCalls
+_LITERALS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+@dataclass(frozen=True)
+class NodeName:
+    """A traced node, by name: plain data standing for an ``fx.Node`` in a recorded value."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of a registered module while tracing (plain data): a leaf's ``call_module``
+    node, or the nodes of a module traced through.
+
+    ``args``, ``kwargs`` and ``output`` are the call's values with every node replaced by a
+    :class:`NodeName` (tuples, lists, dicts and literals kept); ``recorded`` is False, and they
+    are empty, when a value has no such form (a tensor constant, an arbitrary object).
+    ``nodes`` names the nodes created during the call, in graph order; ``depth`` is the number
+    of calls around it (0 for a call made by the root's ``forward``)."""
+
+    path: str
+    depth: int
+    nodes: tuple[str, ...]
+    recorded: bool
+    args: tuple = ()
+    kwargs: dict | None = None
+    output: Any = None
+
+
+class _NoGraphForm(Exception):
+    """A value in a module call that has no plain-data form."""
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with proxies replaced by :class:`NodeName` (raises :class:`_NoGraphForm`)."""
+    if isinstance(value, fx.proxy.Attribute) and value.__dict__.get("_node") is None:
+        raise _NoGraphForm("attribute")  # naming it would add a node to the graph
+    if isinstance(value, fx.Proxy):
+        return NodeName(value.node.name)
+    if type(value) in (tuple, list):
+        return type(value)(_plain(v) for v in value)
+    if type(value) is dict:
+        return {k: _plain(v) for k, v in value.items()}
+    if type(value) is slice:
+        return slice(_plain(value.start), _plain(value.stop), _plain(value.step))
+    if isinstance(value, _LITERALS) or value is Ellipsis:
+        return value
+    raise _NoGraphForm(type(value).__name__)
 
 
 class StreamTracer(fx.Tracer):
@@ -65,6 +126,8 @@ class StreamTracer(fx.Tracer):
         super().__init__()
         self.record_stack_traces = True
         self.proxy_buffer_attributes = True  # in-place ops on buffers become nodes, checked later
+        self.module_calls: list[ModuleCall] = []  # every call of a registered module, innermost first
+        self._depth = 0
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         # Leaf only when the class itself lives in torch.nn: a user subclass of
@@ -76,7 +139,31 @@ class StreamTracer(fx.Tracer):
             self.path_of_module(m)
         except NameError:  # called but not registered (e.g. kept in a plain list): trace through it
             return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        return self._recorded_call(m, self.path_of_module(m), args, kwargs)
+
+    def _recorded_call(self, m: torch.nn.Module, path: str, args: tuple, kwargs: dict) -> Any:
+        """Trace the call of ``m`` and record it (:class:`ModuleCall`). A leaf becomes one
+        ``call_module`` node; any other module is traced through its ``forward``."""
+        try:
+            inputs = (_plain(args), _plain(kwargs))
+        except _NoGraphForm:
+            inputs = None
+        before = len(self.graph.nodes)  # the tracer only appends nodes
+        self._depth += 1
+        try:  # m.forward, not m(...): its hooks stay out of the graph (fxstream.hooks fires them)
+            output = super().call_module(m, m.forward, args, kwargs)
+        finally:
+            self._depth -= 1
+        created = [n.name for n in islice(reversed(self.graph.nodes), len(self.graph.nodes) - before)][::-1]
+        try:
+            value = _plain(output)
+        except _NoGraphForm:
+            inputs = None
+        if inputs is None:
+            self.module_calls.append(ModuleCall(path, self._depth, tuple(created), False))
+        else:
+            self.module_calls.append(ModuleCall(path, self._depth, tuple(created), True, *inputs, value))
+        return output
 
     def tensor_like(self, proxy: fx.Proxy) -> bool:
         """Whether ``proxy`` stands for a tensor (unknown to the plain tracer: assumed)."""
@@ -241,7 +328,15 @@ def run_tracer(tracer: StreamTracer, model: torch.nn.Module) -> fx.GraphModule:
 
     with _jit_isinstance_as_isinstance(tracer), record_mutations(model, tracer):
         graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta[_CALLS_KEY] = tuple(tracer.module_calls)
+    return gm
+
+
+def module_calls(gm: fx.GraphModule) -> tuple[ModuleCall, ...] | None:
+    """The module calls recorded when ``gm`` was traced (innermost first), or None for a
+    GraphModule that :func:`run_tracer` did not make."""
+    return gm.meta.get(_CALLS_KEY)
 
 
 def trace(model: torch.nn.Module, sample: torch.Tensor | None = None) -> fx.GraphModule:
@@ -269,10 +364,24 @@ def trace(model: torch.nn.Module, sample: torch.Tensor | None = None) -> fx.Grap
             raise
         except Exception as exc:
             raise _trace_error(model, exc, f" (also with concrete sizes from a {tuple(sample.shape)} sample)") from exc
-    expected = check_trace(model, gm, sample)
+    with hooks_suspended(model):  # the graph has none of them (and the probe is not the user's call)
+        expected = check_trace(model, gm, sample)
     if type(expected) is collections.OrderedDict:  # torch.fx returns a plain dict: codegen restores it
         gm.meta["fxstream_output_type"] = collections.OrderedDict
     return gm
+
+
+@contextlib.contextmanager
+def hooks_suspended(model: torch.nn.Module) -> Iterator[None]:
+    """For the duration, no module of ``model`` has hooks."""
+    saved = [(m, slot, m.__dict__[slot]) for m in model.modules() for slot in HOOK_SLOTS]
+    for module, slot, hooks in saved:
+        module.__dict__[slot] = type(hooks)()
+    try:
+        yield
+    finally:
+        for module, slot, hooks in saved:
+            module.__dict__[slot] = hooks
 
 
 def _trace_error(model: torch.nn.Module, exc: Exception, detail: str) -> TraceError:
