@@ -111,6 +111,17 @@ def test_family_streams_exactly(name):
     check_streamed(model, x, tile, boundary=boundary, min_tiles=2)
 
 
+def test_hrnet_features_only_streams_its_parallel_branches():
+    """HRNet's five feature maps come from parallel branches that exchange features at every
+    stage (outputs that share intermediate maps, none read by another): 2x2 tiles at float64."""
+    torch.manual_seed(0)
+    model = timm.create_model("hrnet_w18_small", pretrained=False, features_only=True).double().eval()
+    smodel = fxstream.compile(model, tile_size=480)
+    assert len(smodel.program().geometry.outputs) == 5
+    assert smodel.shape_plan(704, 672).grid == (2, 2)
+    check_streamed(model, torch.randn(1, 3, 704, 672, dtype=torch.float64), 480, streamed=smodel)
+
+
 def test_flexible_unet_traces_and_streams_whole():
     """torch.fx refuses FlexibleUNet; fxstream traces it, and its whole model is local."""
     smodel = fxstream.compile(flexible_unet().eval(), tile_size=1024)
