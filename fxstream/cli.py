@@ -1,6 +1,6 @@
 """``fxstream plan``: inspect a streaming plan before anything runs.
 
-    fxstream plan MODEL --input-shape 1,3,8192,8192 --tile-size 1024 [--boundary NODE]
+    fxstream plan MODEL --input-shape 1,3,8192,8192 --tile-size 1024 [--boundary NODE[,NODE...]]
                   [--dtype float32] [--format text|json|dot|code] [--png FILE]
                   [--memory-budget 8GiB] [--train]
 
