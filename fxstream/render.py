@@ -110,6 +110,9 @@ def summary(report: dict) -> list[str]:
     ]
     parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in streamed["training"]["parts"].items())
     rows.append(("streamed training peak", f"{streamed['training']['phase']} phase: {parts}"))
+    rows.append(
+        ("not counted", "the head's activations (it runs plain on the trunk outputs; large for a dense decoder)")
+    )
     if memory["budget"] is not None:
         verdict = "fits" if memory["fits"] else "does NOT fit"
         rows.append(("memory budget", f"{format_bytes(memory['budget'])}: streamed training {verdict}"))
