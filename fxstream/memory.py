@@ -55,7 +55,7 @@ from .errors import InputShapeError
 from .nodestats import TrunkStats
 from .plan import Plan, TrunkGeometry, node_regions, node_sizes
 from .schedule import Schedule, as_schedule
-from .tiling import plan_shape
+from .tiling import ShapePlan, plan_shape
 from .windows import kinds_with
 
 # Window ops whose input window is a padded copy at the image border (a 'pad' node's
@@ -189,7 +189,14 @@ class MemoryModel:
         """:func:`tile_pixels` of the plan's tiling of ``input_size`` (cached)."""
         key = tuple(input_size)
         if key not in self._tile_shapes:
-            self._tile_shapes[key] = tile_pixels(self.geo, self.plan, key, self.schedule)
+            self._tile_shapes[key] = tile_pixels(self.geo, self.plan, key, self.schedule, self._shape_plan(key))
+        return self._tile_shapes[key]
+
+    def _shape_plan(self, input_size: tuple[int, ...]) -> ShapePlan:
+        """The schedule's tiling of ``input_size`` (cached: the tile shapes and the stripe store share it)."""
+        key = ("shape plan", tuple(input_size))
+        if key not in self._tile_shapes:
+            self._tile_shapes[key] = plan_shape(self.geo, self.plan, tuple(input_size), self.schedule)
         return self._tile_shapes[key]
 
     # --- tile terms (ints or sympy) ---
@@ -263,7 +270,7 @@ class MemoryModel:
             return 0
         key = ("stripes", tuple(input_size))
         if key not in self._tile_shapes:
-            shape = plan_shape(self.geo, self.plan, tuple(input_size), self.schedule)
+            shape = self._shape_plan(input_size)
             self._tile_shapes[key] = sum(self.batch * self._bpp[name] * px for name, px in shape.stripe_pixels)
         return self._tile_shapes[key]
 
@@ -366,14 +373,17 @@ class TileShape(NamedTuple):
     count: int
 
 
-def tile_pixels(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], schedule: Schedule) -> list[TileShape]:
+def tile_pixels(
+    geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], schedule: Schedule, shape: ShapePlan | None = None
+) -> list[TileShape]:
     """The distinct tiles of the schedule's tiling of ``input_size``.
 
     Regions are products of per-axis intervals and each axis's interval depends on the
     block along that axis only, so the walk runs once per block position per axis. Under
     the carry schedule a node computes its cell, and a consumer of a node whose region
-    holds stripes of earlier cells reads an assembled copy of that region."""
-    shape = plan_shape(geo, plan, input_size, schedule)
+    holds stripes of earlier cells reads an assembled copy of that region. ``shape``: that
+    tiling (``tiling.plan_shape``), when the caller has it already."""
+    shape = plan_shape(geo, plan, input_size, schedule) if shape is None else shape
     sizes = node_sizes(geo, input_size)
     image = geo.image
     windows = {s.name for s in geo.steps if s.kind in COPIES_WINDOW}

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import sympy
 
 from . import geometry as g
-from . import ops, shapes
+from . import ops, shapes, widths
 from .analyze import Analysis
 from .errors import InputShapeError, PlannerError, TileSizeError, UnsupportedOpError
 from .trace import module_path, source_line
@@ -357,7 +357,7 @@ def _splits(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[g.Interval
     the fewest blocks whose exact input regions fit ``tile_size`` (:func:`fitted_split`)."""
     splits = []
     for axis, (n, limit) in enumerate(zip(sizes[geo.output], plan.tile_size)):
-        split = fitted_split(_axis_width(geo, sizes, axis), n, limit)
+        split = fitted_split(widths.recompute_width(_axis_width(geo, sizes, axis), geo, sizes, axis), n, limit)
         if split is None:
             raise TileSizeError(
                 f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])}: "
@@ -389,7 +389,11 @@ def fitted_split(width, n: int, limit: int) -> list[g.Interval] | None:
 
     Tiles at the image border read less than interior ones (their halo is clipped), so they
     get larger blocks, and an image that fits in one tile is one tile. None if a one-pixel
-    block does not fit."""
+    block does not fit. Memoised by ``width.key`` where it has one (:func:`widths.cached_split`)."""
+    return widths.cached_split(width, n, limit, lambda: _fitted_split(width, n, limit))
+
+
+def _fitted_split(width, n: int, limit: int) -> list[g.Interval] | None:
     parts = _greedy_split(width, n, limit)
     if parts is None:
         return None
