@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import NamedTuple
@@ -166,9 +167,12 @@ class MemoryModel:
         trunk: TrunkGeometry | None = None,
         input_grad: bool = False,
         schedule: Schedule | None = None,
+        shape_plans: Callable[[tuple[int, ...]], ShapePlan] | None = None,
     ):
         """``geo``/``plan``: the streamed part. ``trunk``: the whole local trunk when
-        ``geo`` is a prefix of it; its nodes after ``geo.output`` run with plain autograd."""
+        ``geo`` is a prefix of it; its nodes after ``geo.output`` run with plain autograd.
+        ``shape_plans``: input size -> the tiling of ``geo`` under ``schedule`` (default
+        ``tiling.plan_shape``; e.g. a compiled trunk's cached ``shape_plan``)."""
         self.geo, self.plan, self.params, self.batch = geo, plan, params, batch
         self.input_grad = input_grad
         self.schedule = as_schedule(schedule)
@@ -184,6 +188,7 @@ class MemoryModel:
         self.padded = [s.name for s in geo.steps if s.kind in COPIES_WINDOW and _has_padding(s)]
         self._affine = _interior_affine(geo, plan)
         self._tile_shapes: dict = {}
+        self._shape_plans = shape_plans or (lambda size: plan_shape(geo, plan, size, self.schedule))
 
     def tile_shapes(self, input_size: tuple[int, ...]) -> list:
         """:func:`tile_pixels` of the plan's tiling of ``input_size`` (cached)."""
@@ -196,7 +201,7 @@ class MemoryModel:
         """The schedule's tiling of ``input_size`` (cached: the tile shapes and the stripe store share it)."""
         key = ("shape plan", tuple(input_size))
         if key not in self._tile_shapes:
-            self._tile_shapes[key] = plan_shape(self.geo, self.plan, tuple(input_size), self.schedule)
+            self._tile_shapes[key] = self._shape_plans(tuple(input_size))
         return self._tile_shapes[key]
 
     # --- tile terms (ints or sympy) ---
