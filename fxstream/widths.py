@@ -30,6 +30,10 @@ image's consumers read their cells. Its zone adds the conditions of
 consumer's boundary positive, every window end inside ``[0, n]`` (with a reflect or
 replicate fill: past the mirrored left padding, which then never decides the end).
 
+With several trunk outputs (``TrunkGeometry.outputs``) the walk starts from every output's
+block aligned with the primary's (``plan.aligned``); the closed form needs every output of
+the primary's size along the axis, where the aligned block is the block itself.
+
 Steps with any other axis op (``Transposed``, ``Shuffle``, ``Resample``), unresolved
 dynamic steps, or merges of different strides have no zone: every call walks. Negative
 pads (crops) are plain stencils and fit the closed form.
@@ -162,11 +166,21 @@ def _hull(old: tuple[Form, Form] | None, new: tuple[Form, Form]) -> tuple[Form, 
     return (old[0][0], min(old[0][1], new[0][1])), (old[1][0], max(old[1][1], new[1][1]))
 
 
+def _outputs(geo: TrunkGeometry, sizes: dict, axis: int) -> tuple[str, ...] | None:
+    """The trunk outputs, or None unless all have the primary output's size along ``axis``:
+    only then is every output's block (``plan.aligned``) the primary block itself."""
+    outputs = getattr(geo, "outputs", None) or (geo.output,)
+    n_out = sizes[geo.output][axis]
+    return outputs if all(sizes[o][axis] == n_out for o in outputs) else None
+
+
 def recompute_interior(geo: TrunkGeometry, sizes: dict, axis: int) -> Interior | None:
     """The interior zone of the recompute width (``plan._axis_width``), or None."""
-    n_out = sizes[geo.output][axis]
-    zone = _Zone(n_out)
-    need: dict = {geo.output: ((1, 0), (1, 0))}
+    outputs = _outputs(geo, sizes, axis)
+    if outputs is None:
+        return None
+    zone = _Zone(sizes[geo.output][axis])
+    need: dict = {o: ((1, 0), (1, 0)) for o in outputs}
     for step in reversed(geo.steps):
         if step.name not in need:
             continue
@@ -188,13 +202,14 @@ def recompute_interior(geo: TrunkGeometry, sizes: dict, axis: int) -> Interior |
 
 def carry_interior(geo: TrunkGeometry, sizes: dict, axis: int) -> Interior | None:
     """The interior zone of the carry width (``tiling._carry_width``), or None."""
-    if not geo.steps or geo.steps[-1].name != geo.output:
+    outputs = _outputs(geo, sizes, axis)
+    if not geo.steps or geo.steps[-1].name != geo.output or outputs is None:
         return None
     n_out = sizes[geo.output][axis]
     zone = _Zone(n_out)
     for var in ("lo", "hi"):
         zone.require(var, (1, 0), low=1, high=n_out - 1)
-    bounds = _boundary_forms(geo, sizes, axis, zone)
+    bounds = _boundary_forms(geo, sizes, axis, zone, outputs)
     if bounds is None:
         return None
     region = None
@@ -214,9 +229,10 @@ def carry_interior(geo: TrunkGeometry, sizes: dict, axis: int) -> Interior | Non
     return zone.interior(slope, b - a)
 
 
-def _boundary_forms(geo: TrunkGeometry, sizes: dict, axis: int, zone: _Zone) -> dict | None:
+def _boundary_forms(geo: TrunkGeometry, sizes: dict, axis: int, zone: _Zone, outputs: tuple) -> dict | None:
     """Node -> the form of its cell boundary for an output boundary ``x`` (both the block's
-    ``lo`` and ``hi``), adding to ``zone`` the conditions under which it holds."""
+    ``lo`` and ``hi``), adding to ``zone`` the conditions under which it holds. A trunk
+    output's boundary is at least its aligned block's, here ``x`` itself."""
     consumers: dict = {}
     for step in geo.steps:
         if _stencil(step, axis) is None:
@@ -225,7 +241,7 @@ def _boundary_forms(geo: TrunkGeometry, sizes: dict, axis: int, zone: _Zone) -> 
             consumers.setdefault(producer, []).append(step)
     forms: dict = {geo.output: (1, 0)}
     for name in [s.name for s in reversed(geo.steps)][1:] + [geo.image]:
-        ends = []
+        ends = [(1, 0)] if name in outputs else []
         for w in consumers.get(name, ()):
             _, end = _reads(_stencil(w, axis), forms[w.name], forms[w.name])
             first = 0 if w.fill == "constant" else abs(_stencil(w, axis).pad_lo) + 1
@@ -257,7 +273,9 @@ def axis_key(kind: str, geo: TrunkGeometry, sizes: dict, axis: int) -> Hashable:
         (s.name, s.kind, s.inputs, s.fill, s.stencils[axis] if s.stencils else None, s.resolve is None)
         for s in geo.steps
     )
-    return kind, geo.image, geo.output, geo.slots, steps, tuple((name, size[axis]) for name, size in sizes.items())
+    outputs = getattr(geo, "outputs", None) or (geo.output,)
+    sized = tuple((name, size[axis]) for name, size in sizes.items())
+    return kind, geo.image, geo.output, outputs, geo.slots, steps, sized
 
 
 _SPLITS: OrderedDict = OrderedDict()
