@@ -16,7 +16,7 @@ from dense_zoo import build as build_dense
 from zoo import build as build_zoo
 
 import fxstream
-from fxstream import cli, plan, tiling, widths
+from fxstream import cli, plan, render, tiling, widths
 
 KINDS = ("recompute", "carry")
 STENCIL_ZOO = [
@@ -290,3 +290,16 @@ def test_plan_of_a_million_by_a_million_resnet18(kind):
     assert report["grid"] == [count, count]
     assert report["num_tiles"] == count * count
     assert count > 200
+
+
+@pytest.mark.parametrize("most", [4, 10_000])
+def test_png_draws_from_the_axes_without_cutting_every_tile(monkeypatch, tmp_path, most):
+    monkeypatch.setattr(render, "MAX_DRAWN_TILES", most)  # 4: block boundaries as lines
+    smodel = fxstream.compile(CropNet().eval(), tile_size=40)
+    program = smodel.program()
+    shape = tiling.plan_shape(program.geometry, program.plan, (157, 143), program.schedule)
+    assert 4 < shape.num_tiles < 10_000
+    path = tmp_path / "tiles.png"
+    render.png(shape, program.plan, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tiles" not in shape.__dict__  # ShapePlan.tiles (one Tile per tile) was never built
