@@ -400,7 +400,7 @@ def _fitted_split(width, n: int, limit: int) -> list[g.Interval] | None:
     lo, hi = 1, limit  # the smallest limit that still needs no more blocks
     while lo < hi:
         mid = (lo + hi) // 2
-        trial = _greedy_split(width, n, mid)
+        trial = _greedy_split(width, n, mid, most=len(parts))
         if trial is not None and len(trial) <= len(parts):
             hi = mid
         else:
@@ -408,11 +408,12 @@ def _fitted_split(width, n: int, limit: int) -> list[g.Interval] | None:
     return _greedy_split(width, n, lo)
 
 
-def _greedy_split(width, n: int, limit: int) -> list[g.Interval] | None:
+def _greedy_split(width, n: int, limit: int, most: int | None = None) -> list[g.Interval] | None:
     """Left to right, each block as long as its region fits ``limit`` (the fewest blocks,
-    as regions grow with their blocks); None if a one-pixel block does not fit."""
+    as regions grow with their blocks); None if a one-pixel block does not fit. With
+    ``most``, it stops after ``most + 1`` blocks (the caller only asks whether it needs more)."""
     parts, start = [], 0
-    while start < n:
+    while start < n and (most is None or len(parts) <= most):
         if width(start, start + 1) > limit:
             return None
         lo, hi = 1, n - start
