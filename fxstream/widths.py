@@ -46,6 +46,7 @@ size (report, memory model, stripe store), share one split.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
@@ -279,20 +280,26 @@ def axis_key(kind: str, geo: TrunkGeometry, sizes: dict, axis: int) -> Hashable:
 
 
 _SPLITS: OrderedDict = OrderedDict()
+_SPLITS_LOCK = threading.Lock()
 SPLIT_CACHE_SIZE = 64
 
 
 def cached_split(width: Width, n: int, limit: int, split: Callable[[], list | None]) -> list | None:
-    """``split()``, memoised by ``(width.key, n, limit)`` when ``width`` has a key."""
+    """``split()``, memoised by ``(width.key, n, limit)`` when ``width`` has a key (the
+    ``SPLIT_CACHE_SIZE`` most recent). Callers get a copy of the list."""
     key = getattr(width, "key", None)
     if key is None:
         return split()
     key = (key, n, limit)
-    if key in _SPLITS:
-        _SPLITS.move_to_end(key)
-    else:
-        _SPLITS[key] = split()
-        while len(_SPLITS) > SPLIT_CACHE_SIZE:
-            _SPLITS.popitem(last=False)
-    value = _SPLITS[key]
+    with _SPLITS_LOCK:
+        found = key in _SPLITS
+        if found:
+            _SPLITS.move_to_end(key)
+            value = _SPLITS[key]
+    if not found:
+        value = split()
+        with _SPLITS_LOCK:
+            _SPLITS[key] = value
+            while len(_SPLITS) > SPLIT_CACHE_SIZE:
+                _SPLITS.popitem(last=False)
     return None if value is None else list(value)
