@@ -69,10 +69,8 @@ def row_work(shape_plan: ShapePlan) -> list[int]:
     """Pixels computed by each tile row (axis-0 block), over all nodes and tiles of the row."""
     axes = shape_plan.axes
     names = [name for name, _ in axes[0][0].computed if name]
-    others = [
-        {name: sum(dict(part.computed)[name][1] - dict(part.computed)[name][0] for part in axis) for name in names}
-        for axis in axes[1:]
-    ]
+    per_axis = [[dict(part.computed) for part in axis] for axis in axes[1:]]
+    others = [{name: sum(c[name][1] - c[name][0] for c in axis) for name in names} for axis in per_axis]
     work = []
     for part in axes[0]:
         computed = dict(part.computed)

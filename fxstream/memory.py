@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import NamedTuple
@@ -55,7 +56,7 @@ from .errors import InputShapeError
 from .nodestats import TrunkStats
 from .plan import Plan, TrunkGeometry, node_regions, node_sizes
 from .schedule import Schedule, as_schedule
-from .tiling import plan_shape
+from .tiling import ShapePlan, plan_shape
 from .windows import kinds_with
 
 # Window ops whose input window is a padded copy at the image border (a 'pad' node's
@@ -166,9 +167,12 @@ class MemoryModel:
         trunk: TrunkGeometry | None = None,
         input_grad: bool = False,
         schedule: Schedule | None = None,
+        shape_plans: Callable[[tuple[int, ...]], ShapePlan] | None = None,
     ):
         """``geo``/``plan``: the streamed part. ``trunk``: the whole local trunk when
-        ``geo`` is a prefix of it; its nodes after ``geo.output`` run with plain autograd."""
+        ``geo`` is a prefix of it; its nodes after ``geo.output`` run with plain autograd.
+        ``shape_plans``: input size -> the tiling of ``geo`` under ``schedule`` (default
+        ``tiling.plan_shape``; e.g. a compiled trunk's cached ``shape_plan``)."""
         self.geo, self.plan, self.params, self.batch = geo, plan, params, batch
         self.input_grad = input_grad
         self.schedule = as_schedule(schedule)
@@ -184,12 +188,20 @@ class MemoryModel:
         self.padded = [s.name for s in geo.steps if s.kind in COPIES_WINDOW and _has_padding(s)]
         self._affine = _interior_affine(geo, plan)
         self._tile_shapes: dict = {}
+        self._shape_plans = shape_plans or (lambda size: plan_shape(geo, plan, size, self.schedule))
 
     def tile_shapes(self, input_size: tuple[int, ...]) -> list:
         """:func:`tile_pixels` of the plan's tiling of ``input_size`` (cached)."""
         key = tuple(input_size)
         if key not in self._tile_shapes:
-            self._tile_shapes[key] = tile_pixels(self.geo, self.plan, key, self.schedule)
+            self._tile_shapes[key] = tile_pixels(self.geo, self.plan, key, self.schedule, self._shape_plan(key))
+        return self._tile_shapes[key]
+
+    def _shape_plan(self, input_size: tuple[int, ...]) -> ShapePlan:
+        """The schedule's tiling of ``input_size`` (cached: the tile shapes and the stripe store share it)."""
+        key = ("shape plan", tuple(input_size))
+        if key not in self._tile_shapes:
+            self._tile_shapes[key] = self._shape_plans(tuple(input_size))
         return self._tile_shapes[key]
 
     # --- tile terms (ints or sympy) ---
@@ -263,7 +275,7 @@ class MemoryModel:
             return 0
         key = ("stripes", tuple(input_size))
         if key not in self._tile_shapes:
-            shape = plan_shape(self.geo, self.plan, tuple(input_size), self.schedule)
+            shape = self._shape_plan(input_size)
             self._tile_shapes[key] = sum(self.batch * self._bpp[name] * px for name, px in shape.stripe_pixels)
         return self._tile_shapes[key]
 
@@ -367,14 +379,17 @@ class TileShape(NamedTuple):
     count: int
 
 
-def tile_pixels(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], schedule: Schedule) -> list[TileShape]:
+def tile_pixels(
+    geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], schedule: Schedule, shape: ShapePlan | None = None
+) -> list[TileShape]:
     """The distinct tiles of the schedule's tiling of ``input_size``.
 
     Regions are products of per-axis intervals and each axis's interval depends on the
     block along that axis only, so the walk runs once per block position per axis. Under
     the carry schedule a node computes its cell, and a consumer of a node whose region
-    holds stripes of earlier cells reads an assembled copy of that region."""
-    shape = plan_shape(geo, plan, input_size, schedule)
+    holds stripes of earlier cells reads an assembled copy of that region. ``shape``: that
+    tiling (``tiling.plan_shape``), when the caller has it already."""
+    shape = plan_shape(geo, plan, input_size, schedule) if shape is None else shape
     sizes = node_sizes(geo, input_size)
     image = geo.image
     windows = {s.name for s in geo.steps if s.kind in COPIES_WINDOW}

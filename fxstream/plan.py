@@ -23,7 +23,7 @@ from typing import NamedTuple
 import sympy
 
 from . import geometry as g
-from . import ops, shapes
+from . import ops, shapes, widths
 from .analyze import Analysis
 from .errors import InputShapeError, PlannerError, TileSizeError, UnsupportedOpError
 from .trace import module_path, source_line
@@ -388,7 +388,7 @@ def _splits(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[g.Interval
     the fewest blocks whose exact input regions fit ``tile_size`` (:func:`fitted_split`)."""
     splits = []
     for axis, (n, limit) in enumerate(zip(sizes[geo.output], plan.tile_size)):
-        split = fitted_split(_axis_width(geo, sizes, axis), n, limit)
+        split = fitted_split(widths.recompute_width(_axis_width(geo, sizes, axis), geo, sizes, axis), n, limit)
         if split is None:
             raise TileSizeError(
                 f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])}: "
@@ -426,14 +426,18 @@ def fitted_split(width, n: int, limit: int) -> list[g.Interval] | None:
 
     Tiles at the image border read less than interior ones (their halo is clipped), so they
     get larger blocks, and an image that fits in one tile is one tile. None if a one-pixel
-    block does not fit."""
+    block does not fit. Memoised by ``width.key`` where it has one (:func:`widths.cached_split`)."""
+    return widths.cached_split(width, n, limit, lambda: _fitted_split(width, n, limit))
+
+
+def _fitted_split(width, n: int, limit: int) -> list[g.Interval] | None:
     parts = _greedy_split(width, n, limit)
     if parts is None:
         return None
     lo, hi = 1, limit  # the smallest limit that still needs no more blocks
     while lo < hi:
         mid = (lo + hi) // 2
-        trial = _greedy_split(width, n, mid)
+        trial = _greedy_split(width, n, mid, most=len(parts))
         if trial is not None and len(trial) <= len(parts):
             hi = mid
         else:
@@ -441,11 +445,12 @@ def fitted_split(width, n: int, limit: int) -> list[g.Interval] | None:
     return _greedy_split(width, n, lo)
 
 
-def _greedy_split(width, n: int, limit: int) -> list[g.Interval] | None:
+def _greedy_split(width, n: int, limit: int, most: int | None = None) -> list[g.Interval] | None:
     """Left to right, each block as long as its region fits ``limit`` (the fewest blocks,
-    as regions grow with their blocks); None if a one-pixel block does not fit."""
+    as regions grow with their blocks); None if a one-pixel block does not fit. With
+    ``most``, it stops after ``most + 1`` blocks (the caller only asks whether it needs more)."""
     parts, start = [], 0
-    while start < n:
+    while start < n and (most is None or len(parts) <= most):
         if width(start, start + 1) > limit:
             return None
         lo, hi = 1, n - start

@@ -169,10 +169,17 @@ def _esc(text: str) -> str:
 PLOT_HINT = "--png needs matplotlib: pip install 'fxstream[plot]' (or pip install matplotlib)"
 
 
+# Above this many tiles the grid is drawn per axis (block boundaries as lines, one tile's
+# read region): a picture of 1,000,000 x 1,000,000 pixels has less than 2 pixels per tile.
+MAX_DRAWN_TILES = 4096
+
+
 def png(shape: ShapePlan, plan: Plan, path: str, title: str = "") -> None:
     """Draw the tile grid over the image: every tile's block (its output pixels mapped to
     the image, solid) and the region it reads (halo included, shaded); one interior
-    tile is highlighted. Two spatial dims only."""
+    tile is highlighted. Two spatial dims only. Built from the per-axis blocks and
+    regions (``shape.axes``); beyond ``MAX_DRAWN_TILES`` tiles the blocks are grid lines
+    and no region is shaded but the highlighted tile's."""
     try:
         import matplotlib
 
@@ -186,18 +193,16 @@ def png(shape: ShapePlan, plan: Plan, path: str, title: str = "") -> None:
     height, width = shape.input_size
     fig, ax = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 0.6))
     ax.add_patch(Rectangle((0, 0), width, height, fill=False, edgecolor="black", linewidth=1.5))
-    focus = _focus_tile(shape)
-    colors = ("#1f77b4", "#ff7f0e")
-    starts = _starts(shape)
-    for tile in shape.tiles:
-        (y0, y1), (x0, x1) = tile.region
-        color = colors[sum(axis.index(lo) for axis, (lo, _) in zip(starts, tile.block)) % 2]
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=color, alpha=0.06, edgecolor="none"))
-        (by0, by1), (bx0, bx1) = _block_footprint(tile, plan, shape)
-        ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, edgecolor=color, linewidth=0.8))
-    (y0, y1), (x0, x1) = focus.region
+    blocks, regions = _footprints(shape, plan), [[dict(p.computed)[""] for p in axis] for axis in shape.axes]
+    many = shape.num_tiles > MAX_DRAWN_TILES
+    if many:
+        _grid_lines(ax, blocks, width, height)
+    else:
+        _tiles(ax, blocks, regions)
+    (i, j) = (n // 2 for n in shape.grid)  # a tile away from the border if there is one
+    (y0, y1), (x0, x1) = regions[0][i], regions[1][j]
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="#c0392b", linewidth=2, linestyle="--"))
-    (by0, by1), (bx0, bx1) = _block_footprint(focus, plan, shape)
+    (by0, by1), (bx0, bx1) = blocks[0][i], blocks[1][j]
     ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, facecolor="#c0392b", alpha=0.35, edgecolor="#c0392b"))
     margin = 0.02 * max(height, width)
     ax.set_xlim(-margin, width + margin)
@@ -205,9 +210,10 @@ def png(shape: ShapePlan, plan: Plan, path: str, title: str = "") -> None:
     ax.set_aspect("equal")
     ax.set_xlabel("x (pixels)")
     ax.set_ylabel("y (pixels)")
+    drawn = "block boundaries (lines)" if many else "blocks (solid), read regions (shaded)"
     ax.set_title(
         (title + "\n" if title else "") + f"{width}x{height} image, tile {_x(plan.tile_size)}: {_x(shape.grid)} tiles; "
-        "blocks (solid), read regions (shaded),\none tile's block (red) and its region with halo (dashed red)",
+        f"{drawn},\none tile's block (red) and its region with halo (dashed red)",
         fontsize=9,
     )
     fig.tight_layout()
@@ -215,27 +221,27 @@ def png(shape: ShapePlan, plan: Plan, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def _index(shape: ShapePlan, tile) -> tuple[int, ...]:
-    """The tile's position in the grid, per axis."""
-    starts = _starts(shape)
-    return tuple(axis.index(lo) for axis, (lo, _) in zip(starts, tile.block))
+def _tiles(ax, blocks: list, regions: list) -> None:
+    """Every tile's read region (shaded) and block (outlined), in alternating colours."""
+    from matplotlib.patches import Rectangle
+
+    colors = ("#1f77b4", "#ff7f0e")
+    for i, ((by0, by1), (y0, y1)) in enumerate(zip(blocks[0], regions[0])):
+        for j, ((bx0, bx1), (x0, x1)) in enumerate(zip(blocks[1], regions[1])):
+            color = colors[(i + j) % 2]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=color, alpha=0.06, edgecolor="none"))
+            ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, edgecolor=color, linewidth=0.8))
 
 
-def _starts(shape: ShapePlan) -> list[list[int]]:
-    return [sorted({t.block[axis][0] for t in shape.tiles}) for axis in range(len(shape.grid))]
+def _grid_lines(ax, blocks: list, width: int, height: int) -> None:
+    """The block boundaries along each axis, as lines across the image."""
+    ax.hlines(sorted({b for block in blocks[0] for b in block}), 0, width, colors="#1f77b4", linewidth=0.3)
+    ax.vlines(sorted({b for block in blocks[1] for b in block}), 0, height, colors="#1f77b4", linewidth=0.3)
 
 
-def _focus_tile(shape: ShapePlan):
-    """A tile away from the border if there is one: the middle of the grid."""
-    middle = tuple(g // 2 for g in shape.grid)
-    for tile in shape.tiles:
-        if _index(shape, tile) == middle:
-            return tile
-    return shape.tiles[0]
-
-
-def _block_footprint(tile, plan: Plan, shape: ShapePlan) -> tuple:
-    """The image pixels a tile's output block stands for: ``[S*lo, S*hi)``, clipped."""
-    return tuple(
-        (min(int(s * lo), n), min(int(s * hi), n)) for (lo, hi), s, n in zip(tile.block, plan.stride, shape.input_size)
-    )
+def _footprints(shape: ShapePlan, plan: Plan) -> list[list[tuple[int, int]]]:
+    """Per axis, the image pixels each block stands for: ``[S*lo, S*hi)``, clipped."""
+    return [
+        [(min(int(s * lo), n), min(int(s * hi), n)) for lo, hi in (part.block for part in axis)]
+        for axis, s, n in zip(shape.axes, plan.stride, shape.input_size)
+    ]

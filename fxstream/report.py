@@ -47,7 +47,11 @@ def memory_model(smodel: StreamedModule, input_shape: tuple[int, ...], dtype: to
     stats = measure(program.analysis, program.geometry, input_shape[1], dtype)
     streamed = {s.name for s in program.geometry.steps}
     params = parameter_bytes(program.analysis, streamed, torch.empty((), dtype=dtype).element_size())
-    memory = MemoryModel(program.geometry, program.plan, stats, params, input_shape[0], schedule=program.schedule)
+    trunk = smodel.streamed_trunk  # without a tile group its tilings are the model's: share its cache
+    shared = trunk.shape_plan if trunk.tile_group is None else None
+    memory = MemoryModel(
+        program.geometry, program.plan, stats, params, input_shape[0], schedule=program.schedule, shape_plans=shared
+    )
     return memory, stats
 
 

@@ -33,6 +33,7 @@ A boundary that would leave some node with an empty cell is dropped (its two til
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import math
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 
 from . import geometry as g
 from . import plan as planner
+from . import widths
 from .errors import TileSizeError
 from .plan import (
     Crop,
@@ -194,12 +196,13 @@ def _stripe_pixels(axes, names) -> tuple:
     """Node -> pixels of the stripes stored for later tiles (upper bound: overlapping
     corners counted once per reader)."""
     totals = {}
+    pieces = [[dict(part.pieces) for part in axis] for axis in axes]
     for name in names[1:]:
         per_axis = []
-        for axis in axes:
+        for axis in pieces:
             own, other = 0, 0
             for part in axis:
-                segments = dict(part.pieces).get(name, ())
+                segments = part.get(name, ())
                 for _j, (lo, hi) in segments[:-1]:
                     other += hi - lo
                 if segments:
@@ -321,7 +324,7 @@ def carry_bounds(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[int]]
     result = []
     for axis, limit in enumerate(plan.tile_size):
         n_out = sizes[geo.output][axis]
-        width = functools.partial(_carry_width, geo, sizes, axis)
+        width = widths.carry_width(functools.partial(_carry_width, geo, sizes, axis), geo, sizes, axis)
         split = carry_split(width, n_out, limit, plan.block[axis])
         if split is None:
             raise TileSizeError(
@@ -438,7 +441,8 @@ def _segments(bounds: list[int], region: g.Interval, k: int, first: int = 0) -> 
     """``region`` cut at the cell boundaries: ((cell index, (lo, hi)), ...), the last the cell
     ``k``; cells before ``first`` (an earlier band) are never read."""
     segments = []
-    for j in range(first, k + 1):
+    start = bisect.bisect_right(bounds, region.lo, first, k + 2) - 1  # cells before it end at or before region.lo
+    for j in range(min(max(first, start), k), k + 1):
         lo, hi = max(region.lo, bounds[j]), min(region.hi, bounds[j + 1])
         if hi > lo or j == k:
             segments.append((j, (int(lo), int(hi))))
