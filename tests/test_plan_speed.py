@@ -88,12 +88,7 @@ def _model(name: str) -> nn.Module:
 @functools.cache
 def _geometry(name: str) -> plan.TrunkGeometry:
     boundary = "layer2" if name == "resnet18_layer2" else None
-    try:
-        return fxstream.compile(_model(name), tile_size=512, boundary=boundary).program().geometry
-    except fxstream.BoundaryError as error:  # a base without multi-output trunks: stream the last output
-        if "several outputs" not in str(error):
-            raise
-        return fxstream.compile(_model(name), tile_size=512, boundary="relu").program().geometry
+    return fxstream.compile(_model(name), tile_size=512, boundary=boundary).program().geometry
 
 
 def _resolved(name: str, size: tuple[int, ...]) -> tuple:
