@@ -107,11 +107,14 @@ class _Run:
     def execute(self, image: torch.Tensor) -> None:
         analysis = self.analysis
         wanted = set(analysis.trunk) | set(analysis.constants)
+        sizes = set(analysis.size_nodes or ())  # pad amounts etc. of size-dependent windows (x.size(2) // 2)
         env = self.interp.env
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             for node in analysis.gm.graph.nodes:
                 if node is analysis.image:
                     env[node] = image
+                elif node in sizes and all(n in env for n in node.all_input_nodes):
+                    env[node] = self.interp.run_node(node)
                 elif node in wanted:
                     self.current = node
                     with FlopCounterMode(display=False) as counter:

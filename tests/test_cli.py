@@ -148,6 +148,16 @@ def test_carry_schedule_in_the_report(capsys):
     assert "carry: predicted step time 1.33x plain" in out
 
 
+def test_plan_of_a_unet_with_size_dependent_pads(capsys):
+    """The memory model's probe run evaluates the size nodes of size-dependent pads (the
+    usual U-Net fix-up ``F.pad(x, [dx // 2, ...])``); it used to fail on them."""
+    unet = os.path.join(os.path.dirname(HERE), "dense_zoo.py") + ":UNet(base=4, depth=3, up='transpose', fixup='pad')"
+    code, out, err = run(capsys, unet, "--input-shape", "1,3,301,257", "--tile-size", "160", "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["num_tiles"] >= 4 and data["memory"]["streamed"]["training"]["bytes"] > 0
+
+
 @pytest.mark.parametrize("fmt", ["text", "json", "dot", "code"])
 @pytest.mark.parametrize("model", ["torchvision.models:resnet34", HAND], ids=["resnet34", "hand_dag"])
 def test_every_format_smoke(capsys, model, fmt):
