@@ -18,6 +18,7 @@ and the step's peak is the largest of its phases (``resident`` = parameters, buf
 the input image, all on the device):
 
     forward   = resident + O + tile forward                          (O: trunk output)
+    head      = resident + O + H + G + head grads    (H: head activations, if measured)
     rest      = resident + O + rest backward + head grads    (plain remainder, if any)
     backward  = resident + G + trunk grads * 2 + head grads + tile backward
 
@@ -33,9 +34,10 @@ interior tile the region of node m is affine in the output block n per axis,
 ``a_m * n + b_m``, and ``n = floor((t - L - R) / S)`` for a tile edge ``t``, so
 :meth:`MemoryModel.peak_expr` is a sympy expression in ``t``: the interior regions
 clipped to the image's node sizes, with a border copy for every padded window. It bounds
-every tile from above (by up to ~20% in the tests). Not modelled: the head's
-activations (small after a stride-32 trunk), allocator caching and fragmentation, and
-convolution workspaces.
+every tile from above (by up to ~20% in the tests). ``H``, the head's saved tensors plus its
+largest tensor, comes from :class:`fxstream.nodestats.HeadFit` (two probe sizes, linear in
+the input's pixels). Not modelled: allocator caching and fragmentation, and convolution
+workspaces.
 """
 
 from __future__ import annotations
@@ -182,6 +184,7 @@ class MemoryModel:
         self.stats = [by_name[n] for n in streamed]
         self.rest_stats = [by_name[s.name] for s in self.trunk.steps if s.name not in set(streamed)]
         self.const_saved = stats.const_saved_bytes
+        self.head = stats.head  # the head's activations (nodestats.HeadFit), or None: not counted
         self.inputs = {s.name: s.inputs for s in self.trunk.steps}
         self.kinds = {s.name: s.kind for s in self.trunk.steps}
         self._bpp = {s.name: s.bytes_per_pixel for s in stats.nodes}
@@ -285,6 +288,9 @@ class MemoryModel:
         # every trunk output is assembled whole, and so is its gradient (summed over the outputs)
         out = sum(self.batch * self._bpp[o] * math.prod(sizes[o]) for o in self.geo.outputs)
         parts = {"trunk output": out, "trunk output grad": out}
+        if self.head is not None:
+            saved, largest = self.head.bytes(math.prod(input_size))
+            parts["head activations"] = self.batch * (saved + largest)
         if self.rest_stats:
             px = {name: math.prod(size) for name, size in sizes.items()}
             act = {s.name: self.batch * s.bytes_per_pixel * px[s.name] for s in self.stats + self.rest_stats}
@@ -329,7 +335,7 @@ class MemoryModel:
             plain_training=_peak(
                 "backward",
                 resident,
-                {"activations (backward)": whole["tile backward"]},
+                {"activations (backward)": whole["tile backward"], "head activations": full.get("head activations", 0)},
                 {"parameter grads": grads},
             ),
             plain_inference=_peak("forward", resident, {"activations": whole["tile forward"]}),
@@ -346,6 +352,15 @@ class MemoryModel:
                 {"head param grads": head_grads, "tile backward": tile["tile backward"]},
             ),
         ]
+        if "head activations" in full:  # the plain head: its saved tensors and its largest one, then its backward
+            phases.append(
+                _peak(
+                    "head",
+                    resident,
+                    {"trunk output": full["trunk output"], "head activations": full["head activations"]},
+                    {"trunk output grad": full["trunk output grad"], "head param grads": head_grads},
+                )
+            )
         if "rest backward" in full:
             phases.append(
                 _peak(

@@ -12,10 +12,17 @@ spatial size, so one run of the trunk on the smallest input the network accepts
 The run uses ``torch.autograd.graph.saved_tensors_hooks`` to see the saved tensors
 and ``torch.utils.flop_counter.FlopCounterMode`` for FLOPs. The full-size image is
 never allocated.
+
+The head (what runs plain on the trunk outputs) is measured too: the bytes it saves for
+its backward pass and its largest tensor, at two probe sizes, fitted as ``a + b * pixels``
+of the input (:class:`HeadFit`; a pooled classifier head is about constant, a dense decoder
+grows with the image). A head that does not run at the probe sizes is not counted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -44,6 +51,19 @@ class NodeStats:
 
 
 @dataclass(frozen=True)
+class HeadFit:
+    """The head's activations for an input of ``p`` pixels (batch 1): ``saved`` bytes kept
+    for its backward pass, and its ``largest`` tensor, each ``(a, b)`` for ``a + b * p``."""
+
+    saved: tuple[float, float]
+    largest: tuple[float, float]
+
+    def bytes(self, pixels: int) -> tuple[int, int]:
+        """(saved, largest) bytes for an input of ``pixels`` pixels (never below zero)."""
+        return tuple(max(0, int(math.ceil(a + b * pixels))) for a, b in (self.saved, self.largest))
+
+
+@dataclass(frozen=True)
 class TrunkStats:
     """Statistics of every trunk node, in execution order (the image first)."""
 
@@ -51,6 +71,7 @@ class TrunkStats:
     itemsize: int  # bytes per element of the target dtype
     const_saved_bytes: int  # saved tensors computed from parameters alone (per tile)
     probe_size: tuple[int, ...]  # the spatial size of the tiny run
+    head: HeadFit | None = None  # None: the head did not run at the probe sizes (not counted)
 
     def by_name(self) -> dict:
         return {n.name: n for n in self.nodes}
@@ -80,7 +101,8 @@ def measure(analysis: Analysis, geo: TrunkGeometry, channels: int, dtype: torch.
     itemsize = torch.empty((), dtype=dtype).element_size()
     run = _Run(gm, analysis, itemsize)
     try:
-        run.execute(image)
+        with _side_effects_undone(gm, device):
+            run.execute(image)
     except FxStreamError:
         raise
     except Exception as exc:  # the user's model failed on the probe: most likely a wrong channel count
@@ -88,7 +110,51 @@ def measure(analysis: Analysis, geo: TrunkGeometry, channels: int, dtype: torch.
             f"the trunk failed on a probe input of shape {tuple(image.shape)}: {exc}. "
             "Check the channel count of the input shape."
         ) from exc
-    return run.stats(geo, size)
+    stats = run.stats(geo, size)
+    return dataclasses.replace(stats, head=_head_fit(analysis, geo, image, itemsize, (run.head_bytes(), size)))
+
+
+def _head_fit(analysis: Analysis, geo: TrunkGeometry, image, itemsize: int, first) -> HeadFit | None:
+    """The head's activations at the probe size and at twice it, fitted linearly in pixels."""
+    (saved1, largest1), size1 = first
+    if saved1 is None:
+        return None
+    size2 = tuple(2 * s for s in size1)
+    try:
+        node_sizes(geo, size2)
+        run = _Run(analysis.gm, analysis, itemsize)
+        with _side_effects_undone(analysis.gm, image.device):
+            run.execute(image.new_zeros(*image.shape[:2], *size2))
+    except Exception:  # the trunk or the head does not run there: do not count the head
+        return None
+    saved2, largest2 = run.head_bytes()
+    if saved2 is None:
+        return None
+    p1, p2 = math.prod(size1), math.prod(size2)
+
+    def fit(v1: int, v2: int) -> tuple[float, float]:
+        """Through both points; a constant (the larger) if the head shrinks with the image."""
+        if v2 < v1:
+            return float(v1), 0.0
+        slope = (v2 - v1) / (p2 - p1)
+        return v2 - slope * p2, slope
+
+    return HeadFit(fit(saved1, saved2), fit(largest1, largest2))
+
+
+@contextlib.contextmanager
+def _side_effects_undone(gm: fx.GraphModule, device: torch.device):
+    """The probe runs leave no trace: buffers (a head's BatchNorm statistics in training mode)
+    are restored, and random draws (dropout) come from a forked generator."""
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 class _Run:
@@ -103,6 +169,8 @@ class _Run:
         self.flops: dict = {}
         self.current = None
         self.param_ptrs = {_ptr(t) for t in list(gm.parameters()) + list(gm.buffers())}
+        self.head_saved: dict | None = {}  # storage pointer -> bytes saved by head nodes (None: the head failed)
+        self.head_largest = 0
 
     def execute(self, image: torch.Tensor) -> None:
         analysis = self.analysis
@@ -120,6 +188,35 @@ class _Run:
                     with FlopCounterMode(display=False) as counter:
                         env[node] = self.interp.run_node(node)
                     self.flops[node] = counter.get_total_flops()
+            self._run_head()
+
+    def _run_head(self) -> None:
+        """The head nodes, after the trunk: the bytes they save (not the trunk's), and their
+        largest tensor. Any failure (a head that needs another input size) leaves ``head_saved``
+        None."""
+        from .codegen import _head_nodes  # the nodes the compiled outer graph runs
+
+        analysis, env = self.analysis, self.interp.env
+        head = _head_nodes(analysis)
+        trunk_ptrs = set(self.saved)
+        self.current = None
+        try:
+            for node in analysis.gm.graph.nodes:
+                if node in head and node not in env and node.op not in ("placeholder", "output"):
+                    env[node] = self.interp.run_node(node)
+                    if isinstance(env[node], torch.Tensor):
+                        self.head_largest = max(self.head_largest, env[node].numel() * self._itemsize_of(env[node]))
+        except Exception:
+            self.head_saved = None
+            return
+        self.head_saved = {p: b for p, (b, _) in self.saved.items() if p not in trunk_ptrs}
+
+    def head_bytes(self) -> tuple[int | None, int]:
+        """(bytes the head saves for backward, its largest tensor); None when it did not run."""
+        if self.head_saved is None:
+            return None, 0
+        outputs = {_ptr(self.interp.env[o]) for o in self.analysis.outputs}
+        return sum(b for p, b in self.head_saved.items() if p not in outputs), self.head_largest
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         ptr = _ptr(tensor)

@@ -110,9 +110,10 @@ def summary(report: dict) -> list[str]:
     ]
     parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in streamed["training"]["parts"].items())
     rows.append(("streamed training peak", f"{streamed['training']['phase']} phase: {parts}"))
-    rows.append(
-        ("not counted", "the head's activations (it runs plain on the trunk outputs; large for a dense decoder)")
-    )
+    if memory.get("head_counted"):
+        rows.append(("not counted", "allocator caching, convolution workspaces"))
+    else:
+        rows.append(("not counted", "the head's activations (it did not run at the probe sizes), allocator caching"))
     if memory["budget"] is not None:
         verdict = "fits" if memory["fits"] else "does NOT fit"
         rows.append(("memory budget", f"{format_bytes(memory['budget'])}: streamed training {verdict}"))

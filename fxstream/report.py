@@ -112,6 +112,7 @@ def build(
             **estimate.to_dict(),
             "budget": budget,
             "fits": None if budget is None else training <= budget,
+            "head_counted": stats.head is not None,
         },
     }
 

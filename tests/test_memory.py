@@ -135,3 +135,64 @@ def test_one_and_three_spatial_dims():
     a = next(n for n in data["nodes"] if n["name"] == "a")
     assert a["activation_bytes"] == 2 * 4 * math.prod(a["interior_region"]) * 4
     assert data["memory"]["streamed"]["training"]["bytes"] < data["memory"]["plain"]["training"]["bytes"]
+
+
+class DenseHead(nn.Module):
+    """A stride-2 trunk, then a plain head that upsamples and convolves at full resolution
+    (a dense decoder: its activations grow with the image), gated by a pooled branch (a
+    global op inside the default trunk: streamed with ``boundary="relu"``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = torch.relu(self.down(x))
+        context = self.fc(f.mean((2, 3)))
+        dense = torch.relu(self.up(nn.functional.interpolate(f * context[:, :1, None, None], scale_factor=2.0)))
+        return dense, context
+
+
+def _head_saved_bytes(smodel, size) -> int:
+    """What the head saves for backward at ``size``, measured directly on a plain run."""
+    program = smodel.program()
+    run = fxstream.nodestats._Run(program.analysis.gm, program.analysis, 4)
+    run.execute(torch.zeros(1, 3, *size))
+    return run.head_bytes()[0]
+
+
+def test_head_activations_are_measured_and_scale_with_the_image():
+    """The plain head's saved tensors, fitted at two probe sizes, predict a third size exactly
+    (a dense head is linear in the pixels), and enter the streamed and plain peaks."""
+    smodel = fxstream.compile(DenseHead().eval(), tile_size=32, boundary="relu")
+    model, stats = memory_model(smodel, (2, 3, 96, 80), torch.float32)
+    assert stats.head is not None and stats.head.saved[1] > 0  # grows with the image
+    saved, largest = stats.head.bytes(96 * 80)
+    assert saved == _head_saved_bytes(smodel, (96, 80))
+    assert largest == 8 * 96 * 80 * 4  # the upsampled 8-channel map, batch 1
+    estimate = model.estimate((96, 80))
+    phases = {estimate.streamed_training.phase: estimate.streamed_training.parts}
+    assert estimate.streamed_training.total >= 2 * (saved + largest)  # batch 2
+    assert estimate.plain_training.parts["head activations"] == 2 * (saved + largest), phases
+
+
+def test_pooled_head_activations_are_constant():
+    smodel = fxstream.compile(torchvision.models.resnet18(weights=None).eval(), tile_size=512)
+    _, stats = memory_model(smodel, (1, 3, 1024, 1024), torch.float32)
+    assert stats.head is not None and stats.head.saved[1] == 0 and stats.head.largest[1] == 0
+
+
+def test_probe_runs_leave_no_side_effects():
+    """Measuring a head in training mode (BatchNorm statistics, dropout) changes no buffer
+    and no random state."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(2), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Flatten(1)
+    )
+    smodel = fxstream.compile(model.train(), tile_size=16, boundary="0")
+    before = [b.clone() for b in model.buffers()]
+    state = torch.random.get_rng_state()
+    memory_model(smodel, (2, 3, 40, 40), torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert torch.equal(state, torch.random.get_rng_state())
