@@ -64,20 +64,13 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _peak() -> int:
+def _status(field: str) -> int:
+    """A byte count from /proc/self/status: ``VmHWM`` (peak RSS) or ``VmRSS``."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def worker(method: str, size: int, tile: int, threads: int) -> dict:
@@ -95,12 +88,12 @@ def worker(method: str, size: int, tile: int, threads: int) -> dict:
         loss.backward()
 
     step()  # warm-up (fxstream: the tiling of this size)
-    base = _rss()
+    base = _status("VmRSS")
     _reset_peak()
     start = time.perf_counter()
     step()
     seconds = time.perf_counter() - start
-    peak = _peak() - base
+    peak = _status("VmHWM") - base
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     error = None
     if method != "plain":

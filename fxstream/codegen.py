@@ -189,7 +189,6 @@ class StreamedTrunk(nn.Module):
         self.schedule = as_schedule(schedule)
         self.settings = settings if settings is not None else runtime.StreamSettings()
         self.input_dims = geometry.axis_dims(geometry.image)
-        self.output_dims = geometry.axis_dims(geometry.output)  # of the primary output
         self.outputs_dims = tuple(geometry.axis_dims(o) for o in geometry.outputs)
         self.node_dims = {name: dims for name, dims in geometry.dims}
         self.random_ops = rng.rewrite_random(tile, geometry)
