@@ -21,7 +21,6 @@ grows with the image). A head that does not run at the probe sizes is not counte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .analyze import Analysis
 from .errors import FxStreamError, InputShapeError
 from .plan import TrunkGeometry, node_sizes
+from .tracecheck import side_effects_undone
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def measure(analysis: Analysis, geo: TrunkGeometry, channels: int, dtype: torch.
     itemsize = torch.empty((), dtype=dtype).element_size()
     run = _Run(gm, analysis, itemsize)
     try:
-        with _side_effects_undone(gm, device):
+        with side_effects_undone(gm, device):
             run.execute(image)
     except FxStreamError:
         raise
@@ -123,7 +123,7 @@ def _head_fit(analysis: Analysis, geo: TrunkGeometry, image, itemsize: int, firs
     try:
         node_sizes(geo, size2)
         run = _Run(analysis.gm, analysis, itemsize)
-        with _side_effects_undone(analysis.gm, image.device):
+        with side_effects_undone(analysis.gm, image.device):
             run.execute(image.new_zeros(*image.shape[:2], *size2))
     except Exception:  # the trunk or the head does not run there: do not count the head
         return None
@@ -140,21 +140,6 @@ def _head_fit(analysis: Analysis, geo: TrunkGeometry, image, itemsize: int, firs
         return v2 - slope * p2, slope
 
     return HeadFit(fit(saved1, saved2), fit(largest1, largest2))
-
-
-@contextlib.contextmanager
-def _side_effects_undone(gm: fx.GraphModule, device: torch.device):
-    """The probe runs leave no trace: buffers (a head's BatchNorm statistics in training mode)
-    are restored, and random draws (dropout) come from a forked generator."""
-    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
 
 
 class _Run:

@@ -81,12 +81,20 @@ _CAUSES = (
 
 def _run(module: nn.Module, x: torch.Tensor) -> Any:
     """``module(x)`` without gradients, with a fixed seed, restoring every buffer afterwards."""
+    with torch.no_grad(), side_effects_undone(module, x.device):
+        torch.manual_seed(0)
+        return module(x)
+
+
+@contextlib.contextmanager
+def side_effects_undone(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """A probe run of ``module`` leaves no trace: its buffers (BatchNorm statistics in
+    training mode) are restored, and its random draws (dropout) come from a forked generator."""
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    devices = [x.device] if x.device.type == "cuda" else []
+    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
-            return module(x)
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:
