@@ -149,16 +149,10 @@ def test_fast_widths_and_splits_equal_the_walk(name, size):
     if name == "resnet18_layer2":
         size = tuple(2 * s + 3 for s in size)
     geo, sizes = _resolved(name, size)
-    rng = random.Random(0)
-    for kind in KINDS:
-        for axis in range(2):
-            plain, fast = _widths(kind, geo, sizes, axis)
-            n = sizes[geo.output][axis]
-            for lo, hi in _blocks(n, rng):
-                assert fast(lo, hi) == plain(lo, hi), (kind, axis, lo, hi)
-            full = plain(0, n)
-            for limit in sorted({plain(0, 1), full // 3 + 1, full - 1}):
-                assert plan.fitted_split(fast, n, limit) == _reference_split(plain, n, limit), (kind, limit)
+    for kind, _, plain, fast, n in _equal_widths(geo, sizes, random.Random(0)):
+        full = plain(0, n)
+        for limit in sorted({plain(0, 1), full // 3 + 1, full - 1}):
+            assert plan.fitted_split(fast, n, limit) == _reference_split(plain, n, limit), (kind, limit)
 
 
 @pytest.mark.parametrize("name", STENCIL_ZOO + ["crop_net"])
@@ -184,18 +178,23 @@ def test_the_closed_form_answers_the_interior(name):
 def test_several_trunk_outputs(name):
     """Outputs of one size have the closed form; outputs of different strides walk."""
     geo, sizes = _resolved(name, (203, 187))
-    outputs = getattr(geo, "outputs", (geo.output,))
-    same = all(sizes[o] == sizes[geo.output] for o in outputs)
-    rng = random.Random(1)
+    same = all(sizes[o] == sizes[geo.output] for o in geo.outputs)
+    for kind, axis, plain, fast, n in _equal_widths(geo, sizes, random.Random(1)):
+        assert (fast.interior is not None) == same, (kind, axis, geo.outputs)
+        limit = plain(n // 2, n // 2 + n // 4)
+        assert plan.fitted_split(fast, n, limit) == _reference_split(plain, n, limit)
+
+
+def _equal_widths(geo, sizes, rng):
+    """Per schedule and axis, after checking that the fast width equals the walk on border and
+    random blocks: ``(kind, axis, plain, fast, n)``."""
     for kind in KINDS:
         for axis in range(2):
             plain, fast = _widths(kind, geo, sizes, axis)
             n = sizes[geo.output][axis]
             for lo, hi in _blocks(n, rng):
                 assert fast(lo, hi) == plain(lo, hi), (kind, axis, lo, hi)
-            assert (fast.interior is not None) == same, (kind, axis, outputs)
-            limit = plain(n // 2, n // 2 + n // 4)
-            assert plan.fitted_split(fast, n, limit) == _reference_split(plain, n, limit)
+            yield kind, axis, plain, fast, n
 
 
 @pytest.mark.parametrize("name", FRACTIONAL)
