@@ -38,7 +38,7 @@ import torchvision
 from torch import nn
 
 import fxstream
-from fxstream.report import memory_model
+from fxstream.cli.report import memory_model
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}
 WARMUP = os.environ.get("FXSTREAM_MEMORY_WARMUP", "small")  # 'small' (96x96) or 'same' (the measured shape)

@@ -6,7 +6,7 @@ receives the same image; the ranks split its tiles into contiguous *bands* of ti
 
 * Under ``"recompute"`` tiles are independent: a band is a subset of the tiles.
 * Under ``"carry"`` each band carries internally, and a band start recomputes the cone of
-  its first output row (``Schedule.bands``, honoured by :mod:`fxstream.tiling`).
+  its first output row (``Schedule.bands``, honoured by :mod:`fxstream.planning.tiling`).
 
 Forward: each rank runs its bands' tiles into a zero trunk output; one ``all_reduce``
 (sum; the output blocks are disjoint) assembles it on every rank, and the head runs on
@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from .errors import FxStreamError, InputShapeError, TileGroupError, user_error
-from .schedule import Schedule
-from .tiling import ShapePlan
+from .memory.units import format_bytes
+from .planning.schedule import Schedule
+from .planning.tiling import ShapePlan, plan_shape
 
 MAX_DIMS = 8  # input dims carried by the shape check (N, C and up to 6 spatial)
 DP_LIMIT = 4_000_000  # balanced_bands: the exact split up to ranks * rows**2 steps
@@ -238,7 +239,7 @@ class TileGroup:
 def split_report(smodel, input_shape: tuple[int, ...], ranks: int, report: dict, dtype: torch.dtype) -> dict:
     """The bands of ``ranks`` ranks for ``input_shape`` and each rank's predicted work
     (computed pixels over all trunk nodes), peak memory and collective sizes. ``report`` is
-    ``fxstream.report.build``'s dict for the same input."""
+    ``fxstream.cli.report.build``'s dict for the same input."""
     trunk = smodel.streamed_trunk
     spatial = tuple(input_shape[2:])
     plan_of = lambda s, schedule: trunk_plan(trunk, s, schedule)  # noqa: E731
@@ -263,15 +264,11 @@ def split_report(smodel, input_shape: tuple[int, ...], ranks: int, report: dict,
 
 
 def trunk_plan(trunk, size: tuple[int, ...], schedule: Schedule) -> ShapePlan:
-    from .tiling import plan_shape
-
     return plan_shape(trunk.geometry, trunk.plan, size, schedule)
 
 
 def split_lines(split: dict) -> list[str]:
     """``fxstream plan --ranks N``: one line per rank, then the collectives."""
-    from .auto import format_bytes
-
     total = split["single_process_work"]
     lines = [f"tile-parallel split over {split['ranks']} ranks (bands of tile rows; work = computed pixels):"]
     for r, ((a, b), tiles, work) in enumerate(zip(split["bands"], split["tiles"], split["work"])):

@@ -14,10 +14,12 @@ one layout built by :func:`user_error`::
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+import torch.fx as fx
 
 
 class FxStreamError(Exception):
@@ -131,14 +133,11 @@ def user_error(
     return cls("\n".join(lines), **fields)
 
 
-def _where(node: Any, module_path: str | None, source: str | None) -> tuple[str, str, str, str]:
+def _where(node: Any, path: str | None, source: str | None) -> tuple[str, str, str, str]:
     """(node name, module path, source line, node description) for the message."""
     if node is None or isinstance(node, str):
-        return node or "", module_path or "", source or "", ""
-    from .trace import module_path as path_of  # the fx helpers; trace imports this module
-    from .trace import source_line
-
-    path = module_path if module_path is not None else path_of(node)
+        return node or "", path or "", source or "", ""
+    path = path if path is not None else module_path(node)
     line = source if source is not None else source_line(node)
     return node.name, path, line, f"node '{node.name}' ({node.format_node()})"
 
@@ -203,3 +202,66 @@ class LevelError(ImageFileError):
         super().__init__(message, path=path)
         self.level = level
         self.levels = levels
+
+
+# --- Where a node comes from: its module and the user's source line -------------------
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module that created ``node`` ('' at top level)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    last = list(stack.values())[-1]
+    # torch 2.x stores (path, type); older releases stored only the type keyed by path.
+    if isinstance(last, tuple):
+        return str(last[0])
+    return str(list(stack.keys())[-1])
+
+
+def source_line(node: fx.Node) -> str:
+    """The user's source line that created ``node``, as 'file:line: code', or ''.
+
+    FX records the whole stack; the user's line is the innermost frame outside
+    torch itself (torchvision and user code count as the user's)."""
+    lines = (node.stack_trace or "").strip().splitlines()
+    frames = []
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("File "):
+            parts = text.split(",")
+            path = parts[0][len("File ") :].strip('"')
+            number = parts[1].replace("line", "").strip() if len(parts) > 1 else "?"
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            frames.append((path, number, code))
+    user = [f for f in frames if not is_internal_file(f[0])]
+    if not user:
+        return ""
+    path, number, code = user[-1]
+    return f"{path}:{number}: {code}"
+
+
+def is_internal_file(path: str) -> bool:
+    """A frame of torch itself or of fxstream (its tracers appear in every traced stack)."""
+    return _is_torch_file(path) or os.path.abspath(path).startswith(_PACKAGE_DIR + os.sep)
+
+
+def _is_torch_file(path: str) -> bool:
+    parts = path.replace("\\", "/").split("/")
+    return "torch" in parts[:-1] and "site-packages" in parts or "/torch/" in path and "/fx/" in path
+
+
+def describe(node: fx.Node) -> str:
+    """Node, module path and source line, for error messages."""
+    path = module_path(node)
+    text = f"node '{node.name}' ({node.format_node()})"
+    if path:
+        text += f"\n  in module '{path}'"
+    src = source_line(node)
+    if src:
+        text += f"\n  at {src}"
+    return text

@@ -23,7 +23,7 @@ So module hooks follow one rule:
   ``torch.nn`` module rewritten out of place, has no call of its own in the traced
   graph: while it has hooks, :func:`collapse_hooked_calls` replaces the nodes of its
   call by one call of the module on the recorded arguments
-  (:class:`fxstream.trace.ModuleCall`), so PyTorch fires its hooks with its real
+  (:class:`fxstream.frontend.trace.ModuleCall`), so PyTorch fires its hooks with its real
   inputs and outputs. This needs a *clean* call (:class:`HeadCall`): the module is
   called once, its arguments are computed in the head (or are trunk outputs), its
   nodes read only its arguments and parameters, and nothing outside the call reads its
@@ -49,11 +49,10 @@ import torch.nn as nn
 import torch.nn.modules.module as module_globals
 from torch.utils.hooks import BackwardHook
 
-from .analyze import Analysis
-from .codegen import _head_nodes
+from .analysis.analyze import Analysis, head_nodes
 from .errors import ContractError, UnsupportedOpError, user_error
-from .live import fetch
-from .trace import HOOK_SLOTS, ModuleCall, NodeName, module_calls
+from .frontend.trace import HOOK_SLOTS, ModuleCall, NodeName, module_calls
+from .runtime.live import fetch
 
 _GLOBAL = (
     "_global_forward_pre_hooks",
@@ -80,7 +79,7 @@ class OutputModule:
 class HeadCall:
     """How the outer program calls a traced-through head module for real (plain data).
 
-    ``args``/``kwargs`` are the recorded arguments (nodes as :class:`~fxstream.trace.NodeName`).
+    ``args``/``kwargs`` are the recorded arguments (nodes as :class:`~fxstream.frontend.trace.NodeName`).
     ``inputs`` says where each argument node is in the outer graph, as ``(name, reader,
     index)``: input ``index`` of ``reader``, a node of the call (the trunk output is renamed
     there), or, with ``reader=''``, the node of that name. ``outputs`` is ``(keys, name)`` for
@@ -98,7 +97,7 @@ class HeadCall:
 @dataclass(frozen=True)
 class HeadModule:
     """A head module whose call is not in the traced graph, only its nodes: one that torch.fx
-    traces through, or an in-place torch.nn module rewritten out of place (fxstream.functionalize)."""
+    traces through, or an in-place torch.nn module rewritten out of place (fxstream.frontend.functionalize)."""
 
     path: str
     node: str  # its first node (for errors)
@@ -172,7 +171,7 @@ class _Unclean(Exception):
 
 
 class _CallSites:
-    """The recorded module calls (:func:`fxstream.trace.module_calls`), checked against the
+    """The recorded module calls (:func:`fxstream.frontend.trace.module_calls`), checked against the
     analysed graph: which head modules without a call of their own can be called for real."""
 
     def __init__(self, analysis: Analysis):
@@ -180,7 +179,7 @@ class _CallSites:
         for call in module_calls(analysis.gm) or ():
             self.calls.setdefault(call.path, []).append(call)
         self.by_name = {n.name: n for n in analysis.gm.graph.nodes}
-        self.head = _head_nodes(analysis)  # the nodes the outer graph copies, by name
+        self.head = head_nodes(analysis)  # the nodes the outer graph copies, by name
         self.live = self.head | set(analysis.trunk) | set(analysis.constants)
 
     def head_module(self, path: str, members: list[fx.Node]) -> HeadModule:

@@ -10,16 +10,19 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import hooks, live
-from .analyze import Analysis, analyze
-from .codegen import StreamedTrunk, graph_module, outer_graph, tile_graph
+from . import hooks
+from .analysis.analyze import Analysis
 from .distributed import TileGroup
 from .errors import ArgumentError, BoundaryError, ContractError, TileSizeError, user_error
-from .plan import Plan, TrunkGeometry, build_geometry, build_plan
-from .progress import StreamStats
-from .runtime import StreamSettings
-from .schedule import Schedule, as_schedule
-from .trace import trace
+from .memory.auto import choose
+from .planning.lower import lower
+from .planning.plan import Plan
+from .planning.schedule import Schedule, as_schedule
+from .planning.trunk import TrunkGeometry
+from .runtime import live
+from .runtime.codegen import StreamedTrunk, graph_module, outer_graph, tile_graph
+from .runtime.progress import StreamStats
+from .runtime.settings import StreamSettings
 
 TileSize = Union[int, tuple[int, ...]]  # noqa: UP007 (runtime alias, Python 3.10)
 
@@ -42,21 +45,9 @@ class Program:
 def build_program(
     model: nn.Module, tile_size: TileSize, boundary: str | tuple[str, ...] | None, schedule=None
 ) -> Program:
-    gm = trace(model)  # nn.Module -> fx.GraphModule
-    ndim = len(tile_size) if isinstance(tile_size, tuple) else None
-    analysis = analyze(gm, boundary, ndim)  # -> Analysis: trunk, boundary, layouts
-    geometry = build_geometry(analysis)  # -> TrunkGeometry: plain data
-    schedule = as_schedule(schedule)  # -> Schedule: how the tiles run
-    plan = build_plan(geometry, _tile_tuple(tile_size, analysis.ndim), schedule.carries)  # -> Plan (sympy)
-    tiles, outer = tile_graph(analysis, geometry), outer_graph(analysis)  # -> fx.Graph, fx.Graph
-    return Program(analysis, geometry, plan, schedule, tiles, outer, hooks.hook_rule(analysis))
-
-
-def _tile_tuple(tile_size: TileSize, ndim: int) -> tuple[int, ...]:
-    sizes = (tile_size,) * ndim if isinstance(tile_size, int) else tuple(tile_size)
-    if len(sizes) != ndim:
-        raise TileSizeError(f"tile_size={tile_size} has {len(sizes)} entries, the trunk has {ndim} spatial dims")
-    return sizes
+    low = lower(model, tile_size, boundary, schedule)  # trace -> analyse -> geometry -> plan
+    tiles, outer = tile_graph(low.analysis, low.geometry), outer_graph(low.analysis)  # -> fx.Graph, fx.Graph
+    return Program(low.analysis, low.geometry, low.plan, low.schedule, tiles, outer, hooks.hook_rule(low.analysis))
 
 
 def validate_tile_size(tile_size: TileSize) -> None:
@@ -249,9 +240,9 @@ def compile(
         memory_budget, input_shape: with ``tile_size="auto"``, the largest square tile
             whose predicted training peak for inputs of ``input_shape`` (N, C, *spatial)
             fits ``memory_budget`` (bytes or e.g. ``"8GiB"``); with ``boundary="auto"``,
-            the streamed prefix predicted fastest within the budget (see ``fxstream.auto``).
+            the streamed prefix predicted fastest within the budget (see ``fxstream.memory.auto``).
         verbose: print the automatic choice and the reason.
-        schedule: how the tiles run (see :mod:`fxstream.schedule`): ``"carry"`` (the
+        schedule: how the tiles run (see :mod:`fxstream.planning.schedule`): ``"carry"`` (the
             default) computes every activation once and carries thin stripes between
             neighbouring tiles; ``"recompute"`` makes tiles independent by recomputing
             each tile's halo. Both are exact.
@@ -279,23 +270,21 @@ def compile(
         torch.Size([1, 1000])
     """
     _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform)
-    if boundary is not None and not isinstance(boundary, str):
-        boundary = tuple(boundary)
-    if tile_size == "auto" or boundary == "auto":
-        from .auto import choose
-
+    boundary = boundary if boundary is None or isinstance(boundary, str) else tuple(boundary)
+    schedule = as_schedule(schedule)  # -> Schedule
+    if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size and a boundary, from the memory model
         choice = choose(model, tile_size, boundary, memory_budget, input_shape, schedule=schedule)
         tile_size, boundary = choice.tile_size, choice.boundary
         if verbose:
             print(choice.reason)
     validate_tile_size(tile_size)
-    settings = StreamSettings(
+    settings = StreamSettings(  # -> the run-time settings all programs of the module share
         input_transform=input_transform,
         output_device=_device(output_device),
         progress=progress,
         tile_group=TileGroup(tile_group) if tile_group is not None else None,
     )
-    return StreamedModule(model, tile_size, boundary, settings, as_schedule(schedule))
+    return StreamedModule(model, tile_size, boundary, settings, schedule)  # build_program: trace -> ... -> generate
 
 
 def _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import arrays
 from .errors import ArgumentError, user_error
+from .io import arrays
 from .module import StreamedModule
 
 Batch = torch.Tensor | Any | Sequence[torch.Tensor | Any]  # a tensor or an array-like, or a sequence of them

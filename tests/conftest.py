@@ -18,7 +18,9 @@ def uniform_tiles(monkeypatch):
     split, which puts an axis that fits in one tile into one block. Suites that force many
     small tiles on small images, to exercise tile borders, use it."""
     monkeypatch.setattr(
-        fxstream.plan, "_splits", lambda geo, plan, sizes: fxstream.plan.plan_splits(plan, sizes[geo.output])
+        fxstream.planning.plan,
+        "_splits",
+        lambda geo, plan, sizes: fxstream.planning.plan.plan_splits(plan, sizes[geo.output]),
     )
 
 
@@ -29,10 +31,12 @@ def schedule(request, monkeypatch):
     Under carry, tiles get the plan's uniform blocks (at most ``plan.block`` output pixels,
     the recompute block for the same tile_size), so the suites that force many small tiles
     get at least as many carry tiles, with cells much smaller than their halos."""
-    monkeypatch.setattr(fxstream.schedule, "DEFAULT", request.param)
+    monkeypatch.setattr(fxstream.planning.schedule, "DEFAULT", request.param)
     if request.param == "carry":
         monkeypatch.setattr(
-            fxstream.tiling, "carry_split", lambda width, n, limit, block: fxstream.plan.balanced_split(n, block)
+            fxstream.planning.tiling,
+            "carry_split",
+            lambda width, n, limit, block: fxstream.planning.plan.balanced_split(n, block),
         )
     return request.param
 

@@ -11,11 +11,12 @@ from exactness import check_streamed
 from test_cli import HandDAG
 
 import fxstream
-from fxstream.auto import choose, cut_candidates, largest_tile, parse_bytes
 from fxstream.errors import TileSizeError
-from fxstream.memory import MemoryModel, parameter_bytes
-from fxstream.nodestats import measure
-from fxstream.plan import build_plan
+from fxstream.memory.auto import choose, cut_candidates, largest_tile
+from fxstream.memory.model import MemoryModel, parameter_bytes
+from fxstream.memory.nodestats import measure
+from fxstream.memory.units import parse_bytes
+from fxstream.planning.plan import build_plan
 
 
 def test_parse_bytes():
@@ -32,11 +33,11 @@ def test_parse_bytes():
 def recompute_default(monkeypatch):
     """These tests check the recompute schedule's interior-tile formula against its exact
     tiles; test_auto_tile_under_carry checks the carry schedule."""
-    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "recompute")
+    monkeypatch.setattr(fxstream.planning.schedule, "DEFAULT", "recompute")
 
 
 def test_auto_tile_under_carry(monkeypatch):
-    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "carry")
+    monkeypatch.setattr(fxstream.planning.schedule, "DEFAULT", "carry")
     model = torchvision.models.resnet18(weights=None).eval()
     shape = (1, 3, 1500, 1300)
     budget = 300 * 2**20

@@ -27,7 +27,9 @@ def float64_default():
 @pytest.fixture
 def small_carry_tiles(monkeypatch):
     monkeypatch.setattr(
-        fxstream.tiling, "carry_split", lambda width, n, limit, block: fxstream.plan.balanced_split(n, block)
+        fxstream.planning.tiling,
+        "carry_split",
+        lambda width, n, limit, block: fxstream.planning.plan.balanced_split(n, block),
     )
 
 

@@ -16,7 +16,7 @@ from exactness import RTOL64, check_streamed, rel_err
 from zoo import build as build_zoo
 
 import fxstream
-from fxstream.tiling import cell_boundaries, plan_shape
+from fxstream.planning.tiling import cell_boundaries, plan_shape
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +108,7 @@ def test_cells_partition_every_node_and_reads_stay_behind():
                 if name:
                     cells.setdefault(name, []).append((lo, hi))
                     assert region[name][1] == hi and region[name][0] <= lo
-        sizes = fxstream.plan.node_sizes(geo, (177, 166))
+        sizes = fxstream.planning.plan.node_sizes(geo, (177, 166))
         for name, spans in cells.items():
             assert spans[0][0] == 0 and spans[-1][1] == sizes[name][axis]
             assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:])), (name, spans)
@@ -120,7 +120,7 @@ def test_cell_boundaries_of_a_chain():
     model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1))
     smodel = _carry(model, 16)
     geo = smodel.program().geometry
-    sizes = fxstream.plan.node_sizes(geo, (30, 30))
+    sizes = fxstream.planning.plan.node_sizes(geo, (30, 30))
     bounds = cell_boundaries(geo, sizes, 0, [0, 10, 20, 30])
     names = [s.name for s in geo.steps]
     assert bounds[names[-1]] == [0, 10, 20, 30]

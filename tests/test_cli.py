@@ -122,7 +122,7 @@ EXPECTED = {
         '"layer4_2_relu_1" [label="layer4_2_relu_1\\nrelu", fillcolor="#f4a3a3"',
         '"conv1" [label="conv1\\nmodule conv1", fillcolor="#a9cce3"',
     ],
-    "code": ["torch.conv2d(", "fxstream_runtime_window("],
+    "code": ["torch.conv2d(", "fxstream_runtime_kernels_window("],
 }
 
 
@@ -130,7 +130,7 @@ EXPECTED = {
 def recompute_default(monkeypatch):
     """Most figures below are the recompute schedule's (hand-computed grids and halos);
     test_carry_schedule_in_the_report checks the default, carry."""
-    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "recompute")
+    monkeypatch.setattr(fxstream.planning.schedule, "DEFAULT", "recompute")
 
 
 def test_carry_schedule_in_the_report(capsys):
@@ -224,10 +224,14 @@ BAD = [
     (["resnet18", "--input-shape", "1,3,abc", "--tile-size", "512"], "--input-shape must be"),
     (["resnet18", "--input-shape", "1,3,64", "--tile-size", "512"], "has 1 spatial dims, the trunk has 2"),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "0"], "--tile-size must be"),
-    (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "100", "--schedule", "recompute"],
-     "tile_size=100x100 is too small"),
-    (["resnet18", "--input-shape", "1,3,4096,4096", "--tile-size", "100", "--schedule", "carry"],
-     "under the carry schedule"),
+    (
+        ["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "100", "--schedule", "recompute"],
+        "tile_size=100x100 is too small",
+    ),
+    (
+        ["resnet18", "--input-shape", "1,3,4096,4096", "--tile-size", "100", "--schedule", "carry"],
+        "under the carry schedule",
+    ),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "512", "--train"], "cannot stream BatchNorm2d"),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "512", "--boundary", "nowhere"], "names no node"),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "auto"], "need --memory-budget"),
@@ -261,10 +265,10 @@ def test_png_to_a_directory_or_unwritable_path_is_one_line(capsys, tmp_path):
 
 def test_png_unwritable_is_one_line(capsys, tmp_path, monkeypatch):
     args = (HAND, "--input-shape", "1,3,64,64", "--tile-size", "32", "--png")
-    monkeypatch.setattr("fxstream.cli.os.access", lambda path, mode: False)  # as a non-root user would see
+    monkeypatch.setattr("fxstream.cli.commands.os.access", lambda path, mode: False)  # as a non-root user would see
     code, _, err = run(capsys, *args, str(tmp_path / "x.png"))
     assert code == 2 and "permission denied" in err and len(err.strip().splitlines()) == 1
-    monkeypatch.setattr("fxstream.cli._check_writable", lambda path: None)  # fail at the write itself
+    monkeypatch.setattr("fxstream.cli.commands._check_writable", lambda path: None)  # fail at the write itself
     code, _, err = run(capsys, *args, str(tmp_path / "missing" / "x.png"))
     assert code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1
 

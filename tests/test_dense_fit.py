@@ -19,7 +19,7 @@ import fxstream
 @pytest.fixture(autouse=True)
 def recompute_default(monkeypatch):
     """These check the recompute schedule's fitted blocks against its bounds; test_carry checks carry tilings."""
-    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "recompute")
+    monkeypatch.setattr(fxstream.planning.schedule, "DEFAULT", "recompute")
 
 
 def widest(shape_plan) -> tuple[int, ...]:
@@ -39,7 +39,11 @@ def test_fitted_blocks_are_larger_than_bounds_and_respect_tile_size(name, size, 
     assert len(fitted.tiles) >= 2
 
     with monkeypatch.context() as m:  # the same tile size with the plan's bound-based blocks
-        m.setattr(fxstream.plan, "_splits", lambda geo, plan, sizes: fxstream.plan.plan_splits(plan, sizes[geo.output]))
+        m.setattr(
+            fxstream.planning.plan,
+            "_splits",
+            lambda geo, plan, sizes: fxstream.planning.plan.plan_splits(plan, sizes[geo.output]),
+        )
         bounded = fxstream.compile(model, tile_size=tile).shape_plan(*size)
     assert len(fitted.tiles) < len(bounded.tiles), (len(fitted.tiles), len(bounded.tiles))
     assert fitted.halo_overhead < bounded.halo_overhead
@@ -53,7 +57,7 @@ def test_tile_below_the_bound_compiles_and_fits_the_real_region():
     model, channels, _ = build("unet_bilinear_size")
     bound = fxstream.compile(model, tile_size=10_000).plan.receptive_field
     size = (421, 35)
-    real = fxstream.plan.input_region(
+    real = fxstream.planning.plan.input_region(
         fxstream.compile(model, tile_size=10_000).program().geometry, size, ((200, 201), (17, 18))
     )
     need = real[0][1] - real[0][0]

@@ -15,16 +15,16 @@ import torchvision
 from test_cli import HandDAG
 
 import fxstream
-from fxstream.memory import tile_pixels
-from fxstream.plan import node_regions
-from fxstream.report import build, memory_model
+from fxstream.cli.report import build, memory_model
+from fxstream.memory.model import tile_pixels
+from fxstream.planning.plan import node_regions
 
 
 @pytest.fixture(autouse=True)
 def recompute_default(monkeypatch):
     """The interior-tile formula and its bound are the recompute schedule's; test_auto checks
     the carry memory model against a budget."""
-    monkeypatch.setattr(fxstream.schedule, "DEFAULT", "recompute")
+    monkeypatch.setattr(fxstream.planning.schedule, "DEFAULT", "recompute")
 
 
 def _model(model, tile, shape, dtype=torch.float32):
@@ -158,7 +158,7 @@ class DenseHead(nn.Module):
 def _head_saved_bytes(smodel, size) -> int:
     """What the head saves for backward at ``size``, measured directly on a plain run."""
     program = smodel.program()
-    run = fxstream.nodestats._Run(program.analysis.gm, program.analysis, 4)
+    run = fxstream.memory.nodestats._Run(program.analysis.gm, program.analysis, 4)
     run.execute(torch.zeros(1, 3, *size))
     return run.head_bytes()[0]
 

@@ -121,7 +121,7 @@ def test_generated_code_is_readable():
     smodel = fxstream.compile(model, tile_size=24)
     code = smodel.code
     assert "fxstream_trunk" in code
-    assert "torch.conv2d" in code and "fxstream_runtime_window" in code
+    assert "torch.conv2d" in code and "fxstream_runtime_kernels_window" in code
     tile_code = smodel.streamed_trunk.tile.code
     assert "padding" not in tile_code.split("def forward")[1].split("\n")[0]
     smodel.streamed_trunk.tile.graph.lint()

@@ -158,7 +158,7 @@ def test_every_tile_writes_its_block_of_every_output():
     smodel = fxstream.compile(_eval(TopDown()), tile_size=16)
     geometry = smodel.program().geometry
     for kind in ("carry", "recompute"):
-        shape_plan = fxstream.tiling.plan_shape(geometry, smodel.plan, (45, 38), fxstream.Schedule(kind))
+        shape_plan = fxstream.planning.tiling.plan_shape(geometry, smodel.plan, (45, 38), fxstream.Schedule(kind))
         assert shape_plan.num_tiles >= 4
         for index, size in enumerate(shape_plan.output_sizes):
             covered = torch.zeros(size, dtype=torch.int64)
@@ -286,7 +286,7 @@ def test_auto_boundary_streams_the_prefix_with_its_outputs():
     (before, it raised): its candidates reach the encoder output, each with the outputs the
     rest reads."""
     model = _eval(SkipDecoder())
-    choice = fxstream.auto.choose(model, "auto", "auto", "1GiB", (1, 3, 64, 64))
+    choice = fxstream.memory.auto.choose(model, "auto", "auto", "1GiB", (1, 3, 64, 64))
     assert [c.boundary for c in choice.candidates][-1] == "encoder_stage2_2"
     smodel = fxstream.compile(model, tile_size=20, boundary=choice.candidates[-1].boundary)
     assert smodel.program().geometry.outputs == ("encoder_stem_2", "encoder_stage2_2")

@@ -11,7 +11,7 @@ import torch.nn as nn
 from exactness import check_streamed
 
 import fxstream
-from fxstream import ops
+from fxstream.ops import table as ops
 
 pytestmark = pytest.mark.usefixtures("uniform_tiles")
 

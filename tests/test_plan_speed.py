@@ -16,8 +16,10 @@ from dense_zoo import build as build_dense
 from zoo import build as build_zoo
 
 import fxstream
-from fxstream import cli, plan, render, tiling, widths
-from fxstream.geometry import Interval
+from fxstream import cli
+from fxstream.cli import render
+from fxstream.ops.geometry import Interval
+from fxstream.planning import plan, tiling, widths
 
 KINDS = ("recompute", "carry")
 STENCIL_ZOO = [

@@ -13,7 +13,7 @@ from exactness import RTOL64, rel_err
 from tile_recorder import record_tiles
 
 import fxstream
-from fxstream import rng
+from fxstream.runtime import rng
 
 pytestmark = pytest.mark.usefixtures("schedule")
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxstream
-from fxstream.plan import input_region
+from fxstream.planning.plan import input_region
 
 
 class EvenKernels(nn.Module):

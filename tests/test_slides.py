@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from exactness import RTOL64, rel_err
 
 import fxstream
-from fxstream import arrays, channels, slides, transfer
+from fxstream.io import arrays, slides, transfer
+from fxstream.runtime import channels
 
 tifffile = pytest.importorskip("tifffile")  # the 'slides' extra, installed by the 'test' extra
 zarr = pytest.importorskip("zarr")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from exactness import check_streamed
 
 import fxstream
-from fxstream.tracecheck import check_trace
+from fxstream.frontend.tracecheck import check_trace
 
 pytestmark = pytest.mark.usefixtures("uniform_tiles")
 

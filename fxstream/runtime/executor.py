@@ -1,0 +1,312 @@
+"""The executor: runs the tiles of a :class:`~fxstream.planning.tiling.ShapePlan` under its schedule,
+as one differentiable ``autograd.Function``.
+
+Forward (no grad, raster order): each tile runs the generated tile code on its input crop
+and writes its block of every trunk output. Under the carry schedule it also stores the
+stripes of its cells that later tiles read (:class:`Stripes`), and reads the stripes that
+earlier tiles stored. When gradients are wanted, the last tile runs with autograd and keeps
+its graph, so the backward pass does not recompute it.
+
+Backward (reverse raster order): each tile is recomputed with autograd, from its input crop
+and its stripes as detached leaves, and back-propagates
+
+* its block of every trunk output's gradient, and
+* the *pending* gradients that later tiles sent to its cells (carry only),
+
+to the parameters, its input crop, and its stripe leaves. A stripe leaf's gradient is added
+to the pending gradient of the cell it was cut from; that cell's tile runs later in this
+order, so its pending gradient is complete when it runs. Every use of every activation is
+back-propagated exactly once, so the summed gradients are the whole-image gradients (see
+the README's "Why it is exact"). Under the recompute schedule there are no stripes and no
+pending gradients: the tiles' output blocks partition the output gradients.
+
+The recomputation re-enters the forward pass's autocast state and replays its random
+draws, so it computes exactly what the forward pass computed. The order of the backward
+pass is fixed, so repeated backward passes are bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import first_order
+from ..io.transfer import crop as crop_view
+from . import live
+from .progress import Timer
+from .settings import AutocastState
+
+Key = tuple  # (node name, global box): one stored stripe
+
+
+@dataclass
+class Stripes:
+    """The stripe bookkeeping of a carry ShapePlan, derived from its tiles.
+
+    ``saves[p]``: node -> boxes of its cell that tile ``p`` stores for later tiles;
+    ``last_forward[key]``: the last tile that reads ``key`` in the forward pass;
+    ``last_backward[key]``: the first tile that reads it (the last one back-propagated)."""
+
+    saves: list
+    last_forward: dict
+    last_backward: dict
+
+    @staticmethod
+    def of(shape_plan) -> Stripes:
+        tiles = shape_plan.tiles
+        saves: list = [{} for _ in tiles]
+        last_forward: dict = {}
+        last_backward: dict = {}
+        for position, tile in enumerate(tiles):
+            for name, _, pieces, _ in tile.carry:
+                for source, box in pieces:
+                    if source < 0:
+                        continue
+                    key = (name, box)
+                    if key not in last_backward:
+                        saves[source].setdefault(name, []).append(box)
+                        last_backward[key] = position
+                    last_forward[key] = position
+        return Stripes(saves, last_forward, last_backward)
+
+
+class TileRun:
+    """The ``carry`` argument of the tile code for one run of one tile.
+
+    The tile code calls ``carry.region(name, fresh)`` after computing a node's cell: it
+    records the cell (for pending gradients), stores the stripes later tiles read (in the
+    forward pass), and returns the node's region, assembled from stored stripes and the
+    cell, which the consumers' windows crop."""
+
+    def __init__(self, tile, dims: dict, leaves: dict, store: dict | None = None, saves: dict | None = None):
+        self.specs = {name: (cell, pieces, grid) for name, cell, pieces, grid in tile.carry}
+        self.dims = dims
+        self.leaves = leaves
+        self.store = store
+        self.saves = saves or {}
+        self.fresh: dict = {}
+
+    def region(self, name: str, fresh: torch.Tensor) -> torch.Tensor:
+        spec = self.specs.get(name)
+        if spec is None:
+            return fresh
+        cell, pieces, grid = spec
+        self.fresh[name] = fresh
+        dims = self.dims[name]
+        for box in self.saves.get(name, ()):
+            part = crop_view(fresh, dims, [(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)])
+            self.store[(name, box)] = part.detach().clone()
+        if len(pieces) == 1:
+            return fresh
+        tensors = [fresh if source < 0 else self.leaves[(name, box)] for source, box in pieces]
+        return _assemble(tensors, grid, dims)
+
+
+def _assemble(tensors: list, grid: tuple, dims: tuple) -> torch.Tensor:
+    """Concatenate a raster-ordered grid of pieces (last axis fastest) into one tensor."""
+    if len(grid) == 1:
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dims[0])
+    step = len(tensors) // grid[0]
+    rows = [_assemble(tensors[i * step : (i + 1) * step], grid[1:], dims[1:]) for i in range(grid[0])]
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dims[0])
+
+
+@dataclass
+class _Kept:
+    position: int
+    leaf: torch.Tensor
+    leaves: dict
+    run: TileRun
+    blocks: tuple
+
+
+class StreamFunction(torch.autograd.Function):
+    """Runs a trunk tile by tile. ``apply(x, trunk, shape_plan, *params)``: the trunk output,
+    or a tuple of them when the trunk has several (``trunk.geometry.outputs``).
+
+    ``x`` may live on another device than the trunk (a host-resident image): tiles are
+    copied to the trunk's device one at a time, input gradients are assembled next to
+    ``x``, and the outputs are assembled on ``trunk.output_device`` (default: the trunk's
+    device)."""
+
+    @staticmethod
+    def forward(ctx, x, trunk, shape_plan, *params):
+        ctx.trunk, ctx.shape_plan = trunk, shape_plan
+        ctx.image = None if isinstance(x, torch.Tensor) else x  # an array-like: kept as is, no input gradient
+        ctx.save_for_backward(*([x] if ctx.image is None else []), *params)
+        ctx.autocast = AutocastState()
+        ctx.random = trunk.random_draws(x)  # None, or the draws every tile replays
+        ctx.members = live.snapshot(trunk.tile)  # backward recomputes with these (see live.restored)
+        wants_grad = any(ctx.needs_input_grad)
+        ctx.positions = trunk.positions(shape_plan)  # all tiles, or this rank's bands
+        keep = ctx.positions[-1] if wants_grad else None
+        ctx.store, ctx.kept, outs = _run_forward(ctx, x, keep, advance=True, keep_store=wants_grad)
+        if trunk.tile_group is not None:  # each rank wrote its blocks into zeros: sum them
+            outs = tuple(trunk.tile_group.assemble(out) for out in outs)
+        return outs if trunk.multi_output else outs[0]
+
+    @staticmethod
+    @first_order  # create_graph=True raises ContractError
+    def backward(ctx, *grad_outs):
+        # recompute with the members of the forward pass (functional_call may have restored others)
+        with live.restored(ctx.members):
+            return _backward(ctx, grad_outs)
+
+
+def _backward(ctx, grad_outs: tuple):
+    """The backward pass of :class:`StreamFunction` (see the module docstring)."""
+    x, *params = ([ctx.image] if ctx.image is not None else []) + list(ctx.saved_tensors)
+    trunk, shape_plan = ctx.trunk, ctx.shape_plan
+    if ctx.store is None and trunk.stripes(shape_plan) is None:
+        ctx.store = {}
+    if ctx.store is None:  # a second backward pass (retain_graph): rebuild the stripes, as in the forward
+        with ctx.autocast.restored():
+            ctx.store = _run_forward(ctx, x, None, advance=False, keep_store=True)[0]
+    want_x = ctx.needs_input_grad[0]
+    wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
+    grad_x = torch.zeros_like(x) if want_x else None
+    grads: list = [None] * len(wanted)
+    stripes = trunk.stripes(shape_plan)
+    store, pending = ctx.store, {}
+    device = trunk.compute_device(x)
+    kept, ctx.kept = ctx.kept, None
+    order = list(reversed(ctx.positions))
+    skip = {kept.position} if kept is not None else set()
+    loaded = trunk.tiles(x, shape_plan, device, "backward", order, skip)
+    with Timer(device) as timer:
+        for position, tile, crop in loaded:
+            with torch.enable_grad(), ctx.autocast.restored():
+                if kept is not None and position == kept.position:
+                    leaf, leaves, run, blocks = kept.leaf, kept.leaves, kept.run, kept.blocks
+                    kept = None
+                else:
+                    with _random_tile(ctx.random, shape_plan, position, advance=False) as random:
+                        leaf = crop.requires_grad_(want_x)
+                        leaves = _leaves(tile, store, True)
+                        run = TileRun(tile, trunk.node_dims, leaves)
+                        blocks = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
+                outputs = list(blocks)
+                grad_outputs = [
+                    crop_view(grad, dims, box).to(block.device)
+                    for grad, dims, box, block in zip(grad_outs, trunk.outputs_dims, tile.blocks, blocks)
+                ]
+                for name, grad in _pending_grads(pending.pop(position, {}), run, trunk.node_dims):
+                    outputs.append(run.fresh[name])
+                    grad_outputs.append(grad)
+                keys = list(leaves)
+                inputs = ([leaf] if want_x else []) + wanted + [leaves[k] for k in keys]
+                tile_grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
+            del blocks, outputs, grad_outputs, run
+            if want_x:
+                crop_view(grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(grad_x.device))
+            for i in range(len(wanted)):
+                tg = tile_grads[i]
+                if tg is not None:
+                    grads[i] = tg if grads[i] is None else grads[i].add_(tg)
+            _send(pending, tile, keys, tile_grads[len(wanted) :])
+            if stripes:
+                _free(store, leaves, stripes.last_backward, position)
+    ctx.store = None
+    trunk.stats.record("backward", len(order), timer.seconds, device)
+    if trunk.tile_group is not None:  # each rank back-propagated its own tiles: sum them
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wanted)]
+        trunk.tile_group.reduce(([grad_x] if want_x else []) + grads)
+    result = iter(grads)
+    param_grads = [next(result) if need else None for need in ctx.needs_input_grad[3:]]
+    return (grad_x, None, None, *param_grads)
+
+
+def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> tuple:
+    """Every tile in raster order, without autograd but for tile ``keep``: returns the stripe
+    store, the kept tile and the assembled outputs (a tuple)."""
+    trunk, shape_plan = ctx.trunk, ctx.shape_plan
+    stripes = trunk.stripes(shape_plan)
+    device = trunk.compute_device(x)
+    store: dict = {}
+    outs, kept = None, None
+    positions = ctx.positions
+    tiles = trunk.tiles(x, shape_plan, device, "forward", positions)
+    with torch.no_grad(), Timer(device) as timer:
+        for position, tile, crop in tiles:
+            grad = position == keep
+            with torch.set_grad_enabled(grad):
+                first = position == positions[0]
+                with _random_tile(ctx.random, shape_plan, position, advance=advance and first) as random:
+                    leaf = crop.requires_grad_(ctx.needs_input_grad[0]) if grad else crop
+                    leaves = _leaves(tile, store, grad)
+                    saves = stripes.saves[position] if stripes else None
+                    run = TileRun(tile, trunk.node_dims, leaves, store, saves)
+                    blocks = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
+            if grad:
+                kept = _Kept(position, leaf, leaves, run, blocks)
+            if stripes and not keep_store:
+                _free(store, leaves, stripes.last_forward, position)
+            if outs is None:  # zeros where other ranks' blocks go
+                partial = len(positions) < shape_plan.num_tiles
+                outs = tuple(
+                    _allocate(block, dims, size, trunk.output_device, partial)
+                    for block, dims, size in zip(blocks, trunk.outputs_dims, shape_plan.output_sizes)
+                )
+            for out, block, dims, box in zip(outs, blocks, trunk.outputs_dims, tile.blocks):
+                crop_view(out, dims, box).copy_(block.detach())
+    trunk.stats.record("forward", len(positions), timer.seconds, device)
+    return (store if keep_store else None), kept, outs
+
+
+def _leaves(tile, store: dict, grad: bool) -> dict:
+    """The stripes ``tile`` reads, as leaves (requiring grad when ``grad``)."""
+    leaves = {}
+    for name, _, pieces, _ in tile.carry:
+        for source, box in pieces:
+            if source >= 0:
+                stored = store[(name, box)]
+                leaves[(name, box)] = stored.detach().requires_grad_(grad)
+    return leaves
+
+
+def _send(pending: dict, tile, keys: list, grads: list) -> None:
+    """Add the gradients of a tile's stripe leaves to the pending gradients of their cells."""
+    sources = {(name, box): source for name, _, pieces, _ in tile.carry for source, box in pieces if source >= 0}
+    for key, grad in zip(keys, grads):
+        if grad is not None:
+            pending.setdefault(sources[key], {}).setdefault(key[0], []).append((key[1], grad))
+
+
+def _pending_grads(pending: dict, run: TileRun, node_dims: dict) -> Iterator:
+    """``(node, gradient of its cell)`` for every cell of this tile that later tiles read."""
+    for name, parts in pending.items():
+        fresh = run.fresh[name]
+        if not fresh.requires_grad:
+            continue
+        cell = run.specs[name][0]
+        grad = torch.zeros_like(fresh)
+        for box, part in parts:
+            rel = [(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)]
+            crop_view(grad, node_dims[name], rel).add_(part)
+        yield name, grad
+
+
+def _free(store: dict, leaves: dict, last: dict, position: int) -> None:
+    for key in leaves:
+        if last.get(key) == position:
+            store.pop(key, None)
+
+
+@contextlib.contextmanager
+def _random_tile(draws, shape_plan, position: int, advance: bool) -> Iterator:
+    """The random context of one tile (see ``fxstream.runtime.rng.Draws.tile``), or None."""
+    if draws is None:
+        yield None
+        return
+    with draws.tile(shape_plan, position, advance) as random:
+        yield random
+
+
+def _allocate(block: torch.Tensor, dims, size, device=None, zeros: bool = False) -> torch.Tensor:
+    shape = list(block.shape)
+    for dim, n in zip(dims, size):
+        shape[dim] = n
+    return block.new_zeros(shape, device=device) if zeros else block.new_empty(shape, device=device)
