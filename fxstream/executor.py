@@ -209,6 +209,7 @@ def _backward(ctx, grad_outs: tuple):
             _send(pending, tile, keys, tile_grads[len(wanted) :])
             if stripes:
                 _free(store, leaves, stripes.last_backward, position)
+            del tile_grads, leaves, leaf, crop  # not into the next tile's recomputation
     ctx.store = None
     trunk.stats.record("backward", len(order), timer.seconds, device)
     if trunk.tile_group is not None:  # each rank back-propagated its own tiles: sum them
@@ -268,11 +269,20 @@ def _leaves(tile, store: dict, grad: bool) -> dict:
 
 
 def _send(pending: dict, tile, keys: list, grads: list) -> None:
-    """Add the gradients of a tile's stripe leaves to the pending gradients of their cells."""
+    """Add the gradients of a tile's stripe leaves to the pending gradients of their cells.
+
+    A stripe leaf's gradient is a view of the gradient of the region it was assembled into
+    (``torch.cat``'s backward narrows it): kept as is, it would hold that whole region's
+    gradient until the stripe's cell runs, a row of tiles later. Only its own pixels are kept."""
     sources = {(name, box): source for name, _, pieces, _ in tile.carry for source, box in pieces if source >= 0}
     for key, grad in zip(keys, grads):
         if grad is not None:
-            pending.setdefault(sources[key], {}).setdefault(key[0], []).append((key[1], grad))
+            pending.setdefault(sources[key], {}).setdefault(key[0], []).append((key[1], _owned(grad)))
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it is a view into a larger storage."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
 
 def _pending_grads(pending: dict, run: TileRun, node_dims: dict) -> Iterator:
