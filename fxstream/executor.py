@@ -28,6 +28,7 @@ pass is fixed, so repeated backward passes are bit-identical.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -193,8 +194,8 @@ def _backward(ctx, grad_outs: tuple):
                     crop_view(grad, dims, box).to(block.device)
                     for grad, dims, box, block in zip(grad_outs, trunk.outputs_dims, tile.blocks, blocks)
                 ]
-                for name, grad in _pending_grads(pending.pop(position, {}), run, trunk.node_dims):
-                    outputs.append(run.fresh[name])
+                for cell, grad in _pending_grads(pending.pop(position, {}), run, trunk.node_dims):
+                    outputs.append(cell)
                     grad_outputs.append(grad)
                 keys = list(leaves)
                 inputs = ([leaf] if want_x else []) + wanted + [leaves[k] for k in keys]
@@ -286,17 +287,30 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pending_grads(pending: dict, run: TileRun, node_dims: dict) -> Iterator:
-    """``(node, gradient of its cell)`` for every cell of this tile that later tiles read."""
+    """``(cell, gradient)`` for every cell of this tile that later tiles read, to add to the
+    outputs of ``autograd.grad``.
+
+    The gradient is a zero that takes no memory (a broadcast scalar): the pending parts are
+    added by a hook when back-propagation reaches the cell, to its gradient from this
+    tile. A zero-filled cell per node, given as a grad_output, would live for the whole
+    backward pass of the tile."""
     for name, parts in pending.items():
         fresh = run.fresh[name]
         if not fresh.requires_grad:
             continue
         cell = run.specs[name][0]
-        grad = torch.zeros_like(fresh)
-        for box, part in parts:
-            rel = [(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)]
-            crop_view(grad, node_dims[name], rel).add_(part)
-        yield name, grad
+        rel = [[(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)] for box, _ in parts]
+        fresh.register_hook(functools.partial(_add_parts, [p for _, p in parts], rel, node_dims[name]))
+        yield fresh, fresh.new_zeros(()).expand_as(fresh)
+
+
+def _add_parts(parts: list, boxes: list, dims: tuple, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` (a cell's gradient within its tile) plus the pending ``parts`` at ``boxes``.
+    A copy: the engine may pass the same gradient tensor to other nodes."""
+    grad = grad.clone()
+    for part, box in zip(parts, boxes):
+        crop_view(grad, dims, box).add_(part)
+    return grad
 
 
 def _free(store: dict, leaves: dict, last: dict, position: int) -> None:
