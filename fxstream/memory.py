@@ -40,8 +40,14 @@ interior tile the region of node m is affine in the output block n per axis,
 clipped to the image's node sizes, with a border copy for every padded window. It bounds
 every tile from above (by up to ~20% in the tests). ``H``, the head's saved tensors plus its
 largest tensor, comes from :class:`fxstream.nodestats.HeadFit` (two probe sizes, linear in
-the input's pixels). Not modelled: allocator caching and fragmentation, and convolution
-workspaces.
+the input's pixels). Not modelled: allocator caching and fragmentation; convolution
+workspaces (on CPU, PyTorch runs a convolution with kernels up to 3 at batch 1 through
+im2col when the product of its input's first four dims is at most 20480, e.g. a 3-D conv
+with ``C * D * H <= 20480``: ``C_in * prod(k)`` values per output pixel while it runs,
+several times the tile's activations; ``torch._C._select_conv_backend`` tells which);
+and a loss computed outside the model (on a dense output it holds a few maps of the
+output's size; put it in the model to have it counted with the head).
+Measured against this model: tests/test_memory_truth.py.
 """
 
 from __future__ import annotations
