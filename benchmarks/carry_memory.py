@@ -170,14 +170,14 @@ def run_case(name: str, schedule: str | None, detail: bool) -> dict:
     build, boundary, size, tile, loss_kind = CASES[name]
     net = build()
     x = torch.randn(1, 3, size, size)
-    if schedule == "plain":
-        step_model, predicted, parts = net, None, {}
+    smodel = fxstream.compile(net, tile_size=tile, boundary=boundary, schedule=None if schedule == "plain" else schedule)
+    model, _ = memory_model(smodel, tuple(x.shape), torch.float32)
+    estimate = model.estimate((size, size))
+    parts = {"streamed": estimate.streamed_training.to_dict(), "plain": estimate.plain_training.to_dict()}
+    if schedule == "plain":  # the plain step, and the model's plain prediction
+        step_model, predicted = net, estimate.plain_training.total
     else:
-        step_model = fxstream.compile(net, tile_size=tile, boundary=boundary, schedule=schedule)
-        model, _ = memory_model(step_model, tuple(x.shape), torch.float32)
-        estimate = model.estimate((size, size))
-        predicted = estimate.streamed_training.total
-        parts = {"streamed": estimate.streamed_training.to_dict(), "plain": estimate.plain_training.to_dict()}
+        step_model, predicted = smodel, estimate.streamed_training.total
     net.zero_grad(set_to_none=True)
     resident = [*net.parameters(), *net.buffers(), x]
 
