@@ -170,7 +170,9 @@ def run_case(name: str, schedule: str | None, detail: bool) -> dict:
     build, boundary, size, tile, loss_kind = CASES[name]
     net = build()
     x = torch.randn(1, 3, size, size)
-    smodel = fxstream.compile(net, tile_size=tile, boundary=boundary, schedule=None if schedule == "plain" else schedule)
+    smodel = fxstream.compile(
+        net, tile_size=tile, boundary=boundary, schedule=None if schedule == "plain" else schedule
+    )
     model, _ = memory_model(smodel, tuple(x.shape), torch.float32)
     estimate = model.estimate((size, size))
     parts = {"streamed": estimate.streamed_training.to_dict(), "plain": estimate.plain_training.to_dict()}
@@ -240,7 +242,9 @@ def main() -> None:
                 marks = r["owners at marks"]
                 big = max(marks, key=lambda m: m[1] + m[2]) if marks else None
                 if big:
-                    print(f"  largest store + pending at a mark: {big[0]}: store {_mib(big[1])}, pending {_mib(big[2])}")
+                    print(
+                        f"  largest store + pending at a mark: {big[0]}: store {_mib(big[1])}, pending {_mib(big[2])}"
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 

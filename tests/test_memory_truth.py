@@ -89,8 +89,18 @@ class DenseLoss(nn.Module):
 CASES = {
     "resnet": (MiniResNet, {}, (1, 3, 384, 384), 160),
     "resnet_prefix": (MiniResNet, {"boundary": "layer1"}, (1, 3, 512, 512), 192),
-    "unet2d": (lambda: DenseLoss(UNet(in_ch=3, classes=2, base=8, depth=3)), {"boundary": "net"}, (1, 3, 256, 256), 128),
-    "unet3d": (lambda: DenseLoss(UNet(in_ch=1, classes=2, base=8, depth=1, ndim=3)), {"boundary": "net"}, (2, 1, 48, 48, 48), 36),
+    "unet2d": (
+        lambda: DenseLoss(UNet(in_ch=3, classes=2, base=8, depth=3)),
+        {"boundary": "net"},
+        (1, 3, 256, 256),
+        128,
+    ),
+    "unet3d": (
+        lambda: DenseLoss(UNet(in_ch=1, classes=2, base=8, depth=1, ndim=3)),
+        {"boundary": "net"},
+        (2, 1, 48, 48, 48),
+        36,
+    ),
     "pyramid": (Pyramid, {}, (1, 3, 384, 320), 96),
 }
 
