@@ -184,7 +184,7 @@ def _candidate(model_for, stats: TrunkStats, geo, spatial, tile, budget, cut) ->
         return Candidate(cut, None, memory.training_peak(spatial, smallest), float("inf"), stride)
     memory = model_for(tile)
     stride = next(n.stride for n in memory.plan.nodes if n.name == cut)
-    peak = memory.training_peak(spatial, tile)
+    peak = memory.estimate(spatial).streamed_training.total  # the exact tiles, as exact_fit checked them
     cost = predicted_cost(memory, stats, geo, spatial)
     return Candidate(cut, tile, peak, cost if peak <= budget else float("inf"), stride)
 

@@ -17,17 +17,21 @@ pixels (batch N):
 and the step's peak is the largest of its phases (``resident`` = parameters, buffers and
 the input image, all on the device):
 
-    forward   = resident + O + tile forward                          (O: trunk output)
-    head      = resident + O + H + G + head grads    (H: head activations, if measured)
-    rest      = resident + O + rest backward + head grads    (plain remainder, if any)
-    backward  = resident + G + trunk grads * 2 + head grads + tile backward
+    forward   = resident + S + O + tile forward                      (O: trunk output)
+    head      = resident + S + K + O + H + G + head grads    (H: head activations, if measured)
+    rest      = resident + S + K + O + rest backward + head grads    (plain remainder, if any)
+    backward  = resident + S + P + G + trunk grads * 2 + head grads + tile backward
 
-``G`` is the gradient of the trunk output. Trunk parameter gradients count twice: the
-runtime keeps a running sum and a fresh per-tile buffer. Back-propagation runs in reverse
-order and frees a node's saved tensors as it passes, so at node m only the saved storages
-of nodes up to m are alive (a slight over-estimate: a storage is freed once its last
-saver has run). A plain (unstreamed) step is the same model with the whole image as one
-region and no copies: ``resident + backward + grads``.
+``G`` is the gradient of the trunk output. ``K`` is the last tile's saved tensors: the
+executor keeps that tile's graph from the forward pass to the backward pass. Under the
+carry schedule, ``S`` is the stripe store (every stripe, kept for the backward pass) and
+``P`` the pending gradients, bounded by the stripes one row of tiles reads
+(:meth:`MemoryModel.row_stripe_bytes`); both are 0 under recompute. Trunk parameter
+gradients count twice: the runtime keeps a running sum and a fresh per-tile buffer.
+Back-propagation runs in reverse order and frees a node's saved tensors as it passes, so
+at node m only the saved storages of nodes up to m are alive (a slight over-estimate: a
+storage is freed once its last saver has run). A plain (unstreamed) step is the same model with the whole image as one
+region, no copies and no stripes: ``resident + backward + grads``.
 
 :meth:`MemoryModel.estimate` evaluates every distinct tile of the tiling exactly. In an
 interior tile the region of node m is affine in the output block n per axis,
@@ -36,8 +40,14 @@ interior tile the region of node m is affine in the output block n per axis,
 clipped to the image's node sizes, with a border copy for every padded window. It bounds
 every tile from above (by up to ~20% in the tests). ``H``, the head's saved tensors plus its
 largest tensor, comes from :class:`fxstream.memory.nodestats.HeadFit` (two probe sizes, linear in
-the input's pixels). Not modelled: allocator caching and fragmentation, and convolution
-workspaces.
+the input's pixels). Not modelled: allocator caching and fragmentation; convolution
+workspaces (on CPU, PyTorch runs a convolution with kernels up to 3 at batch 1 through
+im2col when the product of its input's first four dims is at most 20480, e.g. a 3-D conv
+with ``C * D * H <= 20480``: ``C_in * prod(k)`` values per output pixel while it runs,
+several times the tile's activations; ``torch._C._select_conv_backend`` tells which);
+and a loss computed outside the model (on a dense output it holds a few maps of the
+output's size; put it in the model to have it counted with the head).
+Measured against this model: tests/test_memory_truth.py.
 """
 
 from __future__ import annotations
@@ -263,18 +273,16 @@ class MemoryModel:
     # --- whole-step predictions ---
 
     def resident(self, input_size: tuple[int, ...]) -> dict:
+        """Parameters, buffers and the input (and its gradient): alive in every phase of a
+        step, streamed or plain."""
         image = self.batch * self.stats[0].bytes_per_pixel * math.prod(input_size)
         parts = {"parameters": self.params.trunk + self.params.head + self.params.frozen, "input": image}
         if self.input_grad:
             parts["input grad"] = image
-        stripes = self.stripe_bytes(input_size)
-        if stripes:
-            parts["stripe store + pending grads"] = 2 * stripes
         return parts
 
     def stripe_bytes(self, input_size: tuple[int, ...]) -> int:
-        """Bytes of the carry schedule's stripe store for ``input_size`` (0 under recompute);
-        the pending gradients of the backward pass are at most as large again."""
+        """Bytes of the carry schedule's stripe store for ``input_size`` (0 under recompute)."""
         if not self.schedule.carries:
             return 0
         key = ("stripes", tuple(input_size))
@@ -282,6 +290,33 @@ class MemoryModel:
             shape = self._shape_plan(input_size)
             self._tile_shapes[key] = sum(self.batch * self._bpp[name] * px for name, px in shape.stripe_pixels)
         return self._tile_shapes[key]
+
+    def row_stripe_bytes(self, input_size: tuple[int, ...]) -> int:
+        """Bytes of the stripes that the tiles of one block row (along the first axis) read,
+        at the largest row (0 under recompute): a bound on the pending gradients of the
+        backward pass, and on the stripes an inference pass keeps.
+
+        At the backward pass's tile ``i``, the pending gradients are those of the stripes
+        that tiles after ``i`` read from tiles up to ``i``: the rest of ``i``'s row reads some,
+        the next row the others. Per node, a row ``k`` reads ``(own_k + other_k) * prod_a T_a
+        - own_k * prod_a O_a`` pixels, where ``own``/``other`` are the lengths of its cell and
+        of its stripes along the first axis and ``T_a``/``O_a`` the sums over all blocks of an
+        other axis ``a`` of (cell + stripes) and of cells."""
+        if not self.schedule.carries:
+            return 0
+        key = ("row stripes", tuple(input_size))
+        if key not in self._tile_shapes:
+            self._tile_shapes[key] = _row_stripe_bytes(self._shape_plan(input_size), self.batch, self._bpp)
+        return self._tile_shapes[key]
+
+    def stripe_parts(self, input_size: tuple[int, ...]) -> dict:
+        """The carry schedule's stripes in a training step: the store (every stripe, from the
+        forward pass until its last reader is back-propagated) and, in the backward pass, the
+        pending gradients (empty under recompute)."""
+        store = self.stripe_bytes(input_size)
+        if not store:
+            return {}
+        return {"stripe store": store, "pending grads": self.row_stripe_bytes(input_size)}
 
     def full_size_terms(self, input_size: tuple[int, ...]) -> tuple[dict, dict]:
         """Node sizes of the image, and the trunk-output and plain-remainder parts."""
@@ -305,7 +340,7 @@ class MemoryModel:
         sizes, full = self.full_size_terms(input_size)
         px = self.interior_pixels(t, sizes)
         tile = self.tile_terms(px, self.interior_copies(px), views=self.interior_views(px))
-        return self._training(self.resident(input_size), full, tile).total
+        return self._training(self.resident(input_size), full, tile, self.stripe_parts(input_size)).total
 
     def training_peak(self, input_size: tuple[int, ...], tile: int | tuple[int, ...]) -> int:
         """:meth:`peak_expr` evaluated at the tile edge ``tile`` (an int, or one per axis)."""
@@ -313,7 +348,7 @@ class MemoryModel:
         sizes, full = self.full_size_terms(input_size)
         px = {k: int(v) for k, v in self.interior_pixels(tile, sizes).items()}
         parts = self.tile_terms(px, self.interior_copies(px), views=self.interior_views(px))
-        return int(self._training(self.resident(input_size), full, parts).total)
+        return int(self._training(self.resident(input_size), full, parts, self.stripe_parts(input_size)).total)
 
     def estimate(self, input_size: tuple[int, ...], exact: bool = True) -> Estimate:
         """Peaks for one input size: over the exact regions of every tile of the plan's
@@ -328,10 +363,13 @@ class MemoryModel:
             tile = self.tile_terms(px, self.interior_copies(px), views=self.interior_views(px))
         whole = self.tile_terms({k: math.prod(v) for k, v in sizes.items()}, None, self.stats + self.rest_stats)
         grads = self.params.trunk + self.params.head
+        stripes = self.stripe_parts(input_size)
+        # inference frees a stripe once its last reader has run: about one row of them is alive
+        row = {"stripes (one row)": stripes["pending grads"]} if stripes else {}
         return Estimate(
-            streamed_training=self._training(resident, full, tile),
+            streamed_training=self._training(resident, full, tile, stripes),
             streamed_inference=_peak(
-                "forward", resident, {"trunk output": full["trunk output"], "tile forward": tile["tile forward"]}
+                "forward", resident, row, {"trunk output": full["trunk output"], "tile forward": tile["tile forward"]}
             ),
             plain_training=_peak(
                 "backward",
@@ -342,13 +380,22 @@ class MemoryModel:
             plain_inference=_peak("forward", resident, {"activations": whole["tile forward"]}),
         )
 
-    def _training(self, resident: dict, full: dict, tile: dict) -> Peak:
+    def _training(self, resident: dict, full: dict, tile: dict, stripes: dict | None = None) -> Peak:
+        """The phases of a training step. ``stripes``: :meth:`stripe_parts`. The executor keeps
+        the last tile's graph from the forward pass to the backward pass ("kept tile": its
+        saved tensors), so it is alive in the head and rest phases."""
         head_grads = self.params.head
+        stripes = stripes or {}
+        store = {k: v for k, v in stripes.items() if k == "stripe store"}
+        kept = {"kept tile": tile["tile saved"]}
         phases = [
-            _peak("forward", resident, {"trunk output": full["trunk output"], "tile forward": tile["tile forward"]}),
+            _peak(
+                "forward", resident, store, {"trunk output": full["trunk output"], "tile forward": tile["tile forward"]}
+            ),
             _peak(
                 "backward",
                 resident,
+                stripes,
                 {"trunk output grad": full["trunk output grad"], "trunk param grads (x2)": 2 * self.params.trunk},
                 {"head param grads": head_grads, "tile backward": tile["tile backward"]},
             ),
@@ -358,6 +405,8 @@ class MemoryModel:
                 _peak(
                     "head",
                     resident,
+                    store,
+                    kept,
                     {"trunk output": full["trunk output"], "head activations": full["head activations"]},
                     {"trunk output grad": full["trunk output grad"], "head param grads": head_grads},
                 )
@@ -367,6 +416,8 @@ class MemoryModel:
                 _peak(
                     "rest",
                     resident,
+                    store,
+                    kept,
                     {"trunk output": full["trunk output"], "rest backward": full["rest backward"]},
                     {"head param grads": head_grads},
                 )
@@ -374,6 +425,28 @@ class MemoryModel:
         if any(isinstance(p.total, sympy.Basic) for p in phases):
             return Peak(sympy.Max(*(p.total for p in phases), evaluate=False), "max", {})
         return max(phases, key=lambda p: p.total)
+
+
+def _row_stripe_bytes(shape: ShapePlan, batch: int, bpp: dict) -> int:
+    """The largest bytes of stripes that one block row along the first axis reads (see
+    :meth:`MemoryModel.row_stripe_bytes`)."""
+    axes = [[dict(part.pieces) for part in axis] for axis in shape.axes]
+    names = {name for part in axes[0] for name in part}
+    rows = [0.0] * len(axes[0])
+    for name in names:
+        totals, owns = 1, 1
+        for axis in axes[1:]:
+            segments = [part.get(name, ()) for part in axis]
+            totals *= sum(hi - lo for seg in segments for _, (lo, hi) in seg)
+            owns *= sum(seg[-1][1][1] - seg[-1][1][0] for seg in segments if seg)
+        for k, part in enumerate(axes[0]):
+            seg = part.get(name, ())
+            if not seg:
+                continue
+            own = seg[-1][1][1] - seg[-1][1][0]
+            everything = sum(hi - lo for _, (lo, hi) in seg)
+            rows[k] += batch * bpp[name] * (everything * totals - own * owns)
+    return int(max(rows, default=0))
 
 
 def block_for(plan: Plan, axis: int, tile):

@@ -28,6 +28,7 @@ pass is fixed, so repeated backward passes are bit-identical.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -77,24 +78,35 @@ class TileRun:
     """The ``carry`` argument of the tile code for one run of one tile.
 
     The tile code calls ``carry.region(name, fresh)`` after computing a node's cell: it
-    records the cell (for pending gradients), stores the stripes later tiles read (in the
-    forward pass), and returns the node's region, assembled from stored stripes and the
-    cell, which the consumers' windows crop."""
+    records where the gradient of the cells named in ``keep`` enters the graph (for their
+    pending gradients), stores the stripes later tiles read (in the forward pass), and
+    returns the node's region, assembled from stored stripes and the cell, which the
+    consumers' windows crop. It keeps no cell alive: autograd keeps what it saves."""
 
-    def __init__(self, tile, dims: dict, leaves: dict, store: dict | None = None, saves: dict | None = None):
+    def __init__(
+        self,
+        tile,
+        dims: dict,
+        leaves: dict,
+        store: dict | None = None,
+        saves: dict | None = None,
+        keep=(),
+    ):
         self.specs = {name: (cell, pieces, grid) for name, cell, pieces, grid in tile.carry}
         self.dims = dims
         self.leaves = leaves
         self.store = store
         self.saves = saves or {}
-        self.fresh: dict = {}
+        self.keep = keep
+        self.edges: dict = {}  # name -> the GradientEdge of its cell (names in keep that require grad)
 
     def region(self, name: str, fresh: torch.Tensor) -> torch.Tensor:
         spec = self.specs.get(name)
         if spec is None:
             return fresh
         cell, pieces, grid = spec
-        self.fresh[name] = fresh
+        if name in self.keep and fresh.requires_grad:
+            self.edges[name] = torch.autograd.graph.get_gradient_edge(fresh)
         dims = self.dims[name]
         for box in self.saves.get(name, ()):
             part = crop_view(fresh, dims, [(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)])
@@ -179,6 +191,7 @@ def _backward(ctx, grad_outs: tuple):
     with Timer(device) as timer:
         for position, tile, crop in loaded:
             with torch.enable_grad(), ctx.autocast.restored():
+                parts = pending.pop(position, {})  # complete: every later tile has run
                 if kept is not None and position == kept.position:
                     leaf, leaves, run, blocks = kept.leaf, kept.leaves, kept.run, kept.blocks
                     kept = None
@@ -186,20 +199,20 @@ def _backward(ctx, grad_outs: tuple):
                     with _random_tile(ctx.random, shape_plan, position, advance=False) as random:
                         leaf = crop.requires_grad_(want_x)
                         leaves = _leaves(tile, store, True)
-                        run = TileRun(tile, trunk.node_dims, leaves)
+                        run = TileRun(tile, trunk.node_dims, leaves, keep=set(parts))
                         blocks = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
                 outputs = list(blocks)
                 grad_outputs = [
                     crop_view(grad, dims, box).to(block.device)
                     for grad, dims, box, block in zip(grad_outs, trunk.outputs_dims, tile.blocks, blocks)
                 ]
-                for name, grad in _pending_grads(pending.pop(position, {}), run, trunk.node_dims):
-                    outputs.append(run.fresh[name])
+                for edge, grad in _pending_grads(parts, run, trunk.node_dims):
+                    outputs.append(edge)
                     grad_outputs.append(grad)
                 keys = list(leaves)
                 inputs = ([leaf] if want_x else []) + wanted + [leaves[k] for k in keys]
                 tile_grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
-            del blocks, outputs, grad_outputs, run
+            del blocks, outputs, grad_outputs, run, parts
             if want_x:
                 crop_view(grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(grad_x.device))
             for i in range(len(wanted)):
@@ -209,6 +222,7 @@ def _backward(ctx, grad_outs: tuple):
             _send(pending, tile, keys, tile_grads[len(wanted) :])
             if stripes:
                 _free(store, leaves, stripes.last_backward, position)
+            del tile_grads, leaves, leaf, crop  # not into the next tile's recomputation
     ctx.store = None
     trunk.stats.record("backward", len(order), timer.seconds, device)
     if trunk.tile_group is not None:  # each rank back-propagated its own tiles: sum them
@@ -238,7 +252,8 @@ def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> t
                     leaf = crop.requires_grad_(ctx.needs_input_grad[0]) if grad else crop
                     leaves = _leaves(tile, store, grad)
                     saves = stripes.saves[position] if stripes else None
-                    run = TileRun(tile, trunk.node_dims, leaves, store, saves)
+                    read_later = set(saves or ()) if grad else ()  # the kept tile's cells that later tiles read
+                    run = TileRun(tile, trunk.node_dims, leaves, store, saves, read_later)
                     blocks = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
             if grad:
                 kept = _Kept(position, leaf, leaves, run, blocks)
@@ -268,25 +283,50 @@ def _leaves(tile, store: dict, grad: bool) -> dict:
 
 
 def _send(pending: dict, tile, keys: list, grads: list) -> None:
-    """Add the gradients of a tile's stripe leaves to the pending gradients of their cells."""
+    """Add the gradients of a tile's stripe leaves to the pending gradients of their cells.
+
+    A stripe leaf's gradient is a view of the gradient of the region it was assembled into
+    (``torch.cat``'s backward narrows it): kept as is, it would hold that whole region's
+    gradient until the stripe's cell runs, a row of tiles later. Only its own pixels are kept."""
     sources = {(name, box): source for name, _, pieces, _ in tile.carry for source, box in pieces if source >= 0}
     for key, grad in zip(keys, grads):
         if grad is not None:
-            pending.setdefault(sources[key], {}).setdefault(key[0], []).append((key[1], grad))
+            pending.setdefault(sources[key], {}).setdefault(key[0], []).append((key[1], _owned(grad)))
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it is a view into a larger storage."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
 
 def _pending_grads(pending: dict, run: TileRun, node_dims: dict) -> Iterator:
-    """``(node, gradient of its cell)`` for every cell of this tile that later tiles read."""
+    """``(gradient edge of a cell, zero)`` for every cell of this tile that later tiles
+    read, to add to the outputs of ``autograd.grad``.
+
+    The pending parts are added by a hook when back-propagation reaches the cell, to its
+    gradient from this tile; the grad_output is a zero that takes no memory (a broadcast
+    scalar). A zero-filled cell per node, given as a grad_output, would live for the whole
+    backward pass of the tile, and so would the cell if it were the output."""
     for name, parts in pending.items():
-        fresh = run.fresh[name]
-        if not fresh.requires_grad:
+        edge = run.edges.get(name)
+        if edge is None:  # the cell does not require grad
             continue
         cell = run.specs[name][0]
-        grad = torch.zeros_like(fresh)
-        for box, part in parts:
-            rel = [(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)]
-            crop_view(grad, node_dims[name], rel).add_(part)
-        yield name, grad
+        rel = [[(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)] for box, _ in parts]
+        add = functools.partial(_add_parts, edge.output_nr, [p for _, p in parts], rel, node_dims[name])
+        edge.node.register_prehook(add)
+        meta = edge.node._input_metadata[edge.output_nr]
+        yield edge, torch.zeros((), dtype=meta.dtype, device=meta.device).expand(meta.shape)
+
+
+def _add_parts(index: int, parts: list, boxes: list, dims: tuple, grads: tuple) -> tuple:
+    """The gradients flowing into a node, with the pending ``parts`` added at ``boxes`` to
+    its output ``index`` (a cell's gradient within its tile). A copy: the engine may pass
+    the same gradient tensor to other nodes."""
+    grad = grads[index].clone()
+    for part, box in zip(parts, boxes):
+        crop_view(grad, dims, box).add_(part)
+    return grads[:index] + (grad,) + grads[index + 1 :]
 
 
 def _free(store: dict, leaves: dict, last: dict, position: int) -> None:
