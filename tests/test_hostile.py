@@ -1,0 +1,127 @@
+"""Issue 19, "no silent wrong answer anywhere": a hostile user's cases, each of which
+failed before its fix (slides: test_hostile_slides.py; tile groups: test_hostile_group.py).
+
+1. the image changed between the forward and the backward pass (numpy buffer, memmap);
+3. the original model's ``training`` flag follows ``smodel.train()``/``.eval()``;
+4. timm's ``DropPath`` (``x.new_empty(shape).bernoulli_(keep)``) streams in a train-mode
+   trunk, equal to the plain model under the same seed;
+5. absurd input shapes are refused in seconds, not planned forever;
+8. batched gradients (``is_grads_batched``, ``jacobian(vectorize=True)``) raise ContractError;
+10. ``compile`` validates ``input_transform`` and ``output_device``;
+11. ``serial_backward`` checks the target count first, and a failed step leaves ``.grad``;
+12. a ``uint8`` image without ``Normalize`` is refused before the first tile; a failing
+    tile leaves no progress bar behind;
+13. torch.fx prints nothing to stderr when a tile fails;
+14. the CLI's model-spec errors;
+and the safe way to save a compiled module.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from exactness import RTOL64, rel_err
+
+import fxstream
+from fxstream.cli import main as cli_main
+
+SIZE = (30, 26)
+
+
+def net() -> nn.Module:
+    """A float64 CNN with a stride: 12-pixel tiles cut a 30 x 26 image into several."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 2, 3, padding=1),
+    ).double()
+
+
+def pixels(seed: int, dtype=np.float64) -> np.ndarray:
+    return np.random.default_rng(seed).random((1, 3, *SIZE)).astype(dtype)
+
+
+def param_grads(smodel, x, seed=3, retain_graph=False):
+    """The output and parameter gradients of ``smodel(x)`` for a fixed output gradient."""
+    out = smodel(x)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return out, torch.autograd.grad(out, list(smodel.parameters()), grad, retain_graph=retain_graph)
+
+
+# --- 4. timm's DropPath in a training-mode trunk ---------------------------------------------
+
+
+class DropPathNet(nn.Module):
+    """Residual blocks with timm's own DropPath (``x.new_empty(shape).bernoulli_(keep)``)."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import DropPath
+
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.drop1 = DropPath(0.4)
+        self.down = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.block2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.drop2 = DropPath(0.5)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.drop1(torch.tanh(self.block1(y)))
+        y = self.down(y)
+        y = y + self.drop2(torch.tanh(self.block2(y)))
+        return self.fc(y.mean((2, 3)))
+
+
+def _seeded_run(model, x, seed):
+    """Output, input and parameter gradients and the next draw, from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
+    return out.detach(), grads, torch.rand(3)
+
+
+@pytest.mark.parametrize("schedule", ["carry", "recompute"])
+def test_timm_drop_path_streams_and_equals_the_plain_model(schedule):
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = DropPathNet().double().train()
+    smodel = fxstream.compile(model, tile_size=12, schedule=schedule)
+    x = torch.randn(6, 3, 29, 23, dtype=torch.float64)
+    assert smodel.shape_plan(29, 23).num_tiles > 1
+    for seed in range(3):
+        out, grads, after = _seeded_run(model, x, seed)
+        s_out, s_grads, s_after = _seeded_run(smodel, x, seed)
+        assert rel_err(s_out, out) <= RTOL64
+        assert max(rel_err(a, b) for a, b in zip(s_grads, grads)) <= RTOL64
+        assert torch.equal(s_after, after)  # the generator advanced as in the plain pass
+        assert not torch.allclose(out, model.eval()(x))  # some path was dropped
+        model.train()
+    # other tile sizes (other tilings) compute the same function
+    other = fxstream.compile(model, tile_size=20, schedule=schedule)
+    assert rel_err(_seeded_run(other, x, 0)[0], _seeded_run(model, x, 0)[0]) <= RTOL64
+
+
+def test_convnext_atto_with_drop_path_compiles_in_train_mode():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, drop_path_rate=0.1, num_classes=3)
+    model = model.double().train()
+    smodel = fxstream.compile(model, tile_size=160)
+    x = torch.randn(2, 3, 96, 64, dtype=torch.float64)
+    out, grads, after = _seeded_run(model, x, 5)
+    s_out, s_grads, s_after = _seeded_run(smodel, x, 5)
+    assert rel_err(s_out, out) <= RTOL64 and torch.equal(s_after, after)
+    assert max(rel_err(a, b) for a, b in zip(s_grads, grads)) <= RTOL64
