@@ -248,6 +248,7 @@ class StreamedTrunk(nn.Module):
         params = [p for p in self.tile.parameters() if p.requires_grad]
         if not torch.is_grad_enabled():  # inference: nothing to differentiate (and no graph to keep)
             x, params = (x.detach() if isinstance(x, torch.Tensor) else x), []
+        x = x if isinstance(x, torch.Tensor) else transfer.as_source(x)  # one source: backward checks its reads
         return StreamFunction.apply(x, self, self.shape_plan(size), *params)
 
     def compute_device(self, x: torch.Tensor) -> torch.device:

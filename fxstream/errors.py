@@ -82,6 +82,17 @@ class ContractError(FxStreamError):
     the compiled module cannot follow."""
 
 
+class InputChangedError(ContractError):
+    """Raised by the backward pass when an array-like image (a numpy buffer, a memmap, a
+    file opened with ``fxstream.open_image``) no longer holds the pixels the forward pass
+    read: the backward pass reads every tile again, and would mix two images. Attributes:
+    ``region`` (the tile's image region, ``[lo, hi)`` per spatial axis)."""
+
+    def __init__(self, message: str, *, region: tuple = ()):
+        super().__init__(message)
+        self.region = region
+
+
 class TileGroupError(FxStreamError):
     """Raised on every rank of a tile group (``compile(..., tile_group=...)``) when a
     collective fails or times out (a rank died, or stopped calling the model), or when the

@@ -10,6 +10,9 @@ The image may also be an *array-like* (see ``fxstream.arrays``): a numpy array o
 memmap, a zarr or dask array, or a file opened with :func:`fxstream.open_image`. Then
 it is never held whole: each tile's region is read when the schedule needs it, by a
 background thread, one tile ahead of the compute. Array-likes have no input gradient.
+The backward pass reads every tile again: a checksum of each tile's bytes, taken when the
+forward pass reads it, tells whether the array still holds the same pixels then (a
+refilled buffer or a rewritten file raises :class:`~fxstream.errors.InputChangedError`).
 
 The executor sees one seam: :func:`as_source` wraps a tensor or an array-like into an
 :class:`ImageSource` (shape, dtype, whether an input gradient exists, ``read(region)``),
@@ -22,12 +25,14 @@ fresh copy of its crop (so in-place ops in the trunk never touch the image).
 from __future__ import annotations
 
 import concurrent.futures
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from . import arrays
+from .errors import InputChangedError, user_error
 
 Region = Sequence[tuple[int, int]]  # [lo, hi) per spatial axis
 
@@ -125,6 +130,11 @@ class ImageSource:
         spatial dims), on :attr:`device`. The result may be a view of the image."""
         raise NotImplementedError
 
+    def read_tile(self, region: Region, dims: Sequence[int] | None = None) -> torch.Tensor:
+        """:meth:`read`, for a tile of a forward or backward pass (a source whose pixels may
+        change behind fxstream's back checks here that they did not)."""
+        return self.read(region, dims)
+
     def _dims(self, dims: Sequence[int] | None) -> Sequence[int]:
         return range(2, len(self.shape)) if dims is None else dims
 
@@ -141,19 +151,44 @@ class TensorSource(ImageSource):
 
 
 class ArraySource(ImageSource):
-    """An array-like image: each read slices the array and returns a new CPU tensor."""
+    """An array-like image: each read slices the array and returns a new CPU tensor.
+
+    The array belongs to the caller, who may refill it between the forward and the backward
+    pass (a tensor changed in place trips autograd's version check; an array does not).
+    So :meth:`read_tile` keeps a CRC-32 of the bytes of every tile region it reads first,
+    and a later read of the same region must find the same bytes. At about 2 GB/s on one
+    core, in the background reading thread, that is a small part of a tile's read."""
 
     lazy = True
 
     def __init__(self, array: Any):
         super().__init__(array.shape, arrays.torch_dtype(array.dtype), torch.device("cpu"), False)
         self.array = array
+        self._checksums: dict = {}
 
     def read(self, region: Region, dims: Sequence[int] | None = None) -> torch.Tensor:
         index = [slice(None)] * len(self.shape)
         for dim, (lo, hi) in zip(self._dims(dims), region):
             index[dim] = slice(lo, hi)
         return arrays.read_region(self.array, tuple(index))
+
+    def read_tile(self, region: Region, dims: Sequence[int] | None = None) -> torch.Tensor:
+        tile = self.read(region, dims)  # a new, contiguous tensor (arrays.read_region)
+        key = (tuple(tuple(r) for r in region), tuple(self._dims(dims)))
+        checksum = zlib.crc32(tile.numpy())
+        if self._checksums.setdefault(key, checksum) != checksum:
+            where = " x ".join(f"[{lo}, {hi})" for lo, hi in key[0])
+            raise user_error(
+                InputChangedError,
+                f"the image changed between the forward and the backward pass: its region {where} holds other "
+                f"pixels than when the forward pass read it (the image is a {type(self.array).__name__}, read again "
+                f"tile by tile in backward: a loader refilled the buffer, or the file was rewritten); the gradients "
+                f"would mix two images",
+                fix="finish the backward pass (or serial_backward/train_step) before the array is refilled or the "
+                "file rewritten, or pass a copy that nothing changes (e.g. np.array(buffer))",
+                region=key[0],
+            )
+        return tile
 
 
 def as_source(x: Any) -> ImageSource:
@@ -179,7 +214,7 @@ def load_tiles(x: Any, regions: Sequence[Region], dims: Sequence[int], device: t
     if source.lazy:
         host: Iterable[torch.Tensor] = _read_ahead(source, regions, dims)
     else:
-        host = (source.read(region, dims) for region in regions)
+        host = (source.read_tile(region, dims) for region in regions)
     if source.device == device or device.type != "cuda":
         for region, t in zip(regions, host):
             yield region, t.to(device) if source.lazy else to_device(t, device)
@@ -193,11 +228,11 @@ def _read_ahead(source: ImageSource, regions: Sequence[Region], dims: Sequence[i
     if not regions:
         return
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fxstream-read") as pool:
-        pending = pool.submit(source.read, regions[0], dims)
+        pending = pool.submit(source.read_tile, regions[0], dims)
         for i in range(len(regions)):
             tile = pending.result()
             if i + 1 < len(regions):
-                pending = pool.submit(source.read, regions[i + 1], dims)
+                pending = pool.submit(source.read_tile, regions[i + 1], dims)
             yield tile
 
 

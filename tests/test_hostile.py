@@ -58,6 +58,50 @@ def param_grads(smodel, x, seed=3, retain_graph=False):
     return out, torch.autograd.grad(out, list(smodel.parameters()), grad, retain_graph=retain_graph)
 
 
+# --- 1. the image changed between the forward and the backward pass ------------------------
+
+
+def test_numpy_buffer_refilled_between_forward_and_backward_raises():
+    """A loader refilling the buffer after the forward pass: the backward pass would read the
+    new pixels (gradients of neither image). It raises InputChangedError instead."""
+    smodel = fxstream.compile(net(), tile_size=12)
+    assert smodel.shape_plan(*SIZE).num_tiles > 1
+    buffer = pixels(0)
+    out = smodel(buffer)
+    buffer[...] = pixels(1)
+    with pytest.raises(fxstream.InputChangedError, match="changed between the forward and the backward pass") as info:
+        out.sum().backward()
+    message = str(info.value)
+    assert isinstance(info.value, fxstream.ContractError) and "fix:" in message and "ndarray" in message
+    assert all(p.grad is None for p in smodel.parameters())
+
+
+def test_unchanged_numpy_buffer_gives_the_tensor_gradients_twice():
+    """The check never fires on an unchanged image, also in a second backward pass
+    (retain_graph=True, which reads every tile again)."""
+    smodel = fxstream.compile(net(), tile_size=12)
+    buffer = pixels(0)
+    ref_out, ref_grads = param_grads(smodel, torch.from_numpy(buffer.copy()))
+    out = smodel(buffer)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    for _ in range(2):
+        grads = torch.autograd.grad(out, list(smodel.parameters()), grad, retain_graph=True)
+        assert rel_err(out.detach(), ref_out.detach()) <= RTOL64
+        assert max(rel_err(a, b) for a, b in zip(grads, ref_grads)) <= RTOL64
+
+
+def test_memmap_rewritten_between_forward_and_backward_raises(tmp_path):
+    path = tmp_path / "image.npy"
+    np.save(path, pixels(0))
+    smodel = fxstream.compile(net(), tile_size=12)
+    out = smodel(np.load(path, mmap_mode="r"))
+    writer = np.load(path, mmap_mode="r+")
+    writer[:, :, 20:] = 0.5  # only the last tile rows change
+    writer.flush()
+    with pytest.raises(fxstream.InputChangedError, match=r"region \[\d+, \d+\) x \[\d+, \d+\)"):
+        out.sum().backward()
+
+
 # --- 4. timm's DropPath in a training-mode trunk ---------------------------------------------
 
 
