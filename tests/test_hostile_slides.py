@@ -64,7 +64,7 @@ def as_tensor(image: np.ndarray) -> torch.Tensor:
 # --- 1. a file rewritten between the forward and the backward pass ------------------------------
 
 
-@pytest.mark.parametrize("compression", [None])
+@pytest.mark.parametrize("compression", [None, "zlib"])
 def test_tiff_rewritten_between_forward_and_backward_raises(tmp_path, compression):
     """Without a decoded-tile cache the backward pass reads the file again: the rewritten
     pixels raise InputChangedError, or, where the rewrite moved the compressed tiles, the
@@ -95,3 +95,59 @@ def test_tiff_rewritten_with_the_tiles_cached_gives_the_forward_images_gradients
     except fxstream.InputChangedError:
         return  # also not silent
     assert max(rel_err(a, b) for a, b in zip(grads, reference)) <= RTOL64
+
+
+# --- 6. corrupt files, directories, levels -----------------------------------------------------
+
+
+def test_truncated_tiff_names_the_path_level_and_region(tmp_path):
+    path = tmp_path / "truncated.tif"
+    write_tiff(path, rgb(0, (64, 48)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    slide = fxstream.open_image(path, cache_bytes=0)  # the header is intact
+    with pytest.raises(fxstream.ImageFileError) as info:
+        compiled()(slide)
+    message = str(info.value)
+    assert info.value.path == str(path) and str(path) in message
+    assert "level 0" in message and "truncated or corrupt" in message
+    assert "rows [" in message and "columns [" in message, message
+
+
+def test_corrupt_tiff_tile_names_the_path_level_and_region(tmp_path):
+    path = tmp_path / "corrupt.tif"
+    write_tiff(path, rgb(0, (64, 48)))
+    tile_offset = tifffile.TiffFile(path).pages[0].dataoffsets[5]
+    data = bytearray(path.read_bytes())
+    data[tile_offset : tile_offset + 16] = bytes(range(16))  # garbage in one compressed tile
+    path.write_bytes(bytes(data))
+    slide = fxstream.open_image(path, cache_bytes=0)
+    with pytest.raises(fxstream.ImageFileError, match=r"level 0, rows \[\d+, \d+\), columns \[\d+, \d+\)") as info:
+        slide[:, :, 10:30, 5:40]
+    assert str(path) in str(info.value) and "Error" in str(info.value)  # the reader's own error is named
+    with pytest.raises(fxstream.ImageFileError):
+        compiled()(slide)
+
+
+def test_corrupt_tiff_metadata_names_the_path_and_level(tmp_path):
+    path = tmp_path / "metadata.tif"
+    write_tiff(path, rgb(0))
+    data = path.read_bytes()
+    assert data.count(b'"shape": [40, 36, 3]') == 1
+    path.write_bytes(data.replace(b'"shape": [40, 36, 3]', b'"shape": [40,: W, 3]'))  # tifffile's own JSON
+    with pytest.raises(fxstream.ImageFileError, match="opening level 0.*truncated or corrupt") as info:
+        fxstream.open_image(path)
+    assert info.value.path == str(path) and str(path) in str(info.value)
+
+
+def test_directory_and_non_integer_level(tmp_path):
+    with pytest.raises(fxstream.ImageFileError, match="is a directory") as info:
+        fxstream.open_image(tmp_path)
+    assert "no such file" not in str(info.value)
+    path = tmp_path / "slide.tif"
+    write_tiff(path, rgb(0))
+    with pytest.raises(fxstream.ArgumentError, match=r"level must be an int.*1\.7"):
+        fxstream.open_image(path, level=1.7)
+    with pytest.raises(fxstream.ArgumentError, match="backend"):
+        fxstream.open_image(path, backend="pillow")
+    assert fxstream.open_image(path, level=np.int64(1)).shape == (1, 3, 20, 18)  # integers of any kind
