@@ -117,11 +117,27 @@ class SlideArray:
         return keep
 
     def _open(self):
-        """The reader, opened in this process (a forked or unpickled copy reopens the file)."""
+        """The reader, opened in this process (a forked or unpickled copy reopens the file,
+        which must still hold the image this handle was opened on)."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader = _open_reader(self.path, self.level, self._requested_backend, self.cache_bytes)
-            self._pid = os.getpid()
+            reader = _open_reader(self.path, self.level, self._requested_backend, self.cache_bytes)
+            if hasattr(self, "shape"):  # a reopening
+                self._check_unchanged(reader)
+            self._reader, self._pid = reader, os.getpid()
         return self._reader
+
+    def _check_unchanged(self, reader) -> None:
+        was = (self.levels, np.dtype(self.dtype), self._file_channels)
+        now = (reader.levels, np.dtype(reader.dtype), reader.channels)
+        if now == was:
+            return
+        reader.close()
+        raise user_error(
+            ImageFileError,
+            f"{self.path} changed since it was opened: it had {_describe(*was)}; it now has {_describe(*now)}",
+            fix=f"open it again: fxstream.open_image({self.path!r}, level={self.level})",
+            path=self.path,
+        )
 
     def __len__(self) -> int:
         return 1
@@ -179,6 +195,10 @@ class SlideArray:
 
     def __repr__(self) -> str:
         return f"SlideArray({self.path!r}, level={self.level}, shape={self.shape}, dtype={self.dtype}, {self.backend})"
+
+
+def _describe(levels: tuple, dtype: np.dtype, channels: int) -> str:
+    return f"{channels} channels of {dtype}, levels " + ", ".join(f"{h}x{w}" for h, w in levels)
 
 
 def _span(index: int | slice) -> tuple[int, int]:

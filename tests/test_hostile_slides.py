@@ -151,3 +151,27 @@ def test_directory_and_non_integer_level(tmp_path):
     with pytest.raises(fxstream.ArgumentError, match="backend"):
         fxstream.open_image(path, backend="pillow")
     assert fxstream.open_image(path, level=np.int64(1)).shape == (1, 3, 20, 18)  # integers of any kind
+
+
+# --- 7. a pickled handle reopened after its file changed ----------------------------------------
+
+
+def test_pickled_slide_reopened_after_its_file_shrank(tmp_path):
+    path = tmp_path / "slide.tif"
+    write_tiff(path, rgb(0, (40, 36)))
+    handle = pickle.dumps(fxstream.open_image(path))
+    write_tiff(path, rgb(0, (24, 20)))
+    slide = pickle.loads(handle)
+    with pytest.raises(fxstream.ImageFileError, match="changed since it was opened") as info:
+        slide[:, :, :4, :4]
+    message = str(info.value)
+    assert "40x36" in message and "24x20" in message and "fix:" in message and info.value.path == str(path)
+    # a closed handle reopens with the same check
+    same = fxstream.open_image(path)
+    same.close()
+    write_tiff(path, rgb(0, (40, 36)))
+    with pytest.raises(fxstream.ImageFileError, match="changed since it was opened"):
+        compiled()(same)
+    # unchanged: reopening reads as before
+    again = pickle.loads(handle)
+    assert np.array_equal(again[0], rgb(0, (40, 36)).transpose(2, 0, 1))
