@@ -88,13 +88,27 @@ class StreamedModule(nn.Module):
     ):
         super().__init__()
         self._share(model)
-        self.training = model.training
         # Plain attributes (not registered): the compiled programs are derived state.
         self.__dict__["_source"] = model
         self.__dict__["_config"] = (tile_size, boundary, as_schedule(schedule))
         self.__dict__["settings"] = settings if settings is not None else StreamSettings()
         self._reset()
         self._current()  # compile now, so errors surface at compile time
+
+    @property
+    def training(self) -> bool:
+        """The original model's own ``training`` flag: one flag for both objects, so that
+        ``smodel.eval()`` also puts the model's own ``forward`` in eval mode (and the other way)."""
+        source = self.__dict__.get("_source")
+        return source.training if source is not None else self.__dict__.get("training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        source = self.__dict__.get("_source")
+        if source is None:  # nn.Module.__init__, before the model is attached
+            self.__dict__["training"] = mode
+        else:
+            source.training = mode
 
     def _share(self, model: nn.Module) -> None:
         for slot in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
@@ -115,7 +129,6 @@ class StreamedModule(nn.Module):
             self.__dict__["_structure"] = tree
         key = self._mode_key()
         if key not in self._programs:
-            self._source.training = self.training
             self._programs[key] = build_program(self._source, *self._config)
         return self._programs[key]
 

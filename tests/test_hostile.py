@@ -102,6 +102,39 @@ def test_memmap_rewritten_between_forward_and_backward_raises(tmp_path):
         out.sum().backward()
 
 
+# --- 3. the original model's training flag ------------------------------------------------------
+
+
+class Branchy(nn.Module):
+    """A model whose own forward branches on ``self.training``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = net()
+
+    def forward(self, x):
+        y = self.body(x).mean((2, 3))
+        return y * 2.0 if self.training else y
+
+
+def test_original_model_training_flag_follows_the_compiled_module():
+    model = Branchy()
+    smodel = fxstream.compile(model, tile_size=12)
+    x = torch.from_numpy(pixels(0))
+    smodel.train()
+    smodel(x)
+    smodel.eval()
+    assert model.training is False and not any(m.training for m in model.modules())
+    eval_out = model(x)
+    assert torch.equal(eval_out, model.body(x).mean((2, 3)))  # the plain model runs its eval branch
+    assert rel_err(smodel(x), eval_out) <= RTOL64
+    smodel.train()
+    assert model.training is True
+    model.eval()  # and the other way: the compiled module follows the original's own flag
+    assert smodel.training is False
+    assert rel_err(smodel(x), eval_out) <= RTOL64
+
+
 # --- 4. timm's DropPath in a training-mode trunk ---------------------------------------------
 
 
