@@ -161,6 +161,14 @@ def first_order(backward: Callable) -> Callable:
 
     @functools.wraps(backward)
     def checked(ctx, *grads):
+        if any(_batched(g) for g in grads):
+            raise user_error(
+                ContractError,
+                "batched gradients through the streamed trunk are not supported (autograd.grad(..., "
+                "is_grads_batched=True), autograd.functional.jacobian/hessian(..., vectorize=True)): they run the "
+                "backward pass under vmap, and the tiles' backward pass accumulates gradients in place",
+                fix="compute one backward pass per row (is_grads_batched=False, or jacobian(..., vectorize=False))",
+            )
         if torch.is_grad_enabled():
             raise user_error(
                 ContractError,
@@ -172,6 +180,14 @@ def first_order(backward: Callable) -> Callable:
         return backward(ctx, *grads)
 
     return checked
+
+
+def _batched(t: Any) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (functorch's, or the legacy vmap's that
+    ``is_grads_batched=True`` uses)."""
+    functorch = torch._C._functorch
+    checks = (getattr(functorch, "is_batchedtensor", None), getattr(functorch, "is_legacy_batchedtensor", None))
+    return isinstance(t, torch.Tensor) and any(check is not None and check(t) for check in checks)
 
 
 class ChannelError(InputShapeError):

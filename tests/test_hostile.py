@@ -202,3 +202,22 @@ def test_convnext_atto_with_drop_path_compiles_in_train_mode():
     s_out, s_grads, s_after = _seeded_run(smodel, x, 5)
     assert rel_err(s_out, out) <= RTOL64 and torch.equal(s_after, after)
     assert max(rel_err(a, b) for a, b in zip(s_grads, grads)) <= RTOL64
+
+
+# --- 8. batched gradients ------------------------------------------------------------------------
+
+
+def test_batched_gradients_raise_contract_error():
+    smodel = fxstream.compile(net(), tile_size=12)
+    x = torch.from_numpy(pixels(0)).requires_grad_(True)
+    out = smodel(x)
+    batched = torch.randn(3, *out.shape, dtype=out.dtype)
+    with pytest.raises(fxstream.ContractError, match=r"(?s)is_grads_batched.*fix:"):
+        torch.autograd.grad(out, x, batched, is_grads_batched=True, retain_graph=True)
+    pooled = lambda t: smodel(t).mean((2, 3))  # noqa: E731
+    with pytest.raises(fxstream.ContractError, match="vectorize"):
+        torch.autograd.functional.jacobian(pooled, x, vectorize=True)
+    # the fix it names: one backward pass per row
+    plain = lambda t: smodel._source(t).mean((2, 3))  # noqa: E731
+    jac = torch.autograd.functional.jacobian(pooled, x)
+    assert rel_err(jac, torch.autograd.functional.jacobian(plain, x)) <= RTOL64
