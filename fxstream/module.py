@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -282,7 +283,9 @@ def compile(
         BoundaryError: ``boundary`` is not a string or a list of strings, or names nothing
             streamable.
         ArgumentError: ``model`` is not an nn.Module; ``memory_budget``/``input_shape`` given
-            without ``"auto"``; a malformed ``output_device`` or ``input_transform``.
+            without ``"auto"``; a malformed ``output_device`` (not a device, ``"meta"``, a
+            device this process does not see) or ``input_transform`` (not callable as
+            ``transform(tile, dtype)``).
         TraceError: torch.fx cannot trace the model.
 
     Example::
@@ -340,12 +343,45 @@ def _check_arguments(model, tile_size, boundary, memory_budget, input_shape, inp
         raise user_error(
             ArgumentError, f"input_transform must be callable as transform(tile, dtype), got {input_transform!r}"
         )
+    if input_transform is not None:
+        _check_transform(input_transform)
+
+
+def _check_transform(transform: Callable) -> None:
+    """Every tile is passed as ``transform(tile, dtype)``: check that it takes both."""
+    try:
+        signature = inspect.signature(transform.forward if isinstance(transform, nn.Module) else transform)
+    except (TypeError, ValueError):  # no signature (some builtins): it is called as is
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise user_error(
+            ArgumentError,
+            f"input_transform={transform!r} cannot be called as transform(tile, dtype): its signature is {signature}",
+            fix="take the tile and the trunk's floating dtype (e.g. lambda tile, dtype: tile.to(dtype) / 255), "
+            "or pass fxstream.Normalize(mean, std, scale=...)",
+        ) from None
 
 
 def _device(output_device: str | torch.device | None) -> torch.device | None:
     if output_device is None:
         return None
     try:
-        return torch.device(output_device)
+        device = torch.device(output_device)
     except (RuntimeError, TypeError) as exc:
         raise user_error(ArgumentError, f"output_device={output_device!r} is not a device: {exc}") from None
+    if device.type == "meta":
+        raise user_error(
+            ArgumentError,
+            f"output_device={output_device!r}: the meta device holds no values, only shapes",
+            fix="pass 'cpu', a CUDA device, or None (the trunk's device)",
+        )
+    count = getattr(getattr(torch, device.type, None), "device_count", None)
+    if device.type != "cpu" and callable(count) and (device.index or 0) >= count():
+        raise user_error(
+            ArgumentError,
+            f"output_device={output_device!r} is {device}, but this process sees {count()} {device.type} devices",
+            fix="pass 'cpu', an existing device, or None (the trunk's device)",
+        )
+    return device

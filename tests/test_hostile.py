@@ -221,3 +221,21 @@ def test_batched_gradients_raise_contract_error():
     plain = lambda t: smodel._source(t).mean((2, 3))  # noqa: E731
     jac = torch.autograd.functional.jacobian(pooled, x)
     assert rel_err(jac, torch.autograd.functional.jacobian(plain, x)) <= RTOL64
+
+
+# --- 10. compile validates its arguments ------------------------------------------------------------
+
+
+def test_compile_validates_input_transform_and_output_device():
+    with pytest.raises(fxstream.ArgumentError, match=r"input_transform.*transform\(tile, dtype\)"):
+        fxstream.compile(net(), tile_size=12, input_transform=lambda tile: tile)
+    if torch.cuda.device_count() <= 3:
+        with pytest.raises(fxstream.ArgumentError, match=r"output_device=3.*cuda:3"):
+            fxstream.compile(net(), tile_size=12, output_device=3)
+    with pytest.raises(fxstream.ArgumentError, match="output_device='meta'"):
+        fxstream.compile(net(), tile_size=12, output_device="meta")
+    # what is valid still compiles, and runs
+    x = torch.from_numpy(pixels(0))
+    for transform in (fxstream.Normalize(), lambda tile, dtype: tile, lambda tile, dtype=None, *rest: tile):
+        smodel = fxstream.compile(net(), tile_size=12, input_transform=transform, output_device="cpu")
+        assert rel_err(smodel(x), smodel._source(x)) <= RTOL64
