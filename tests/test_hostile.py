@@ -239,3 +239,48 @@ def test_compile_validates_input_transform_and_output_device():
     for transform in (fxstream.Normalize(), lambda tile, dtype: tile, lambda tile, dtype=None, *rest: tile):
         smodel = fxstream.compile(net(), tile_size=12, input_transform=transform, output_device="cpu")
         assert rel_err(smodel(x), smodel._source(x)) <= RTOL64
+
+
+# --- 11. serial_backward: targets first, and a failed step leaves .grad ------------------------------
+
+
+def _with_grads(smodel):
+    for i, p in enumerate(smodel.parameters()):
+        p.grad = None if i == 0 else torch.full_like(p, float(i))
+    return [None if p.grad is None else p.grad.clone() for p in smodel.parameters()]
+
+
+def _grads_unchanged(smodel, before) -> bool:
+    return all(
+        (b is None and p.grad is None) or (b is not None and p.grad is not None and torch.equal(p.grad, b))
+        for p, b in zip(smodel.parameters(), before)
+    )
+
+
+def test_serial_backward_checks_the_target_count_first():
+    smodel = fxstream.compile(net(), tile_size=12)
+    before = _with_grads(smodel)
+    images = torch.from_numpy(np.concatenate([pixels(i) for i in range(4)]))
+    loss = lambda out, y: F.mse_loss(out.mean((2, 3)), y)  # noqa: E731
+    with pytest.raises(fxstream.ArgumentError, match="4 images.*3 targets"):
+        fxstream.serial_backward(smodel, loss, images, torch.zeros(3, 2, dtype=torch.float64))
+    with pytest.raises(fxstream.ArgumentError, match="2 micro-batches.*3 targets"):
+        fxstream.serial_backward(smodel, loss, [images[:2], images[2:]], torch.zeros(3, 2, dtype=torch.float64))
+    assert _grads_unchanged(smodel, before)
+
+
+def test_a_failed_step_leaves_grad_as_it_was():
+    smodel = fxstream.compile(net(), tile_size=12)
+    before = _with_grads(smodel)
+    calls = []
+
+    def loss(out, y):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the loss failed on the third micro-batch")
+        return out.sum()
+
+    images = torch.from_numpy(np.concatenate([pixels(i) for i in range(4)]))
+    with pytest.raises(RuntimeError, match="third micro-batch"):
+        fxstream.serial_backward(smodel, loss, images, None)
+    assert len(calls) == 3 and _grads_unchanged(smodel, before)
