@@ -235,7 +235,7 @@ class StreamedTrunk(nn.Module):
                 f"fxstream compiled this model for (N, C, *spatial) inputs with {self.geometry.ndim} spatial "
                 f"dims, got {shape}"
             )
-        channels.check(x.shape[1], self.tile, self.settings.input_transform)
+        channels.check(x.shape[1], self.tile, self.settings.input_transform, x.dtype)
         if self.settings.intercept is not None:
             return self.settings.intercept(self, x)
         return self.stream(x)

@@ -284,3 +284,60 @@ def test_a_failed_step_leaves_grad_as_it_was():
     with pytest.raises(RuntimeError, match="third micro-batch"):
         fxstream.serial_backward(smodel, loss, images, None)
     assert len(calls) == 3 and _grads_unchanged(smodel, before)
+
+
+# --- 12. uint8 without Normalize; the progress bar after a failing tile ------------------------------
+
+
+class Recording:
+    """A numpy-backed array-like that records the regions it is read with."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.reads: list = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.array[key]
+
+
+def test_uint8_without_normalize_is_refused_before_the_first_tile(capfd):
+    pytest.importorskip("tqdm")
+    smodel = fxstream.compile(net(), tile_size=12, progress=True)
+    raw = (pixels(0) * 255).astype(np.uint8)
+    for image in (torch.from_numpy(raw), Recording(raw)):
+        with pytest.raises(fxstream.InputShapeError, match=r"(?s)uint8.*fxstream\.Normalize") as info:
+            smodel(image)
+        assert "fix:" in str(info.value)
+    assert image.reads == [] and capfd.readouterr().err == ""  # no pixel read, no bar started
+    # the fix it names
+    normalized = fxstream.compile(net(), tile_size=12, input_transform=fxstream.Normalize(scale=1 / 255))
+    assert rel_err(normalized(raw), smodel._source(torch.from_numpy(raw).double() / 255)) <= RTOL64
+
+
+class ScalesItself(nn.Module):
+    """A model whose forward converts a uint8 image itself: uint8 input is its contract."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = net()
+
+    def forward(self, x):
+        return self.body(x.double() / 255)
+
+
+def test_uint8_into_a_model_that_converts_it_still_streams():
+    model = ScalesItself()
+    smodel = fxstream.compile(model, tile_size=12)
+    raw = torch.from_numpy((pixels(0) * 255).astype(np.uint8))
+    assert rel_err(smodel(raw), model(raw)) <= RTOL64
+
+
+def test_a_failing_tile_leaves_no_progress_bar_behind(capfd):
+    pytest.importorskip("tqdm")
+    smodel = fxstream.compile(net(), tile_size=12, progress=True)
+    with pytest.raises(RuntimeError, match="should be the same") as info:
+        smodel(torch.from_numpy(pixels(0, np.float32)))  # float32 into a float64 model: as the plain model
+    err = capfd.readouterr().err  # while the error (and its traceback) is alive, as when it is printed
+    assert "fxstream forward" in err and err.split("\r")[-1].strip() == "", repr(err[-200:])
+    assert info.value.__traceback__ is not None
