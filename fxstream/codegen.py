@@ -153,7 +153,32 @@ def graph_module(root: nn.Module, graph: fx.Graph, name: str, extra: dict | None
     for node in copy.nodes:
         if node.op in ("get_attr", "call_module") and node.target not in attrs:
             attrs[node.target] = _fetch(root, node.target)
-    return fx.GraphModule(attrs, copy, name)
+    gm = fx.GraphModule(attrs, copy, name)
+    _quiet(gm)
+    return gm
+
+
+class _QuietCall:
+    """A GraphModule call without torch.fx's error printer: its ``_WrappedCall`` prints the
+    generated code around a failing line to stderr (about 25 lines per failing tile) and
+    re-raises the error without its traceback. Here the error keeps its traceback, whose
+    frames show the generated line, and nothing is printed."""
+
+    def __init__(self, wrapped):
+        self.cls, self.cls_call = wrapped.cls, wrapped.cls_call
+
+    def __call__(self, obj, *args, **kwargs):
+        if self.cls_call is not None:
+            return self.cls_call(obj, *args, **kwargs)
+        return super(self.cls, obj).__call__(*args, **kwargs)
+
+
+def _quiet(gm: fx.GraphModule) -> None:
+    """Install :class:`_QuietCall` on ``gm``'s own class (torch.fx makes one per instance and
+    keeps its ``_wrapped_call`` across ``recompile``); left as is if torch.fx changed it."""
+    wrapped = vars(type(gm)).get("_wrapped_call")
+    if hasattr(wrapped, "cls") and hasattr(wrapped, "cls_call"):
+        type(gm)._wrapped_call = _QuietCall(wrapped)
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

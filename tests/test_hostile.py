@@ -341,3 +341,15 @@ def test_a_failing_tile_leaves_no_progress_bar_behind(capfd):
     err = capfd.readouterr().err  # while the error (and its traceback) is alive, as when it is printed
     assert "fxstream forward" in err and err.split("\r")[-1].strip() == "", repr(err[-200:])
     assert info.value.__traceback__ is not None
+
+
+# --- 13. torch.fx prints nothing on an error inside a tile -------------------------------------------
+
+
+def test_fx_prints_nothing_when_a_tile_fails(capfd):
+    smodel = fxstream.compile(net(), tile_size=12)
+    with pytest.raises(RuntimeError, match="should be the same") as info:
+        smodel(torch.from_numpy(pixels(0, np.float32)))
+    assert capfd.readouterr().err == ""
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert any("eval_with_key" in frame.filename for frame in frames)  # the tile code's line is in the traceback
