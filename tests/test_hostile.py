@@ -353,3 +353,26 @@ def test_fx_prints_nothing_when_a_tile_fails(capfd):
     assert capfd.readouterr().err == ""
     frames = traceback.extract_tb(info.value.__traceback__)
     assert any("eval_with_key" in frame.filename for frame in frames)  # the tile code's line is in the traceback
+
+
+# --- 14. the CLI's model specs ---------------------------------------------------------------------
+
+
+def _plan(capsys, spec: str) -> tuple[int, str]:
+    code = cli_main(["plan", spec, "--input-shape", "1,3,64,64", "--tile-size", "32"])
+    return code, capsys.readouterr().err
+
+
+def test_cli_model_spec_errors(capsys, tmp_path):
+    code, err = _plan(capsys, "resnet18(num_classes=ten)")
+    assert code == 2 and "num_classes=ten" in err and "<ast." not in err, err
+    code, err = _plan(capsys, ":")
+    assert code == 2 and "model spec ':'" in err and "Empty module name" not in err, err
+    path = tmp_path / "exits.py"
+    path.write_text("import sys\n\ndef build():\n    sys.exit(0)\n")
+    code, err = _plan(capsys, f"{path}:build")
+    assert code == 2 and "sys.exit(0)" in err, err
+    path = tmp_path / "exits_on_import.py"
+    path.write_text("import sys\nsys.exit(3)\n")
+    code, err = _plan(capsys, f"{path}:build")
+    assert code == 2 and "sys.exit(3)" in err, err
