@@ -56,8 +56,9 @@ class BoundaryError(FxStreamError):
 
 class TileSizeError(FxStreamError):
     """Raised by ``compile`` when ``tile_size`` is malformed or too small for the
-    trunk's receptive field. ``minimum`` holds the smallest valid size per
-    spatial dimension when it is known."""
+    trunk's receptive field, and when an input is planned whose tiles would not fit
+    the tile size or would number more than ``fxstream.tiling.MAX_TILES``. ``minimum``
+    holds the smallest valid size per spatial dimension when it is known."""
 
     def __init__(self, message: str, minimum: tuple[int, ...] | None = None):
         super().__init__(message)

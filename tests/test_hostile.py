@@ -204,6 +204,25 @@ def test_convnext_atto_with_drop_path_compiles_in_train_mode():
     assert max(rel_err(a, b) for a, b in zip(s_grads, grads)) <= RTOL64
 
 
+# --- 5. absurd shapes ---------------------------------------------------------------------------
+
+
+def test_absurd_shapes_are_refused_in_seconds(capsys):
+    torchvision = pytest.importorskip("torchvision")
+    smodel = fxstream.compile(torchvision.models.resnet18().eval(), tile_size=512)
+    start = time.perf_counter()
+    with pytest.raises(fxstream.TileSizeError, match=r"(?s)tiles.*fix:") as info:
+        smodel.shape_plan(10**9, 10**9)
+    assert "1000000000x1000000000" in str(info.value)
+    assert time.perf_counter() - start < 5
+    start = time.perf_counter()
+    code = cli_main(["plan", "resnet18", "--input-shape", "1,3,99999999999999999999,256", "--tile-size", "512"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fxstream plan: error:") and "tiles" in err and err.count("\n") == 1, err
+    assert time.perf_counter() - start < 20  # mostly building resnet18
+    assert smodel.shape_plan(5000, 3000).num_tiles > 1  # ordinary sizes still plan
+
+
 # --- 8. batched gradients ------------------------------------------------------------------------
 
 
