@@ -21,6 +21,7 @@ from .progress import StreamStats
 from .runtime import StreamSettings
 from .schedule import Schedule, as_schedule
 from .trace import trace
+from .transfer import Normalize
 
 TileSize = Union[int, tuple[int, ...]]  # noqa: UP007 (runtime alias, Python 3.10)
 
@@ -214,6 +215,13 @@ class StreamedModule(nn.Module):
     def extra_repr(self) -> str:
         tile_size, boundary, schedule = self._config
         return f"tile_size={tile_size}, boundary={boundary!r}, schedule={schedule.kind!r}"
+
+
+# torch.load(path, weights_only=True) of a saved compiled module unpickles no code but what is
+# allowed: fxstream allows its own classes here; the model's module classes (nn.Conv2d, the
+# user's own) are the caller's to allow (torch.serialization.safe_globals; docs/contract.md).
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    torch.serialization.add_safe_globals([StreamedModule, Schedule, StreamSettings, StreamStats, Normalize])
 
 
 def _check_transforms() -> None:

@@ -19,6 +19,7 @@ and the safe way to save a compiled module.
 from __future__ import annotations
 
 import io
+import pickle
 import time
 import traceback
 
@@ -395,3 +396,39 @@ def test_cli_model_spec_errors(capsys, tmp_path):
     path.write_text("import sys\nsys.exit(3)\n")
     code, err = _plan(capsys, f"{path}:build")
     assert code == 2 and "sys.exit(3)" in err, err
+
+
+# --- saving -----------------------------------------------------------------------------------------
+
+
+def test_safe_save_path_state_dict_then_compile_again():
+    """docs/contract.md: save the weights, compile again on load; torch.load with
+    weights_only=True (no code is unpickled) then suffices."""
+    smodel = fxstream.compile(net(), tile_size=12)
+    with torch.no_grad():
+        for p in smodel.parameters():
+            p.add_(0.25)
+    buffer = io.BytesIO()
+    torch.save(smodel.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = fxstream.compile(net(), tile_size=12)
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.from_numpy(pixels(0))
+    assert torch.equal(loaded(x), smodel(x))
+
+
+def test_whole_module_weights_only_load_names_what_to_register(tmp_path):
+    """A whole compiled module loads with weights_only=True once the model's own classes
+    are allowed; fxstream registers its own."""
+    transform = fxstream.Normalize((0.5, 0.4, 0.3), (0.2, 0.3, 0.25), scale=1 / 255)
+    smodel = fxstream.compile(net(), tile_size=12, input_transform=transform, output_device="cpu", schedule="recompute")
+    path = tmp_path / "smodel.pt"
+    torch.save(smodel, path)
+    with pytest.raises(pickle.UnpicklingError, match="Conv2d"):  # the model's classes are the caller's to allow
+        torch.load(path, weights_only=True)
+    model_classes = [nn.Sequential, nn.Conv2d, nn.ReLU, nn.Tanh]
+    with torch.serialization.safe_globals(model_classes):
+        loaded = torch.load(path, weights_only=True)
+    x = torch.from_numpy((pixels(0) * 255).astype(np.uint8))
+    assert isinstance(loaded, fxstream.StreamedModule) and torch.equal(loaded(x), smodel(x))
+    assert loaded.schedule.kind == "recompute" and loaded.streamed_trunk.output_device == torch.device("cpu")
