@@ -268,8 +268,8 @@ class StreamedTrunk(nn.Module):
     def stream(self, x: torch.Tensor) -> torch.Tensor:
         """The streamed trunk output for ``x`` (a differentiable autograd.Function)."""
         size = tuple(x.shape[d] for d in self.input_dims)
-        if self.tile_group is not None:  # before any other collective: every rank has the same shape
-            self.tile_group.check_shape(tuple(x.shape), self.compute_device(x))
+        if self.tile_group is not None:  # before any other collective: every rank has the same image
+            self.tile_group.check_shape(tuple(x.shape), self.compute_device(x), transfer.fingerprint(x))
         params = [p for p in self.tile.parameters() if p.requires_grad]
         if not torch.is_grad_enabled():  # inference: nothing to differentiate (and no graph to keep)
             x, params = (x.detach() if isinstance(x, torch.Tensor) else x), []

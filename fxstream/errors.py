@@ -96,8 +96,9 @@ class InputChangedError(ContractError):
 
 class TileGroupError(FxStreamError):
     """Raised on every rank of a tile group (``compile(..., tile_group=...)``) when a
-    collective fails or times out (a rank died, or stopped calling the model), or when the
-    group cannot split the input (fewer tile rows than ranks)."""
+    collective fails or times out (a rank died, or stopped calling the model), when the
+    ranks got different images of the same shape, or when the group cannot split the input
+    (fewer tile rows than ranks)."""
 
 
 class PlannerError(FxStreamError):

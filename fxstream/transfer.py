@@ -25,6 +25,8 @@ fresh copy of its crop (so in-place ops in the trunk never touch the image).
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
+import random
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -35,6 +37,9 @@ from . import arrays
 from .errors import InputChangedError, user_error
 
 Region = Sequence[tuple[int, int]]  # [lo, hi) per spatial axis
+
+SAMPLE_PATCHES = 64  # fingerprint(): patches sampled per image
+SAMPLE_EDGE = 16  # and their edge in pixels, per spatial axis
 
 
 class Normalize(torch.nn.Module):
@@ -200,6 +205,29 @@ def as_source(x: Any) -> ImageSource:
     if arrays.is_array_like(x):
         return ArraySource(x)
     raise TypeError(f"expected a tensor or an array-like image (.shape, .dtype, slicing), got {type(x).__name__}")
+
+
+def fingerprint(x: Any) -> int:
+    """A CRC-32 of a fixed sample of the image ``x`` (a tensor, an array-like or a source):
+    ``SAMPLE_PATCHES`` patches of ``SAMPLE_EDGE`` pixels per spatial axis (every sample and
+    channel), one per cell of a regular grid, at offsets drawn from the image's shape. Two
+    images of the same shape and dtype get the same fingerprint if they hold the same
+    pixels, and almost surely different ones if they are different images (a few dozen
+    small reads, never the whole image; ``fxstream.distributed`` compares it across ranks)."""
+    source = as_source(x)
+    size = source.spatial_size
+    draw = random.Random(zlib.crc32(repr((source.shape, str(source.dtype))).encode()))
+    per_axis = max(1, round(SAMPLE_PATCHES ** (1 / max(len(size), 1))))
+    starts = []
+    for n in size:
+        edge = min(SAMPLE_EDGE, n)
+        cells = [(k * n // per_axis, (k + 1) * n // per_axis) for k in range(per_axis)]
+        starts.append([(min(lo + draw.randrange(max(hi - lo, 1)), n - edge), edge) for lo, hi in cells])
+    checksum = 0
+    for corner in itertools.product(*starts):
+        patch = source.read([(lo, lo + edge) for lo, edge in corner]).detach().cpu().contiguous()
+        checksum = zlib.crc32(patch.reshape(-1).view(torch.uint8).numpy(), checksum)
+    return checksum
 
 
 def load_tiles(x: Any, regions: Sequence[Region], dims: Sequence[int], device: torch.device) -> Iterator:
