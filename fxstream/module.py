@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -14,6 +15,7 @@ from . import hooks
 from .analysis.analyze import Analysis
 from .distributed import TileGroup
 from .errors import ArgumentError, BoundaryError, ContractError, TileSizeError, user_error
+from .io.transfer import Normalize
 from .memory.auto import choose
 from .planning.lower import lower
 from .planning.plan import Plan
@@ -79,13 +81,27 @@ class StreamedModule(nn.Module):
     ):
         super().__init__()
         self._share(model)
-        self.training = model.training
         # Plain attributes (not registered): the compiled programs are derived state.
         self.__dict__["_source"] = model
         self.__dict__["_config"] = (tile_size, boundary, as_schedule(schedule))
         self.__dict__["settings"] = settings if settings is not None else StreamSettings()
         self._reset()
         self._current()  # compile now, so errors surface at compile time
+
+    @property
+    def training(self) -> bool:
+        """The original model's own ``training`` flag: one flag for both objects, so that
+        ``smodel.eval()`` also puts the model's own ``forward`` in eval mode (and the other way)."""
+        source = self.__dict__.get("_source")
+        return source.training if source is not None else self.__dict__.get("training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        source = self.__dict__.get("_source")
+        if source is None:  # nn.Module.__init__, before the model is attached
+            self.__dict__["training"] = mode
+        else:
+            source.training = mode
 
     def _share(self, model: nn.Module) -> None:
         for slot in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
@@ -106,7 +122,6 @@ class StreamedModule(nn.Module):
             self.__dict__["_structure"] = tree
         key = self._mode_key()
         if key not in self._programs:
-            self._source.training = self.training
             self._programs[key] = build_program(self._source, *self._config)
         return self._programs[key]
 
@@ -193,6 +208,13 @@ class StreamedModule(nn.Module):
         return f"tile_size={tile_size}, boundary={boundary!r}, schedule={schedule.kind!r}"
 
 
+# torch.load(path, weights_only=True) of a saved compiled module unpickles no code but what is
+# allowed: fxstream allows its own classes here; the model's module classes (nn.Conv2d, the
+# user's own) are the caller's to allow (torch.serialization.safe_globals; docs/contract.md).
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    torch.serialization.add_safe_globals([StreamedModule, Schedule, StreamSettings, StreamStats, Normalize])
+
+
 def _check_transforms() -> None:
     """torch.func transforms (grad, vmap, jvp...) cannot see through the streaming call."""
     if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -260,7 +282,9 @@ def compile(
         BoundaryError: ``boundary`` is not a string or a list of strings, or names nothing
             streamable.
         ArgumentError: ``model`` is not an nn.Module; ``memory_budget``/``input_shape`` given
-            without ``"auto"``; a malformed ``output_device`` or ``input_transform``.
+            without ``"auto"``; a malformed ``output_device`` (not a device, ``"meta"``, a
+            device this process does not see) or ``input_transform`` (not callable as
+            ``transform(tile, dtype)``).
         TraceError: torch.fx cannot trace the model.
 
     Example::
@@ -316,12 +340,45 @@ def _check_arguments(model, tile_size, boundary, memory_budget, input_shape, inp
         raise user_error(
             ArgumentError, f"input_transform must be callable as transform(tile, dtype), got {input_transform!r}"
         )
+    if input_transform is not None:
+        _check_transform(input_transform)
+
+
+def _check_transform(transform: Callable) -> None:
+    """Every tile is passed as ``transform(tile, dtype)``: check that it takes both."""
+    try:
+        signature = inspect.signature(transform.forward if isinstance(transform, nn.Module) else transform)
+    except (TypeError, ValueError):  # no signature (some builtins): it is called as is
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise user_error(
+            ArgumentError,
+            f"input_transform={transform!r} cannot be called as transform(tile, dtype): its signature is {signature}",
+            fix="take the tile and the trunk's floating dtype (e.g. lambda tile, dtype: tile.to(dtype) / 255), "
+            "or pass fxstream.Normalize(mean, std, scale=...)",
+        ) from None
 
 
 def _device(output_device: str | torch.device | None) -> torch.device | None:
     if output_device is None:
         return None
     try:
-        return torch.device(output_device)
+        device = torch.device(output_device)
     except (RuntimeError, TypeError) as exc:
         raise user_error(ArgumentError, f"output_device={output_device!r} is not a device: {exc}") from None
+    if device.type == "meta":
+        raise user_error(
+            ArgumentError,
+            f"output_device={output_device!r}: the meta device holds no values, only shapes",
+            fix="pass 'cpu', a CUDA device, or None (the trunk's device)",
+        )
+    count = getattr(getattr(torch, device.type, None), "device_count", None)
+    if device.type != "cpu" and callable(count) and (device.index or 0) >= count():
+        raise user_error(
+            ArgumentError,
+            f"output_device={output_device!r} is {device}, but this process sees {count()} {device.type} devices",
+            fix="pass 'cpu', an existing device, or None (the trunk's device)",
+        )
+    return device

@@ -40,6 +40,9 @@ from .names import find_boundary
 SPATIAL, GLOBAL, CONST, OTHER = "spatial", "global", "const", "other"
 SHAPE = "shape"  # x.shape / x.size() of a spatial tensor: global, but indexable per dim
 METADATA = ("ndim", "dtype", "device", "is_cuda", "layout", "requires_grad")
+# x.new_empty(shape) and the like read only x's dtype and device: timm's DropPath draws its
+# per-sample mask with x.new_empty((N, 1, 1, 1)).bernoulli_(keep)
+NEW_TENSOR_METHODS = ("new_empty", "new_zeros", "new_ones", "new_full")
 SIZE = "size"  # computed from spatial sizes; evaluated per input size (see plan.node_sizes)
 
 
@@ -184,6 +187,11 @@ def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
         if scope is not None and node not in scope:
             states[node] = GLOBAL if SPATIAL in input_states else _merge_non_spatial(input_states)
             continue
+        if node.op == "call_method" and node.target in NEW_TENSOR_METHODS and node.args[0] in layouts:
+            others = {states.get(n, CONST) for n in inputs if n is not node.args[0]}
+            if SPATIAL not in others:  # a tensor of a shape computed from sizes, not from pixels
+                states[node] = _merge_non_spatial(others)
+                continue
         if SPATIAL not in input_states:
             states[node] = _merge_non_spatial(input_states)
             continue

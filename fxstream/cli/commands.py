@@ -228,6 +228,11 @@ def load_model(spec: str) -> nn.Module:
     if ":" not in target:
         return _torchvision_model(target, kwargs)
     where, _, name = target.rpartition(":")
+    if not where or not name:
+        raise UsageError(
+            f"model spec {spec!r}: expected package.module:callable or path/file.py:callable, with both parts "
+            f"non-empty (e.g. torchvision.models:resnet34), or a torchvision model name"
+        )
     module = _load_file(where) if where.endswith(".py") or os.sep in where else _import(where)
     obj = module
     for atom in name.split("."):
@@ -243,15 +248,21 @@ def _split_kwargs(spec: str) -> tuple[str, dict]:
     if not spec.endswith(")") or "(" not in spec:
         return spec, {}
     target = spec[: spec.index("(")]
+    usage = "arguments must be keyword=literal pairs, e.g. resnet34(num_classes=10)"
     try:
         call = ast.parse(f"f{spec[spec.index('(') :]}", mode="eval").body
-        if not isinstance(call, ast.Call) or call.args:
-            raise ValueError("only keyword arguments")
-        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
-    except (SyntaxError, ValueError) as exc:
-        raise UsageError(
-            f"model spec {spec!r}: arguments must be keyword=literal pairs, e.g. resnet34(num_classes=10) ({exc})"
-        ) from None
+    except SyntaxError as exc:
+        raise UsageError(f"model spec {spec!r}: {usage} ({exc.msg})") from None
+    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+        raise UsageError(f"model spec {spec!r}: {usage}")
+    kwargs = {}
+    for kw in call.keywords:
+        try:
+            kwargs[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise UsageError(
+                f"model spec {spec!r}: {kw.arg}={ast.unparse(kw.value)} is not a Python literal; {usage}"
+            ) from None
     return target, kwargs
 
 
@@ -260,6 +271,10 @@ def _import(name: str):
         return importlib.import_module(name)
     except ImportError as exc:
         raise UsageError(f"cannot import module {name!r} for the model spec: {exc}") from None
+    except SystemExit as exc:
+        raise UsageError(f"importing module {name!r} called sys.exit({exc.code!r})") from None
+    except Exception as exc:
+        raise UsageError(f"importing module {name!r} failed: {type(exc).__name__}: {exc}") from None
 
 
 def _load_file(path: str):
@@ -271,6 +286,8 @@ def _load_file(path: str):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:
+        raise UsageError(f"importing {path!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise UsageError(f"importing {path!r} failed: {type(exc).__name__}: {exc}") from None
     return module
@@ -305,6 +322,8 @@ def _build(obj, kwargs: dict, spec: str) -> nn.Module:
         kwargs = {**kwargs, "weights": None}  # never download
     try:
         model = obj(**kwargs)
+    except SystemExit as exc:  # would end `fxstream plan` with the model's exit status, silently
+        raise UsageError(f"building {spec!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise UsageError(f"building {spec!r} failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):

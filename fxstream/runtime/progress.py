@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -57,9 +58,19 @@ class StreamStats:
         )
 
 
+_BARS = threading.local()  # the bars open in this thread (see Timer)
+
+
+def _open_bars() -> list:
+    if not hasattr(_BARS, "open"):
+        _BARS.open = []
+    return _BARS.open
+
+
 def tiles_progress(tiles: Iterable, total: int, enabled: bool, desc: str) -> Iterator:
     """``tiles``, wrapped in a tqdm bar when ``enabled`` (tqdm is an optional dependency:
-    ``pip install 'fxstream[progress]'``)."""
+    ``pip install 'fxstream[progress]'``). A pass that fails closes its bar (see
+    :class:`Timer`), so the error is not printed after the bar on its line."""
     if not enabled:
         yield from tiles
         return
@@ -68,22 +79,37 @@ def tiles_progress(tiles: Iterable, total: int, enabled: bool, desc: str) -> Ite
     except ImportError as exc:
         raise ImportError("progress=True needs tqdm: pip install tqdm (or pip install 'fxstream[progress]')") from exc
     with tqdm(total=total, desc=desc, unit="tile", leave=False) as bar:
-        for item in tiles:
-            yield item
-            bar.update(1)
+        bars = _open_bars()
+        bars.append(bar)
+        try:
+            for item in tiles:
+                yield item
+                bar.update(1)
+        finally:
+            if bar in bars:
+                bars.remove(bar)
 
 
 class Timer:
-    """Wall time of a block; waits for the device's queued work on CUDA so the figure is real."""
+    """Wall time of a block (a streamed pass); waits for the device's queued work on CUDA so
+    the figure is real. A block that fails closes the progress bars opened inside it: the
+    bar's generator is only closed when the error (which references it) is gone, after the
+    error has been printed behind the bar."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()
+        self.bars = len(_open_bars())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
+        if kind is not None:
+            bars = _open_bars()
+            while len(bars) > self.bars:
+                bars.pop().close()
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds = time.perf_counter() - self.start
