@@ -41,6 +41,15 @@ def schedule(request, monkeypatch):
     return request.param
 
 
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect, so the stale-entry check sees every test
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (``make test``: ``-m "not slow"``) and the full suite: tests/tiers.py."""
+    import tiers
+
+    full_run = config.args_source == pytest.Config.ArgsSource.TESTPATHS  # no paths or ids given
+    tiers.mark(items, pytest.mark.slow, check_stale=full_run)
+
+
 def pytest_collection_finish(session):
     """Test modules are imported during collection; none may change torch's default dtype
     for the others (tests that need float64 set it in a fixture and restore it)."""

@@ -1,0 +1,123 @@
+"""The two tiers of the test suite, in one place.
+
+``make test`` (``pytest -m "not slow"``) runs the fast tier: every op family, both
+schedules, the contract, the CLI, slides, training and the README, in a few minutes on two
+cores. ``make test-all`` (``pytest``) and CI run everything.
+
+conftest.py marks ``slow``, at collection:
+
+* every test in ``SLOW`` below (a test id, with ``*`` matching any characters; a file name
+  alone marks the whole file);
+* the ``recompute`` variant of tests that run under both schedules through the
+  ``schedule`` fixture, except in ``BOTH_SCHEDULES`` (the fast tier runs those files under
+  both schedules, and carry everywhere else);
+* tests marked ``@pytest.mark.slow`` in their own file (the larger torchvision cases).
+
+Entries are ``file.py::test_name[params]``. An entry that matches no test of a file the
+run collected in full is an error, so the list cannot go stale silently.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Files whose schedule-parametrised tests keep both schedules in the fast tier: training,
+# mixed precision, host input, slides, several outputs and the carry/recompute comparisons.
+BOTH_SCHEDULES = {
+    "test_training.py",
+    "test_amp.py",
+    "test_host_input.py",
+    "test_slides.py",
+    "test_multi_output.py",
+    "test_carry.py",
+    "test_auto.py",
+    "test_cli.py",
+    "test_errors.py",
+    "test_memory.py",
+    "test_bands.py",
+    "test_plan_speed.py",
+}
+
+SLOW = [
+    # Hypothesis over random graphs (25 examples, minutes when it shrinks a failure); the
+    # regressions it found run in the fast tier.
+    "test_fuzz.py::test_random_local_network_streams_exactly",
+    # Processes: four gloo ranks; a subprocess that trains on a 20000 x 20000 memmap; the
+    # examples' --quick runs (the demo is `make demo`); building and installing the wheel.
+    "test_tile_parallel.py",
+    "test_slides.py::test_training_step_on_a_memmap_does_not_hold_the_image",
+    "test_demo.py",
+    "test_library_examples.py",
+    "test_segment_example.py::test_segment_example_quick_learns",
+    "test_train_example.py::test_short_run_learns_streamed_only",
+    "test_packaging.py",
+    # The op zoo and the dense U-Nets: the fast tier keeps the many-tile case of each model
+    # (batch 3, ragged tiles); one and two/few tiles run in the full suite.
+    "test_ops.py::test_zoo_exact_float64[*-one-*]",
+    "test_ops.py::test_zoo_exact_float64[*-two-*]",
+    "test_dense.py::test_dense_exact_float64[*-one]",
+    "test_dense.py::test_dense_exact_float64[*-few]",
+    # torchvision: ResNet-18 (plan and exactness), MobileNetV2, DenseNet-121 (concatenations),
+    # RegNet (groups), VGG11 features (dense trunk) and the FCN stay; the others and the
+    # larger cases (marked slow in the file) run in the full suite.
+    "test_torchvision.py::test_plan_structure[*-resnet50]",
+    "test_torchvision.py::test_plan_structure[*-densenet121]",
+    "test_torchvision.py::test_plan_structure[*-convnext_tiny]",
+    "test_torchvision.py::test_plan_structure[*-regnet_x_400mf]",
+    "test_torchvision.py::test_plan_structure[*-vgg11]",
+    "test_torchvision.py::test_plan_structure[*-mobilenet_v2]",
+    "test_torchvision.py::test_streamed_matches_float64[*-convnext_tiny-*]",
+    "test_torchvision.py::test_streamed_matches_float64[*-densenet121-b1-*]",
+    "test_torchvision.py::test_streamed_matches_float64[*-resnet50-*]",
+    "test_torchvision.py::test_streamed_matches_float64[*-resnet18-b1-235x171-1tile]",
+    "test_torchvision.py::test_streamed_matches_float64[*-mobilenet_v2-b3-*]",
+    # Library families: one or two per library and kind stay (timm features_only, DLA,
+    # ConvNeXt; smp U-Net and Linknet; MONAI UNet and DynUNet; torchvision ShuffleNet and
+    # FPN; rejections and size guards); the larger models run in the full suite.
+    "test_libraries.py::test_hrnet_features_only_streams_its_parallel_branches",
+    "test_libraries.py::test_family_streams_exactly[monai.BasicUNet]",
+    "test_libraries.py::test_family_streams_exactly[monai.FlexibleUNet]",
+    "test_libraries.py::test_family_streams_exactly[timm.xception41]",
+    "test_libraries.py::test_family_streams_exactly[timm.cspresnet50]",
+    "test_libraries.py::test_family_streams_exactly[timm.resnet50]",
+    "test_libraries.py::test_family_streams_exactly[timm.resnet50d]",
+    "test_libraries.py::test_family_streams_exactly[timm.resnext50_32x4d]",
+    "test_libraries.py::test_family_streams_exactly[timm.res2net50_14w_8s]",
+    "test_libraries.py::test_family_streams_exactly[timm.inception_v3]",
+    "test_libraries.py::test_family_streams_exactly[timm.vgg11]",
+    "test_libraries.py::test_family_streams_exactly[timm.hrnet_w18_small]",
+    "test_libraries.py::test_family_streams_exactly[smp.UnetPlusPlus]",
+    "test_libraries.py::test_family_streams_exactly[smp.DeepLabV3Plus.encoder]",
+    "test_libraries.py::test_family_rejected_with_category_and_boundary[smp.PAN]",
+    "test_libraries.py::test_family_rejected_with_category_and_boundary[smp.MAnet]",
+    "test_libraries.py::test_family_rejected_with_category_and_boundary[smp.FPN]",
+    "test_libraries.py::test_family_rejected_with_category_and_boundary[timm.efficientnet_b0]",
+]
+
+
+def _pattern(entry: str) -> re.Pattern:
+    return re.compile(".*".join(map(re.escape, entry.split("*"))))
+
+
+def _key(item) -> str:
+    """``file.py::test_name[params]`` of a collected test."""
+    return f"{item.path.name}::{item.name}"
+
+
+def mark(items, slow_marker, check_stale: bool) -> None:
+    """Mark the slow tier among ``items`` (see the module docstring)."""
+    patterns = {entry: _pattern(entry) for entry in SLOW}
+    used = set()
+    files = {item.path.name for item in items}
+    for item in items:
+        key = _key(item)
+        hits = [e for e, p in patterns.items() if (p.fullmatch(key) if "::" in e else e == item.path.name)]
+        used.update(hits)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        second_schedule = params.get("schedule") == "recompute" and item.path.name not in BOTH_SCHEDULES
+        if hits or second_schedule:
+            item.add_marker(slow_marker)
+    if check_stale:
+        stale = [e for e in SLOW if e not in used and e.split("::")[0] in files]
+        if stale:
+            raise ValueError(f"tests/tiers.py: these SLOW entries match no test (renamed or removed?): {stale}")
