@@ -46,8 +46,10 @@ def pytest_collection_modifyitems(config, items):
     """The fast tier (``make test``: ``-m "not slow"``) and the full suite: tests/tiers.py."""
     import tiers
 
-    full_run = config.args_source == pytest.Config.ArgsSource.TESTPATHS  # no paths or ids given
-    tiers.mark(items, pytest.mark.slow, check_stale=full_run)
+    stale = tiers.mark(items, pytest.mark.slow)
+    config.stash[tiers.COLLECTED] = list(items)
+    if stale and config.args_source == pytest.Config.ArgsSource.TESTPATHS:  # every test collected
+        raise pytest.UsageError(f"tests/tiers.py: SLOW entries that match no test (renamed or removed?): {stale}")
 
 
 def pytest_collection_finish(session):
