@@ -198,7 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--out", metavar="DIR", help="folder for the picture of the held-out prediction (default: a new temporary folder)"
+        "--out", metavar="DIR", help="folder for the picture of the held-out prediction (default: a new temporary one)"
     )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['size']}x{QUICK['size']}, a few steps (< 1 min)")
     args = parser.parse_args(argv)

@@ -44,6 +44,11 @@ def build():
 """
 
 
+def run(cmd, **options) -> subprocess.CompletedProcess:
+    """``cmd`` with its output captured as text, at most five minutes."""
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300, **options)
+
+
 def source_modules() -> set[str]:
     """Every ``.py`` file of the package in the source tree, as wheel paths."""
     return {
@@ -62,10 +67,8 @@ def copy_tree(dest: Path) -> Path:
     """The project's files (tracked and untracked-but-not-ignored when git knows the tree),
     so the build sees no stale ``*.egg-info`` or ``build/`` of the working tree."""
     try:
-        listed = subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-            cwd=ROOT, capture_output=True, check=True,
-        ).stdout.decode().split("\0")
+        listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT, check=True)
+        listed = listed.stdout.split("\0")
     except (OSError, subprocess.CalledProcessError):
         listed = None
     if listed is None:
@@ -85,10 +88,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("packaging")
     tree = copy_tree(tmp / "tree")
     dist = tmp / "dist"
-    proc = subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(tree)],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = run([sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, tree])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     wheels, sdists = list(dist.glob("*.whl")), list(dist.glob("*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1, os.listdir(dist)
@@ -131,38 +131,33 @@ def test_installed_wheel_runs_the_command(built, tmp_path):
     the running interpreter's site-packages (torch etc.), then run the ``fxstream`` command
     (``fxstream plan`` on a small model file) from an empty directory, without PYTHONPATH."""
     venv = built["tmp"] / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, capture_output=True)
+    run([sys.executable, "-m", "venv", venv], check=True)
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    install = subprocess.run(
-        [python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(built["wheel"])],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    install = run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", built["wheel"]], env=env)
     assert install.returncode == 0, install.stdout + install.stderr
     # Then the dependencies: the running interpreter's site-packages, as plain path lines
     # (after the venv's own, and without running the outer editable install's finder).
-    purelib = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True, env=env,
-    ).stdout.strip()
+    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, env=env)
+    purelib = purelib.stdout.strip()
     outer = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if os.path.isdir(p)]
     Path(purelib, "outer-site-packages.pth").write_text("\n".join(dict.fromkeys(outer)) + "\n")
     empty = tmp_path / "cwd"
     empty.mkdir()
-    where = subprocess.run(
-        [python, "-c", "import fxstream, importlib.resources as r; print(fxstream.__file__); "
-         "print(r.files('fxstream').joinpath('py.typed').is_file())"],
-        capture_output=True, text=True, cwd=empty, env=env, timeout=300,
+    probe = (
+        "import fxstream, importlib.resources as r; print(fxstream.__file__); print(r.files('fxstream') / 'py.typed')"
     )
+    where = run([python, "-c", probe], cwd=empty, env=env)
     assert where.returncode == 0, where.stderr
-    location, typed = where.stdout.split()
-    assert Path(location).is_relative_to(venv) and typed == "True", where.stdout  # the wheel's copy, not the tree's
+    location, typed = map(Path, where.stdout.splitlines())
+    assert location.is_relative_to(venv) and typed.is_file(), where.stdout  # the wheel's copy, not the tree's
     command = bindir / "fxstream"  # the console script (the entry point), run by its path
     (empty / "model.py").write_text(MODEL)
-    plan = subprocess.run(
+    plan = run(
         [command, "plan", "model.py:build", "--input-shape", "1,3,64,64", "--tile-size", "32", "--format", "json"],
-        capture_output=True, text=True, cwd=empty, env=env, timeout=300,
+        cwd=empty,
+        env=env,
     )
     assert plan.returncode == 0, plan.stdout + plan.stderr
     report = json.loads(plan.stdout)

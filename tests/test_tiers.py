@@ -44,11 +44,10 @@ def test_both_schedules_run_exactness_tests_in_the_fast_tier(fast):
     assert any(params(i).get("schedule") == "carry" for i in fast if i.path.name == "test_ops.py")
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["test_contract.py", "test_cli.py", "test_slides.py", "test_training.py", "test_errors.py", "test_readme.py",
-     "test_module.py", "test_tracing.py", "test_carry.py", "test_memory.py", "test_torchvision.py",
-     "test_libraries.py", "test_ddp.py"],
-)
+CORE = """test_contract test_cli test_slides test_training test_errors test_readme test_module test_tracing
+test_carry test_memory test_torchvision test_libraries test_ddp""".split()
+
+
+@pytest.mark.parametrize("name", [f"{name}.py" for name in CORE])
 def test_the_fast_tier_keeps_this_file(fast, name):
     assert any(i.path.name == name for i in fast), f"{name} has no test in the fast tier"
