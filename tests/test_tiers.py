@@ -45,7 +45,7 @@ def test_both_schedules_run_exactness_tests_in_the_fast_tier(fast):
 
 
 CORE = """test_contract test_cli test_slides test_training test_errors test_readme test_module test_tracing
-test_carry test_memory test_torchvision test_libraries test_ddp""".split()
+test_carry test_memory test_torchvision test_libraries test_multi_output test_auto""".split()
 
 
 @pytest.mark.parametrize("name", [f"{name}.py" for name in CORE])

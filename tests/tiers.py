@@ -6,8 +6,8 @@ cores. ``make test-all`` (``pytest``) and CI run everything.
 
 conftest.py marks ``slow``, at collection:
 
-* every test in ``SLOW`` below (a test id, with ``*`` matching any characters; a file name
-  alone marks the whole file);
+* every test in ``SLOW`` below (a test id, with ``*`` matching any characters; an id
+  without ``[params]`` marks every parametrisation, a file name alone the whole file);
 * the ``recompute`` variant of tests that run under both schedules through the
   ``schedule`` fixture, except in ``BOTH_SCHEDULES`` (the fast tier runs those files under
   both schedules, and carry everywhere else);
@@ -47,9 +47,11 @@ SLOW = [
     # Hypothesis over random graphs (25 examples, minutes when it shrinks a failure); the
     # regressions it found run in the fast tier.
     "test_fuzz.py::test_random_local_network_streams_exactly",
-    # Processes: four gloo ranks; a subprocess that trains on a 20000 x 20000 memmap; the
-    # examples' --quick runs (the demo is `make demo`); building and installing the wheel.
+    # Processes: gloo ranks (tile groups, DDP); a subprocess that trains on a 20000 x 20000
+    # memmap; the examples' --quick runs (the demo is `make demo`); building and installing
+    # the wheel.
     "test_tile_parallel.py",
+    "test_ddp.py",
     "test_slides.py::test_training_step_on_a_memmap_does_not_hold_the_image",
     "test_demo.py",
     "test_library_examples.py",
@@ -57,12 +59,14 @@ SLOW = [
     "test_train_example.py::test_short_run_learns_streamed_only",
     "test_packaging.py",
     # The op zoo and the dense U-Nets: the fast tier keeps the many-tile case of each model
-    # (batch 3, ragged tiles); one and two/few tiles run in the full suite.
+    # (batch 3, ragged tiles, interior tiles); one and two/few tiles and the long strips run
+    # in the full suite.
     "test_ops.py::test_zoo_exact_float64[*-one-*]",
     "test_ops.py::test_zoo_exact_float64[*-two-*]",
     "test_ops.py::test_zoo_float32[*-branchy_dag]",
     "test_dense.py::test_dense_exact_float64[*-one]",
     "test_dense.py::test_dense_exact_float64[*-few]",
+    "test_dense.py::test_dense_exact_interior_tiles",
     # torchvision: ResNet-18 (plan and exactness), MobileNetV2, RegNet (groups), VGG11
     # features (dense trunk) and the FCN stay; the others and the larger cases (marked slow
     # in the file) run in the full suite.
@@ -103,8 +107,10 @@ SLOW = [
     "test_libraries.py::test_flexible_unet_traces_and_streams_whole",
     "test_libraries.py::test_family_rejected_with_category_and_boundary[timm.efficientnet_b0]",
     "test_libraries.py::test_family_rejected_with_category_and_boundary[timm.regnety_002]",
-    # The closed-form split widths: the fast tier checks them on the larger input size.
+    # The closed-form split widths on the larger input size, and fxstream plan at 10^6 x 10^6
+    # under carry.
     "test_plan_speed.py::test_fast_widths_and_splits_equal_the_walk[size0-*]",
+    "test_plan_speed.py::test_plan_of_a_million_by_a_million_resnet18[recompute]",
 ]
 
 
@@ -125,7 +131,9 @@ def mark(items, slow_marker) -> list[str]:
     files = {item.path.name for item in items}
     for item in items:
         key = _key(item)
-        hits = [e for e, p in patterns.items() if (p.fullmatch(key) if "::" in e else e == item.path.name)]
+        base = key.split("[")[0]  # an entry without [params] names every parametrisation
+        hits = [e for e, p in patterns.items() if "::" in e and (p.fullmatch(key) or p.fullmatch(base))]
+        hits += [e for e in SLOW if e == item.path.name]  # a whole file
         used.update(hits)
         params = getattr(getattr(item, "callspec", None), "params", {})
         second_schedule = params.get("schedule") == "recompute" and item.path.name not in BOTH_SCHEDULES
