@@ -39,8 +39,9 @@ def serial_backward(
     computed ``micro_batch_size`` images at a time. Returns the batch loss (detached).
 
     Args:
-        model: a module returned by :func:`fxstream.compile`, a module containing one,
-            or either wrapped in ``DistributedDataParallel``.
+        model: any module, or one wrapped in ``DistributedDataParallel``: a module returned
+            by :func:`fxstream.compile`, a module containing one, or a plain module (no
+            streaming; a baseline runs through the same loop).
         loss_fn: ``loss_fn(output, targets) -> scalar``, reduced over the samples it
             gets as ``reduction`` says.
         inputs: a tensor with the batch in dim 0, or a sequence of tensors that are the
@@ -89,6 +90,8 @@ def serial_backward(
     if verbose:
         for smodel in streamed:
             print(f"fxstream step: loss {loss.item():.4g}; {smodel.last_stats}")
+        if not streamed:
+            print(f"fxstream step: loss {loss.item():.4g}; plain model (nothing streamed)")
     return loss
 
 
@@ -246,15 +249,8 @@ def _backward(loss: torch.Tensor, scaler) -> None:
 
 
 def _streamed_modules(model: nn.Module) -> list[StreamedModule]:
-    found = [m for m in model.modules() if isinstance(m, StreamedModule)]
-    if not found:
-        raise user_error(
-            ArgumentError,
-            f"serial_backward expects a model compiled with fxstream.compile (or containing one), "
-            f"got {type(model).__name__}",
-            fix="pass fxstream.compile(model, tile_size=...) or a module containing it",
-        )
-    return found
+    """The compiled modules in ``model``; none for a plain model, which trains unstreamed."""
+    return [m for m in model.modules() if isinstance(m, StreamedModule)]
 
 
 def _device_of(smodel: StreamedModule) -> torch.device | None:
