@@ -228,7 +228,7 @@ def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
         _check_inputs(gm, node, module, states)
         states[node] = SPATIAL
         verdicts[node] = verdict
-        layouts[node] = verdict.layout if isinstance(verdict, ops.Local) else layouts[verdict.input]
+        layouts[node] = verdict.layout if verdict.layout is not None else layouts[verdict.input]
         local = isinstance(verdict, ops.Local)
         roots[node] = roots.get(ctx.spatial_inputs()[0], node) if local else node
     return layouts, dynamic

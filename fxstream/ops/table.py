@@ -43,7 +43,7 @@ class Local:
 
 @dataclass(frozen=True)
 class Window:
-    """A window op: 'conv', 'max_pool', 'avg_pool', 'pad', 'conv_transpose', 'shuffle',
+    """A window op: 'conv', 'max_pool', 'avg_pool', 'pad', 'slice', 'conv_transpose', 'shuffle',
     'unshuffle' or 'resample'. ``stencils`` holds one axis op per spatial axis."""
 
     kind: str
@@ -52,6 +52,7 @@ class Window:
     fill: str = "constant"  # border fill: 'constant', 'reflect' or 'replicate'
     value: float = 0.0  # constant fill value
     params: dict = field(default_factory=dict)
+    layout: Layout | None = None  # the output's layout where it differs from the input's
 
 
 @dataclass(frozen=True)
@@ -666,7 +667,10 @@ def pixel_shuffle(up: bool) -> Callable[[OpContext], Verdict]:
 def needs_sizes(ctx: OpContext) -> bool:
     """Slicing a spatial dim: its crop depends on the tensor's size (``x[..., 1:-1]``)."""
     node = ctx.node
-    return node.op == "call_function" and node.target is operator.getitem and node.args[0] in ctx.layouts
+    if not (node.op == "call_function" and node.target is operator.getitem and node.args[0] in ctx.layouts):
+        return False
+    items = _index_items(node.args[1], len(ctx.layouts[node.args[0]]))
+    return items is None or any(_slices_spatial(ctx.layouts[node.args[0]], d, i) for d, i in items)
 
 
 def pools_whole_map(ctx: OpContext) -> bool:
@@ -679,31 +683,67 @@ def accepts_sizes(ctx: OpContext) -> bool:
     return node.op == "call_function" and node.target in (F.pad, F.interpolate, F.upsample, operator.getitem)
 
 
+def _index_items(index: Any, rank: int) -> list[tuple[int | None, Any]] | None:
+    """``x[index]`` as ``(input dim, item)`` pairs, one per item, the Ellipsis expanded and
+    missing trailing dims as full slices; a new axis (``None``) has dim None. None when the
+    index holds anything but ints, slices, ``None`` and one Ellipsis (lists, tensors)."""
+    index = index if isinstance(index, tuple) else (index,)
+    allowed = lambda i: i is None or i is Ellipsis or isinstance(i, slice) or type(i) is int  # noqa: E731
+    if sum(i is Ellipsis for i in index) > 1 or not all(allowed(i) for i in index):
+        return None
+    consumed = sum(i is not None and i is not Ellipsis for i in index)
+    items, dim = [], 0
+    for item in index:
+        if item is Ellipsis:
+            items += [(d, slice(None)) for d in range(dim, dim + rank - consumed)]
+            dim += rank - consumed
+        elif item is None:
+            items.append((None, None))
+        else:
+            items.append((dim, item))
+            dim += 1
+    return items + [(d, slice(None)) for d in range(dim, rank)]
+
+
+def _slices_spatial(layout: Layout, dim: int | None, item: Any) -> bool:
+    return dim is not None and layout[dim] is not None and item != slice(None)
+
+
 def slicing(ctx: OpContext) -> Verdict:
-    """``x[:, :, a:b, c:d]``: a crop of spatial dims, i.e. a pad with negative amounts."""
+    """``x[index]``. Along batch and channel dims any int or slice is local (``x[:, a:b]``,
+    ``x[:, 0]``, ``x[:, None]``); along a spatial dim, ``a:b:s`` is a window: a crop
+    (a pad with negative amounts), strided when ``s > 1``."""
     source, index = ctx.node.args[0], ctx.arg(1, "index")
     layout = ctx.layouts[source]
-    index = index if isinstance(index, tuple) else (index,)
-    if sum(i is Ellipsis for i in index) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
-        return Rejected("indexing a spatial tensor other than by slices", "slice with a:b (step 1) only")
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (len(layout) - len(index) + 1) + index[at + 1 :]
-    index = index + (slice(None),) * (len(layout) - len(index))
-    if any(layout[d] is None and i != slice(None) for d, i in enumerate(index)):
-        return Rejected("it slices the batch or channel dim of a spatial tensor", BOUNDARY_FIX)
+    items = _index_items(index, len(layout))
+    if items is None or any(layout[d] is not None and not isinstance(i, slice) for d, i in items if d is not None):
+        return Rejected(
+            "it indexes a spatial dim other than by a slice (an int, a list or a tensor picks fixed rows)",
+            "index spatial dims with a:b:s only, or " + BOUNDARY_FIX,
+        )
+    out_layout = tuple(None if d is None else layout[d] for d, i in items if not isinstance(i, int))
+    spatial = {layout[d]: i for d, i in items if d is not None and layout[d] is not None}
+    if not any(_slices_spatial(layout, d, i) for d, i in items):
+        if ctx.pending:  # a size reaches the index through a batch/channel dim
+            return Rejected("it indexes a batch or channel dim with a spatial size", BOUNDARY_FIX)
+        return Local(out_layout)
+    steps = [1 if i.step is None else i.step for i in spatial.values()]
+    if not all(s == 1 for s in steps):
+        return Rejected(f"a strided slice (steps {steps}) of spatial dims", "slice spatial dims with step 1")
+    # the window holds the crop; a strided or channel index then picks from it ("slice")
+    rest = tuple(slice(None, None, i.step) if d is not None and layout[d] is not None else i for d, i in items)
+    if all(s == 1 for s in steps) and out_layout == layout and all(i == slice(None) for i in rest):
+        kind, params = "pad", {}
+    else:
+        kind, params = "slice", {"index": rest}
     if ctx.pending:
-        return Window("pad", source, None)
+        return Window(kind, source, None, params=params, layout=out_layout)
     stencils = []
-    size = ctx.sizes[source]
     for axis in range(ctx.ndim):
-        n = size[axis]
-        start, stop, step = index[layout.index(axis)].indices(n)
-        if step != 1:
-            return Rejected(f"a strided slice (step {step}) of a spatial dim", "slice with step 1")
-        stop = max(stop, start)
-        stencils.append(Stencil(1, 1, -start, stop - n))
-    return Window("pad", source, tuple(stencils))
+        n = ctx.sizes[source][axis]
+        start, stop, step = spatial[axis].indices(n)
+        stencils.append(Stencil(1, step, -start, max(stop, start) - n))
+    return Window(kind, source, tuple(stencils), params=params, layout=out_layout)
 
 
 # --- The table -----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The window kinds: one object per kind of sliding-window op owns everything about it.
 
 A trunk node that reads a window of its input (``ops.Window``) has a kind: 'conv',
-'max_pool', 'avg_pool', 'pad', 'conv_transpose', 'shuffle', 'unshuffle' or 'resample'.
+'max_pool', 'avg_pool', 'pad', 'slice', 'conv_transpose', 'shuffle', 'unshuffle' or 'resample'.
 Its :class:`WindowKind` says
 
 * which extra geometry slots a tile passes it (``slots``: 'counts' for the divisors of an
@@ -80,6 +80,13 @@ class Conv(WindowKind):
         return e.result(_CONV[e.ndim], args + (p["groups"],))
 
 
+class Slice(WindowKind):
+    def emit(self, e: Emit) -> fx.Node:
+        """The window holds the crop; the index (spatial slices reduced to their steps) picks
+        from it, along batch and channel dims as the op does."""
+        return e.result(operator.getitem, (e.window, fx.node.map_arg(e.params["index"], e.value)))
+
+
 class ConvTranspose(WindowKind):
     def emit(self, e: Emit) -> fx.Node:
         p = e.params
@@ -130,6 +137,7 @@ WINDOWS: dict[str, WindowKind] = {
     k.name: k
     for k in (
         Pad("pad"),
+        Slice("slice"),
         Conv("conv", copies_window=True, saves_input=True, contiguous_input=True),
         ConvTranspose("conv_transpose", copies_window=True, saves_input=True, contiguous_input=True, trims=True),
         PixelShuffle("shuffle", trims=True),

@@ -1,0 +1,101 @@
+"""Local ops that fxstream used to reject, and now streams exactly (issue 20, issue 19 item 9).
+
+Each small net holds one such op between convolutions; float64 outputs, every parameter
+gradient and the input gradient match the plain model on several tiles, under both
+schedules. Variants of each op that are not local stay rejected, with the usual lines.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from exactness import check_streamed
+
+import fxstream
+
+pytestmark = pytest.mark.usefixtures("uniform_tiles", "schedule")
+
+
+def conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+
+
+def build(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return model.double().eval()
+
+
+def image(*size: int, batch: int = 1, channels: int = 3) -> torch.Tensor:
+    return torch.randn(batch, channels, *size, dtype=torch.float64)
+
+
+def rejected(model: nn.Module, *words: str, tile_size: int = 16) -> fxstream.UnsupportedOpError:
+    """The compile error, which names the node, the module, the source line and the fix."""
+    with pytest.raises(fxstream.UnsupportedOpError) as info:
+        fxstream.compile(model, tile_size=tile_size)
+    message = str(info.value)
+    assert info.value.node and "\n  node '" in message and "\n  fix: " in message, message
+    assert all(word in message for word in words), message
+    return info.value
+
+
+# --- channel slicing: x[:, a:b] (timm dpn68, ghostnet, rexnet) ----------------------------
+
+
+class ChannelSlices(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.stem = conv(3, 6)
+        self.a, self.b = conv(3, 4), conv(2, 4)
+        self.tail = conv(4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        if self.form == "dpn":  # x_s[:, :n] and x_s[:, n:]
+            out = self.a(y[:, :3]) + self.b(y[:, 4:])
+        elif self.form == "ghost":  # out[:, :k, :, :]
+            out = self.a(torch.cat([y, y], 1)[:, 2:5, :, :])
+        elif self.form == "rexnet":  # cat([x[:, 0:c] + shortcut, x[:, c:]])
+            out = self.a(torch.cat([y[:, 0:3] + x, y[:, 3:]], dim=1)[:, 1:4])
+        elif self.form == "index":  # an integer index drops the channel dim, None adds one back
+            out = self.a(y[:, 1:4]) * y[:, -1][:, None]
+        elif self.form == "ellipsis":
+            out = self.a(y[:, ::2, ...])
+        elif self.form == "batch":
+            out = self.a(y[1:, 2:5])
+        elif self.form == "with_crop":  # channels and a spatial crop in one index
+            out = self.a(y[:, 1:4, 1:-1, 2:])
+        else:  # channels last: the slice is on the last dim
+            out = self.a(y.permute(0, 2, 3, 1)[..., -3:].permute(0, 3, 1, 2))
+        return self.tail(torch.relu(out))
+
+
+@pytest.mark.parametrize("form", ["dpn", "ghost", "rexnet", "index", "ellipsis", "batch", "with_crop", "channels_last"])
+def test_channel_slicing_is_exact(form):
+    model = build(ChannelSlices(form))
+    smodel = fxstream.compile(model, tile_size=14)
+    # a slice of batch/channel dims only is local: nothing to evaluate per input size
+    assert bool(smodel.program().analysis.dynamic) == (form == "with_crop")
+    check_streamed(model, image(37, 29, batch=2), 14, streamed=smodel, min_tiles=4)
+
+
+class SpatialIndex(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.stem, self.tail = conv(3, 4), conv(4, 4)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if self.form == "int":  # one row of the image, broadcast over every row
+            y = y + y[:, :, 3].unsqueeze(2)
+        else:  # a list index along a spatial dim
+            y = y[:, :, [2, 0, 1]]
+        return self.tail(y)
+
+
+@pytest.mark.parametrize("form", ["int", "list"])
+def test_spatial_indexing_stays_rejected(form):
+    rejected(build(SpatialIndex(form)))

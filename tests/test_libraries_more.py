@@ -1,0 +1,66 @@
+"""Library models that fxstream used to reject falsely, or whose suggestion or trace failed
+(issue 20): timm, smp and MONAI with random weights (nothing is downloaded).
+
+Each case streams exactly in float64 under both schedules: the whole model where it is
+local, else the prefix that streams (models with squeeze-excitation or GroupNorm keep those
+global ops until the statistics passes land). Images are a few pixels larger than the
+receptive field and tiles about half of that, so each case runs on a few tiles in seconds.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+from exactness import check_streamed
+
+import fxstream
+
+warnings.filterwarnings("ignore", category=UserWarning, module="monai")
+
+
+def tm(name: str, **kwargs):
+    """A timm model without classifier (fewer parameters to compare gradients of)."""
+    return lambda: timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def streams_exactly(model, boundary, margin=(40, 30), channels=3, **compile_args) -> fxstream.StreamedModule:
+    """Check ``model`` (float64, eval) up to ``boundary`` on an image ``margin`` pixels larger
+    than the receptive field, with tiles about half as large: at least two tiles."""
+    rf = fxstream.compile(model, tile_size=4096, boundary=boundary, **compile_args).plan.receptive_field
+    size = tuple(r + m for r, m in zip(rf, margin))
+    tile = tuple((r + s) // 2 + 8 for r, s in zip(rf, size))
+    smodel = fxstream.compile(model, tile_size=tile, boundary=boundary, **compile_args)
+    x = torch.randn(1, channels, *size, dtype=torch.float64)
+    assert smodel.shape_plan(*size).num_tiles >= 2
+    check_streamed(model, x, tile, boundary=boundary, min_tiles=2, streamed=smodel)
+    return smodel
+
+
+def build(factory) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return factory().double().eval()
+
+
+# --- channel slicing x[:, a:b] ----------------------------------------------------------
+
+# name -> (factory, a boundary past the channel slices; the whole model where it is local)
+SLICING = {
+    "timm.dpn68": (tm("dpn68"), "features.conv3_1"),  # x_s[:, :n], x_s[:, n:]
+    "timm.ghostnet_050": (tm("ghostnet_050"), "blocks.2"),  # out[:, :out_chs, :, :]; SE from blocks.3
+    "timm.rexnet_100": (tm("rexnet_100"), "features.2"),  # x[:, 0:c] + shortcut; SE from features.3
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLICING))
+def test_channel_slicing_streams(schedule, name):
+    factory, boundary = SLICING[name]
+    streams_exactly(build(factory), boundary)
+
+
+def test_dpn68_streams_whole():
+    """Nothing in dpn68's trunk is global: it streams to its last block (stride 32)."""
+    smodel = fxstream.compile(tm("dpn68")().eval(), tile_size=1024)
+    assert smodel.plan.stride == (32, 32) and smodel.plan.boundary.startswith("features_conv5")
