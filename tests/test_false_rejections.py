@@ -99,3 +99,39 @@ class SpatialIndex(nn.Module):
 @pytest.mark.parametrize("form", ["int", "list"])
 def test_spatial_indexing_stays_rejected(form):
     rejected(build(SpatialIndex(form)))
+
+
+# --- strided spatial slices: y[:, :, ::2, ::2] (issue 19, item 9) ----------------------
+
+
+class StridedSlice(nn.Module):
+    """A strided slice is a stride-s window of extent 1; here it also meets a stride-2 conv."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.stem, self.down, self.tail = conv(3, 4), conv(4, 4, stride=2), conv(4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        if self.form == "every_other":
+            y = self.down(y) + y[:, :, ::2, ::2]
+        elif self.form == "offsets":  # odd rows, every third column
+            y = y[:, :, 1::2, ::3]
+        elif self.form == "crop":  # a crop and a stride in one slice
+            y = y[:, :, 1:-1:2, 2:]
+        else:  # channel slices too
+            y = torch.cat([y[:, 1:, 1::2, :-1:2], y[:, :1, 1::2, :-1:2]], 1)
+        return self.tail(y)
+
+
+STRIDES = {"every_other": (2, 2), "offsets": (2, 3), "crop": (2, 1), "with_channels": (2, 2)}
+
+
+@pytest.mark.parametrize("form", sorted(STRIDES))
+def test_strided_slice_is_a_window(form):
+    model = build(StridedSlice(form))
+    smodel = fxstream.compile(model, tile_size=16)
+    assert smodel.plan.stride == STRIDES[form]
+    for size in [(37, 29), (40, 33)]:
+        check_streamed(model, image(*size), 16, streamed=smodel, min_tiles=4)

@@ -728,8 +728,8 @@ def slicing(ctx: OpContext) -> Verdict:
             return Rejected("it indexes a batch or channel dim with a spatial size", BOUNDARY_FIX)
         return Local(out_layout)
     steps = [1 if i.step is None else i.step for i in spatial.values()]
-    if not all(s == 1 for s in steps):
-        return Rejected(f"a strided slice (steps {steps}) of spatial dims", "slice spatial dims with step 1")
+    if not all(type(s) is int and s >= 1 for s in steps):
+        return Rejected(f"a spatial slice with steps {steps}", "slice spatial dims with a constant positive step")
     # the window holds the crop; a strided or channel index then picks from it ("slice")
     rest = tuple(slice(None, None, i.step) if d is not None and layout[d] is not None else i for d, i in items)
     if all(s == 1 for s in steps) and out_layout == layout and all(i == slice(None) for i in rest):
