@@ -135,3 +135,51 @@ def test_strided_slice_is_a_window(form):
     assert smodel.plan.stride == STRIDES[form]
     for size in [(37, 29), (40, 33)]:
         check_streamed(model, image(*size), 16, streamed=smodel, min_tiles=4)
+
+
+# --- Tensor.repeat over channels (MONAI VNet) ------------------------------------------
+
+
+class Repeat(nn.Module):
+    def __init__(self, form: str, ndim: int = 2):
+        super().__init__()
+        self.form = form
+        Conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.stem, self.tail = Conv(3, 2, 3, padding=1), Conv(8, 3, 3, padding=1)
+        self.ndim = ndim
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        if self.form == "vnet":  # x.repeat([1, n, 1, 1, 1][: spatial_dims + 2]) + conv(x)
+            y = torch.relu(self.stem(x).repeat(1, 4, *([1] * self.ndim)) + y.repeat([1, 4, 1, 1, 1][: self.ndim + 2]))
+        elif self.form == "leading":  # a new leading dim, reduced again
+            y = y.repeat(3, 1, 4, 1, 1).sum(0)
+        else:
+            y = y.repeat_interleave(4, dim=1)
+        return self.tail(y)
+
+
+@pytest.mark.parametrize("form", ["vnet", "leading", "interleave"])
+def test_channel_repeat_is_exact(form):
+    check_streamed(build(Repeat(form)), image(37, 29, batch=2), 14, min_tiles=4)
+
+
+def test_channel_repeat_is_exact_in_3d():
+    check_streamed(build(Repeat("vnet", ndim=3)), image(13, 11, 10), 8, min_tiles=4)
+
+
+class SpatialRepeat(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.stem, self.tail = conv(3, 4), conv(4, 4)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y.repeat(1, 1, 2, 1) if self.form == "repeat" else y.repeat_interleave(2, dim=-1)
+        return self.tail(y)
+
+
+@pytest.mark.parametrize("form", ["repeat", "interleave"])
+def test_spatial_repeat_stays_rejected(form):
+    rejected(build(SpatialRepeat(form)), "spatial")

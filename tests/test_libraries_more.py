@@ -26,12 +26,13 @@ def tm(name: str, **kwargs):
     return lambda: timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
-def streams_exactly(model, boundary, margin=(40, 30), channels=3, **compile_args) -> fxstream.StreamedModule:
+def streams_exactly(model, boundary, margin=(40, 30), channels=3, multiple=1, **compile_args):
     """Check ``model`` (float64, eval) up to ``boundary`` on an image ``margin`` pixels larger
-    than the receptive field, with tiles about half as large: at least two tiles."""
+    than the receptive field (rounded up to a ``multiple``, for models that need one), with
+    tiles about half as large: at least two tiles. Returns the compiled module."""
     rf = fxstream.compile(model, tile_size=4096, boundary=boundary, **compile_args).plan.receptive_field
-    size = tuple(r + m for r, m in zip(rf, margin))
-    tile = tuple((r + s) // 2 + 8 for r, s in zip(rf, size))
+    size = tuple(-(-(r + m) // multiple) * multiple for r, m in zip(rf, margin))
+    tile = tuple((r + s) // 2 for r, s in zip(rf, size))
     smodel = fxstream.compile(model, tile_size=tile, boundary=boundary, **compile_args)
     x = torch.randn(1, channels, *size, dtype=torch.float64)
     assert smodel.shape_plan(*size).num_tiles >= 2
@@ -64,3 +65,30 @@ def test_dpn68_streams_whole():
     """Nothing in dpn68's trunk is global: it streams to its last block (stride 32)."""
     smodel = fxstream.compile(tm("dpn68")().eval(), tile_size=1024)
     assert smodel.plan.stride == (32, 32) and smodel.plan.boundary.startswith("features_conv5")
+
+
+# --- Tensor.repeat over channels ----------------------------------------------------------
+
+
+def vnet(ndim: int):
+    from monai.networks.nets import VNet
+
+    return lambda: VNet(spatial_dims=ndim, in_channels=1, out_channels=2)
+
+
+def test_vnet_repeat_streams(schedule):
+    """VNet's input block adds x.repeat(1, 16, 1, 1) to its first convolution (the whole
+    VNet needs sizes divisible by 16)."""
+    streams_exactly(build(vnet(2)), "down_tr32", margin=(20, 4), channels=1, multiple=16)
+
+
+def test_vnet_3d_input_block_streams(schedule):
+    """The 3-D input block, x.repeat(1, 16, 1, 1, 1), alone (the whole 3-D VNet is slow to
+    run plain at any size it accepts)."""
+    streams_exactly(build(lambda: vnet(3)().in_tr), None, margin=(9, 8, 6), channels=1)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_vnet_streams_whole(ndim):
+    smodel = fxstream.compile(vnet(ndim)().eval(), tile_size=1024)
+    assert smodel.plan.boundary == "out_tr_conv2" and smodel.plan.stride == (1,) * ndim

@@ -246,6 +246,25 @@ def unflatten(ctx: OpContext) -> Verdict:
     return Local(layout[:dim] + (None,) * len(ctx.arg(2, "sizes")) + layout[dim + 1 :])
 
 
+def repeat(ctx: OpContext) -> Verdict:
+    """``x.repeat(sizes)``: tiles ``x`` along each dim; local when every spatial dim is
+    repeated once (``x.repeat(1, n, 1, 1)`` in MONAI's VNet). Extra leading sizes add
+    leading batch/channel dims."""
+    sizes = ctx.node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    if not sizes:
+        sizes = tuple(ctx.node.kwargs.get("repeats", ()))
+    layout = ctx.layout
+    if len(sizes) < len(layout):
+        return Rejected(f"repeat with {len(sizes)} sizes for a {len(layout)}-dim tensor", "give one size per dim")
+    layout = (None,) * (len(sizes) - len(layout)) + layout
+    spatial = [s for s, axis in zip(sizes, layout) if axis is not None]
+    if any(s != 1 for s in spatial):
+        return Rejected(f"it repeats the image along spatial dims (sizes {tuple(sizes)})", BOUNDARY_FIX)
+    return Local(layout)
+
+
 def piece(ctx: OpContext) -> Verdict:
     """One piece of a split/chunk/unbind (see ``fxstream.ops.channel_ops.fuse_pieces``)."""
     kind, dim = ctx.arg(1, "kind"), ctx.arg(3, "dim")
@@ -854,6 +873,7 @@ FUNCTIONS.update(
         torch.concat: over_dim(1, "dim", 0),
         torch.permute: permute,
         torch.unflatten: unflatten,
+        torch.repeat_interleave: over_dim(2, "dim"),
         channel_ops.piece: piece,
         channel_ops.regroup: regroup,
         F.channel_shuffle: channel_op,
@@ -982,6 +1002,8 @@ METHODS.update(
         "std": reduce_dims(1, 3),
         "softmax": over_dim(1, "dim"),
         "log_softmax": over_dim(1, "dim"),
+        "repeat": repeat,
+        "repeat_interleave": over_dim(2, "dim"),
     }
 )
 
