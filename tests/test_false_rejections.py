@@ -183,3 +183,32 @@ class SpatialRepeat(nn.Module):
 @pytest.mark.parametrize("form", ["repeat", "interleave"])
 def test_spatial_repeat_stays_rejected(form):
     rejected(build(SpatialRepeat(form)), "spatial")
+
+
+# --- torch.stack, then a reduction over the new dim (timm skresnet, smp FPN) --------------
+
+
+class Stack(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.a, self.b, self.c = conv(3, 4), conv(3, 4, 5), conv(3, 4, 1)
+        self.weight = nn.Parameter(torch.randn(1, 3, 4, 1, 1))
+        self.tail = conv(4, 3)
+
+    def forward(self, x):
+        paths = [torch.relu(self.a(x)), self.b(x), self.c(x)]
+        if self.form == "selective_kernel":  # stack at dim 1, a per-path weight, sum over paths
+            y = (torch.stack(paths, dim=1) * self.weight.softmax(1)).sum(dim=1)
+        elif self.form == "fpn_merge":  # torch.stack(x).sum(dim=0)
+            y = torch.stack(paths).sum(dim=0)
+        elif self.form == "last":  # the new dim after the spatial dims
+            y = torch.stack(paths, dim=-1).amax(-1)
+        else:  # between channels and space, kept through a conv-free op
+            y = torch.relu(torch.stack(paths, 2)).mean(2)
+        return self.tail(y)
+
+
+@pytest.mark.parametrize("form", ["selective_kernel", "fpn_merge", "last", "middle"])
+def test_stack_and_reduce_is_exact(form):
+    check_streamed(build(Stack(form)), image(37, 29, batch=2), 16, min_tiles=4)

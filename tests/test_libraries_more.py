@@ -92,3 +92,48 @@ def test_vnet_3d_input_block_streams(schedule):
 def test_vnet_streams_whole(ndim):
     smodel = fxstream.compile(vnet(ndim)().eval(), tile_size=1024)
     assert smodel.plan.boundary == "out_tr_conv2" and smodel.plan.stride == (1,) * ndim
+
+
+# --- torch.stack and a reduction over the new dim ----------------------------------------
+
+
+def without_group_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every GroupNorm replaced by Identity (global until statistics passes land)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.GroupNorm):
+                setattr(module, name, torch.nn.Identity())
+    return model
+
+
+def small_fpn():
+    import segmentation_models_pytorch as smp
+
+    return smp.FPN(
+        "tu-resnet10t",
+        encoder_weights=None,
+        encoder_depth=3,
+        classes=2,
+        decoder_pyramid_channels=32,
+        decoder_segmentation_channels=32,
+    )
+
+
+def test_fpn_merge_streams_whole(schedule):
+    """smp FPN's merge block, torch.stack(x).sum(dim=0), streams; its GroupNorms are replaced
+    (they are global statistics), so the whole model streams, the 4x upsampling head included."""
+    smodel = streams_exactly(build(lambda: without_group_norm(small_fpn())), None, margin=(10, 6), multiple=8)
+    assert smodel.plan.stride == (0.25, 0.25)
+    assert any(n.target is torch.stack for n in smodel.program().analysis.trunk)
+
+
+def test_skresnet_streams_to_its_selective_kernel_attention(schedule):
+    """skresnet stacks its kernel paths (local) and weighs them with a softmax over pooled
+    features (global): the rejection names that pooling, and the suggestion streams the stack."""
+    model = build(tm("skresnet18"))
+    with pytest.raises(fxstream.UnsupportedOpError) as info:
+        fxstream.compile(model, tile_size=512)
+    message = str(info.value)
+    assert "squeeze-excitation:" in message and "'layer1.0.conv1.attn'" in message, message
+    smodel = streams_exactly(model, info.value.boundary, margin=(20, 14))
+    assert any(n.target is torch.stack for n in smodel.program().analysis.trunk)

@@ -142,6 +142,16 @@ def over_dim(position: int, name: str, default: Any = None) -> Callable[[OpConte
     return classify
 
 
+def stack(ctx: OpContext) -> Verdict:
+    """``torch.stack(tensors, dim)``: a new batch/channel dim at ``dim`` (a reduction over it,
+    as in a selective-kernel or FPN merge, is then a channel reduction)."""
+    verdict = pointwise(ctx)
+    if isinstance(verdict, Rejected):
+        return verdict
+    dim = ctx.arg(1, "dim", 0) % (len(verdict.layout) + 1)
+    return Local(verdict.layout[:dim] + (None,) + verdict.layout[dim:])
+
+
 def over_last(count: Callable[[OpContext], int], what: str) -> Callable[[OpContext], Verdict]:
     """Local when the op only mixes the last ``count`` dims and none is spatial."""
 
@@ -871,6 +881,7 @@ FUNCTIONS.update(
         F.normalize: over_dim(2, "dim", 1),
         torch.cat: over_dim(1, "dim", 0),
         torch.concat: over_dim(1, "dim", 0),
+        torch.stack: stack,
         torch.permute: permute,
         torch.unflatten: unflatten,
         torch.repeat_interleave: over_dim(2, "dim"),
