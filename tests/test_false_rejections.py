@@ -212,3 +212,68 @@ class Stack(nn.Module):
 @pytest.mark.parametrize("form", ["selective_kernel", "fpn_merge", "last", "middle"])
 def test_stack_and_reduce_is_exact(form):
     check_streamed(build(Stack(form)), image(37, 29, batch=2), 16, min_tiles=4)
+
+
+# --- space-to-depth written as view/permute/view (timm tresnet) -------------------------
+
+
+class SpaceToDepth(nn.Module):
+    """``x.view(N, C, H // b, b, W // b, b).permute(order).view(N, C * b * b, H // b, W // b)``."""
+
+    def __init__(self, block: int, order: tuple[int, ...], form: str = "size"):
+        super().__init__()
+        self.block, self.order, self.form = block, order, form
+
+    def forward(self, x):
+        b = self.block
+        if self.form == "size":
+            N, C, H, W = x.size()
+        else:
+            N, C, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        x = x.view(N, C, H // b, b, W // b, b)
+        x = x.permute(*self.order).contiguous()
+        return x.view(N, C * b * b, H // b, W // b)
+
+
+class S2DNet(nn.Module):
+    def __init__(self, s2d: nn.Module, block: int):
+        super().__init__()
+        self.stem, self.s2d, self.tail = conv(3, 2), s2d, conv(2 * block * block, 3)
+
+    def forward(self, x):
+        return self.tail(self.s2d(torch.relu(self.stem(x))))
+
+
+def timm_space_to_depth():
+    from timm.layers import SpaceToDepth as TimmSpaceToDepth
+
+    return TimmSpaceToDepth(4)
+
+
+S2D = {
+    "timm": (timm_space_to_depth, 4),  # order (0, 3, 5, 1, 2, 4): channels (i, j, c)
+    "pixel_unshuffle_order": (lambda: SpaceToDepth(2, (0, 1, 3, 5, 2, 4), "shape"), 2),  # (c, i, j)
+    "columns_first": (lambda: SpaceToDepth(3, (0, 5, 1, 3, 2, 4)), 3),  # (j, c, i)
+}
+
+
+@pytest.mark.parametrize("name", sorted(S2D))
+def test_space_to_depth_is_a_window(name):
+    factory, block = S2D[name]
+    model = build(S2DNet(factory(), block))
+    smodel = fxstream.compile(model, tile_size=24)
+    assert smodel.plan.stride == (block, block)
+    size = (block * 13, block * 11)
+    check_streamed(model, image(*size, batch=2), 24, streamed=smodel, min_tiles=4)
+
+
+class BlockShuffle(nn.Module):
+    """Pixels move within 2x2 blocks (rows and columns of a block swapped): not space-to-depth."""
+
+    def forward(self, x):
+        N, C, H, W = x.size()
+        return x.view(N, C, H // 2, 2, W // 2, 2).permute(0, 1, 2, 5, 4, 3).reshape(N, C, H, W)
+
+
+def test_other_block_views_stay_rejected():
+    rejected(build(S2DNet(BlockShuffle(), 1)), "reshapes spatial dims")

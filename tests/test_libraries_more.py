@@ -137,3 +137,18 @@ def test_skresnet_streams_to_its_selective_kernel_attention(schedule):
     assert "squeeze-excitation:" in message and "'layer1.0.conv1.attn'" in message, message
     smodel = streams_exactly(model, info.value.boundary, margin=(20, 14))
     assert any(n.target is torch.stack for n in smodel.program().analysis.trunk)
+
+
+# --- space-to-depth as view/permute/view ---------------------------------------------------
+
+
+def test_tresnet_space_to_depth_streams(schedule):
+    """TResNet's stem is space-to-depth written as view/permute/view (a window of extent
+    and stride 4); its first squeeze-excitation is in layer1, so the prefix before it streams."""
+    model = build(tm("tresnet_m"))
+    with pytest.raises(fxstream.UnsupportedOpError) as info:
+        fxstream.compile(model, tile_size=512)
+    assert "squeeze-excitation:" in str(info.value) and "body.layer1.0.se" in str(info.value)
+    smodel = streams_exactly(model, info.value.boundary, margin=(20, 12), multiple=32)
+    steps = smodel.program().geometry.steps
+    assert next(s for s in steps if s.module_path == "body.s2d").kind == "space_to_depth"

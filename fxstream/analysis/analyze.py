@@ -87,6 +87,7 @@ def analyze(
     image = placeholders[0]
     functionalize(gm, image, dag)
     channel_ops.fuse_pieces(gm)
+    channel_ops.fuse_space_to_depth(gm)
     dag = to_networkx(graph)
     ndim = infer_ndim(gm, image, dag) or ndim_hint or 2
     scope = None

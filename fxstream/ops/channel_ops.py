@@ -10,6 +10,11 @@ so they are local. Two FX patterns need help before the op table can say so:
       a, b = x.split([4, 4], dim=1)   ->   a = piece(x, 'split', [4, 4], 1, 0)
                                            b = piece(x, 'split', [4, 4], 1, 1)
 
+* space-to-depth written as ``x.view(N, C, H // b, b, W // b, b)``, a permute that keeps
+  ``H // b, W // b`` last, and a view back to ``(N, C * b * b, H // b, W // b)`` (timm's
+  TResNet). :func:`fuse_space_to_depth` rewrites the three nodes into one window op,
+  ``space_to_depth(x, b, order)``: ``pixel_unshuffle`` with the channels in ``order``.
+
 * a view or reshape whose arguments repeat the spatial sizes (the ShuffleNet channel
   shuffle ``x.view(n, g, c // g, h, w)`` with ``n, c, h, w = x.size()``). In a tile, ``h``
   and ``w`` must be the tile's sizes, not the image's. :func:`channel_view` checks that the
@@ -47,6 +52,15 @@ def piece(x: torch.Tensor, kind: str, arg: Any, dim: int, index: int) -> torch.T
     if kind == "unbind":
         return torch.unbind(x, dim)[index]
     return getattr(torch, kind)(x, arg, dim)[index]
+
+
+def space_to_depth(x: torch.Tensor, block: int, order: tuple[int, ...]) -> torch.Tensor:
+    """``x`` of shape ``(N, C, *spatial)`` viewed as ``(N, C, s0 // b, b, s1 // b, b, ...)``,
+    permuted by ``order`` (which keeps the ``s // b`` dims last, in order) and viewed as
+    ``(N, -1, s0 // b, s1 // b, ...)``."""
+    n, c, *spatial = x.shape
+    split = [n, c] + [v for s in spatial for v in (s // block, block)]
+    return x.reshape(split).permute(order).reshape(n, -1, *(s // block for s in spatial))
 
 
 def regroup(x: torch.Tensor, shape: tuple, dims: tuple[int, ...]) -> torch.Tensor:
@@ -109,6 +123,104 @@ def piece_layout(layout: tuple, kind: str, dim: int) -> tuple | None:
     if kind == "unbind":
         return layout[:dim] + layout[dim + 1 :]
     return layout
+
+
+# --- view/permute/view that moves blocks of pixels into channels -> space_to_depth ------------
+
+
+def fuse_space_to_depth(gm: fx.GraphModule) -> None:
+    """Rewrite ``x.view(N, C, H // b, b, W // b, b).permute(order)[.contiguous()].view(N, -1,
+    H // b, W // b)`` into ``space_to_depth(x, b, order)`` (see the module docstring). ``N``,
+    ``C``, ``H`` and ``W`` must be read from ``x`` itself; anything else stays as it is."""
+    for node in list(gm.graph.nodes):
+        found = _space_to_depth(node)
+        if found is None:
+            continue
+        x, block, order, chain = found
+        last = chain[-1]
+        last.op, last.target, last.args, last.kwargs = "call_function", space_to_depth, (x, block, order), {}
+        for dead in reversed(chain[:-1]):
+            gm.graph.erase_node(dead)
+    gm.recompile()
+
+
+def _space_to_depth(node: fx.Node) -> tuple | None:
+    """``(x, b, order, [first view, permute, (contiguous), last view])`` or None."""
+    if not is_view(node) or len(node.users) != 1:
+        return None
+    x, shape = _view_args(node)
+    k = (len(shape) - 2) // 2
+    if not isinstance(x, fx.Node) or k < 1 or len(shape) != 2 + 2 * k:
+        return None
+    block = shape[3]
+    outer = shape[2::2]
+    if not (_reads(shape[0], x, 0) and _reads(shape[1], x, 1) and type(block) is int and block > 1):
+        return None
+    if shape[3::2] != [block] * k or not all(_divides(o, x, 2 + j, block) for j, o in enumerate(outer)):
+        return None
+    permute = next(iter(node.users))
+    order = _permute_order(permute, node)
+    kept_last = order is not None and order[0] == 0 and order[-k:] == tuple(range(2, 2 + 2 * k, 2))
+    if not kept_last or sorted(order[1:-k]) != [1] + list(range(3, 3 + 2 * k, 2)) or len(permute.users) != 1:
+        return None
+    chain = [node, permute]
+    last = next(iter(permute.users))
+    if last.op == "call_method" and last.target == "contiguous" and len(last.users) == 1:
+        chain.append(last)
+        last = next(iter(last.users))
+    if not is_view(last) or _view_args(last)[0] is not chain[-1]:
+        return None
+    final = _view_args(last)[1]
+    if len(final) != 2 + k or not _same(final[0], shape[0]) or not all(_same(a, b) for a, b in zip(final[2:], outer)):
+        return None
+    return x, block, order, chain + [last]
+
+
+def _permute_order(node: fx.Node, source: fx.Node) -> tuple[int, ...] | None:
+    """The dims of ``source.permute(dims)`` / ``torch.permute(source, dims)``, or None."""
+    method = node.op == "call_method" and node.target == "permute"
+    if not (method or node.op == "call_function" and node.target is torch.permute):
+        return None
+    if not node.args or node.args[0] is not source:
+        return None
+    dims = node.args[1:] or (node.kwargs.get("dims", ()),)
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    return tuple(dims) if all(type(d) is int and d >= 0 for d in dims) else None
+
+
+def _reads(arg: Any, x: fx.Node, dim: int) -> bool:
+    return size_query(arg) == (x, dim)
+
+
+def _divides(arg: Any, x: fx.Node, dim: int, block: int) -> bool:
+    """``arg`` is ``x.size(dim) // block``."""
+    return (
+        isinstance(arg, fx.Node)
+        and arg.op == "call_function"
+        and arg.target is operator.floordiv
+        and arg.args[1] == block
+        and _reads(arg.args[0], x, dim)
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` compute the same value: the same node or literal, the same size query,
+    or the same function of such arguments."""
+    if a is b or (not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and a == b):
+        return True
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return False
+    if size_query(a) is not None:
+        return size_query(a) == size_query(b)
+    return (
+        a.op == b.op == "call_function"
+        and a.target is b.target
+        and not a.kwargs
+        and not b.kwargs
+        and len(a.args) == len(b.args)
+        and all(_same(p, q) for p, q in zip(a.args, b.args))
+    )
 
 
 # --- view/reshape that regroups channels -> regroup ---------------------------------------

@@ -44,7 +44,7 @@ class Local:
 @dataclass(frozen=True)
 class Window:
     """A window op: 'conv', 'max_pool', 'avg_pool', 'pad', 'slice', 'conv_transpose', 'shuffle',
-    'unshuffle' or 'resample'. ``stencils`` holds one axis op per spatial axis."""
+    'unshuffle', 'space_to_depth' or 'resample'. ``stencils`` holds one axis op per spatial axis."""
 
     kind: str
     input: fx.Node
@@ -679,6 +679,17 @@ def _shuffle(ctx: OpContext, input: fx.Node, factor: int, up: bool) -> Verdict:
     return Window("unshuffle", input, (Stencil(factor, factor),) * 2, params=dict(factor=factor))
 
 
+def space_to_depth(ctx: OpContext) -> Verdict:
+    """``channel_ops.space_to_depth(x, b, order)`` (TResNet's view/permute/view): each output
+    pixel holds a ``b x b`` block of input pixels, a window of extent and stride ``b``."""
+    bad = _requires_canonical(ctx)
+    if bad:
+        return bad
+    block, order = ctx.arg(1, "block"), ctx.arg(2, "order")
+    params = dict(block=block, order=order)
+    return Window("space_to_depth", ctx.arg(0, "x"), (Stencil(block, block),) * ctx.ndim, params=params)
+
+
 def pixel_shuffle(up: bool) -> Callable[[OpContext], Verdict]:
     def rule(ctx: OpContext) -> Verdict:
         if ctx.module is not None:
@@ -887,6 +898,7 @@ FUNCTIONS.update(
         torch.repeat_interleave: over_dim(2, "dim"),
         channel_ops.piece: piece,
         channel_ops.regroup: regroup,
+        channel_ops.space_to_depth: space_to_depth,
         F.channel_shuffle: channel_op,
         torch.channel_shuffle: channel_op,
         torch.native_channel_shuffle: channel_op,
