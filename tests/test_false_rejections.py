@@ -277,3 +277,28 @@ class BlockShuffle(nn.Module):
 
 def test_other_block_views_stay_rejected():
     rejected(build(S2DNet(BlockShuffle(), 1)), "reshapes spatial dims")
+
+
+# --- suggestions that compile -----------------------------------------------------------
+
+
+class HeadReadsSizes(nn.Module):
+    """The head reads the batch and channel sizes of a trunk tensor it does not otherwise use
+    (resnest's split attention: ``B, RC, H, W = x.shape`` before the global pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv(3, 4), conv(4, 6, stride=2)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        y = self.b(a)
+        n, c = a.shape[0], a.size(1)
+        return y.mean((2, 3)).reshape(n, 3, 2) / c
+
+
+def test_head_reading_sizes_of_a_trunk_tensor_streams():
+    model = build(HeadReadsSizes())
+    smodel = fxstream.compile(model, tile_size=16)
+    assert set(smodel.program().geometry.outputs) == {"relu", "b"}  # the sizes come from the assembled map
+    check_streamed(model, image(37, 29, batch=2), 16, streamed=smodel, min_tiles=4)

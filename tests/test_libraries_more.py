@@ -152,3 +152,16 @@ def test_tresnet_space_to_depth_streams(schedule):
     smodel = streams_exactly(model, info.value.boundary, margin=(20, 12), multiple=32)
     steps = smodel.program().geometry.steps
     assert next(s for s in steps if s.module_path == "body.s2d").kind == "space_to_depth"
+
+
+# --- suggestions that compile ----------------------------------------------------------------
+
+
+def test_resnest_suggestion_streams(schedule):
+    """resnest's split attention reads ``B, RC, H, W = x.shape`` of its convolution: the
+    suggested prefix (which ends before the attention's pooling) compiles and streams."""
+    model = build(tm("resnest14d"))
+    with pytest.raises(fxstream.UnsupportedOpError) as info:
+        fxstream.compile(model, tile_size=512)
+    assert "squeeze-excitation:" in str(info.value)
+    streams_exactly(model, info.value.boundary, margin=(20, 12))

@@ -350,7 +350,25 @@ def _trunk_outputs(trunk: set, states: dict, dag: nx.DiGraph, graph: fx.Graph) -
     used = {n for n in trunk if any(u not in trunk and states.get(u) not in metadata for u in dag.successors(n))}
     if not used:
         raise BoundaryError("nothing to stream: no full-resolution op reads the image before the first global op")
+    used |= _sized_by_head(trunk, used, graph)
     return tuple(n for n in graph.nodes if n in used)
+
+
+def _sized_by_head(trunk: set, outputs: set, graph: fx.Graph) -> set:
+    """Trunk nodes the head reads only through size queries (``n, c = x.shape[:2]`` in
+    resnest's split attention): they are outputs too, so the head reads their assembled maps."""
+    found, seen = set(), set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in outputs:
+            continue
+        seen.add(node)
+        if node in trunk:
+            found.add(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    return found
 
 
 def head_nodes(analysis: Analysis) -> set:
