@@ -9,6 +9,7 @@ receptive field and tiles about half of that, so each case runs on a few tiles i
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -165,3 +166,22 @@ def test_resnest_suggestion_streams(schedule):
         fxstream.compile(model, tile_size=512)
     assert "squeeze-excitation:" in str(info.value)
     streams_exactly(model, info.value.boundary, margin=(20, 12))
+
+
+def suggestion(model) -> tuple[str, list[str]]:
+    """The suggested boundary of the model's rejection, and the other trunk outputs it names."""
+    with pytest.raises(fxstream.UnsupportedOpError) as info:
+        fxstream.compile(model, tile_size=4096)
+    message = str(info.value)
+    others = re.findall(r"'(\w+)'", message.split("it also streams ")[1]) if "it also streams" in message else []
+    return info.value.boundary, others
+
+
+@pytest.mark.parametrize("name", ["timm.rexnet_100", "timm.efficientnet_b0", "timm.skresnet18"])
+def test_also_streams_lists_the_compiled_outputs(name):
+    """The outputs the suggestion names are those its compiled plan has (size queries of
+    earlier maps, such as rexnet's and efficientnet's, do not make outputs)."""
+    model = tm(name.split(".")[1])().eval()
+    boundary, others = suggestion(model)
+    outputs = fxstream.compile(model, tile_size=4096, boundary=boundary).program().geometry.outputs
+    assert list(outputs[:-1]) == others

@@ -22,6 +22,7 @@ any op the op table rejects or does not know.
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..errors import BoundaryError, UnsupportedOpError, describe, module_path
+from ..errors import BoundaryError, FxStreamError, UnsupportedOpError, describe, module_path
 from ..frontend.functionalize import functionalize
 from ..frontend.tracecheck import check_inplace_state, size_guard
 from ..ops import channel_ops
@@ -104,7 +105,7 @@ def analyze(
     except UnsupportedOpError as err:
         if boundary is not None:
             raise
-        raise _with_prefix(err, gm, states, verdicts, image) from None
+        raise _with_prefix(err, gm, states, verdicts, image, ndim) from None
     dag = to_networkx(graph)  # channel-only views were rewritten without their size arguments
     trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
     if boundary is not None:
@@ -235,14 +236,22 @@ def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
     return layouts, dynamic
 
 
-def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, image) -> UnsupportedOpError:
-    """``err`` with the largest streamable prefix named as the ``boundary=`` to use."""
-    prefix = diagnose.largest_prefix(gm, states, verdicts, image)
-    if prefix is None:
-        return err
-    spec, described = prefix
-    message = f"{err}\n  largest streamable prefix: {described}"
-    return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op, boundary=spec)
+def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, image, ndim: int) -> UnsupportedOpError:
+    """``err`` with the largest streamable prefix named as the ``boundary=`` to use: the
+    largest candidate (``diagnose.prefixes``) whose analysis succeeds, its head included,
+    described with the trunk outputs that analysis has."""
+    for spec, node in diagnose.prefixes(gm, states, verdicts, image):
+        trial = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # analyze rewrites the graph
+        try:
+            analysis = analyze(trial, spec, ndim)
+            head_nodes(analysis)
+        except FxStreamError:
+            continue
+        others = [o.name for o in analysis.outputs[:-1]]
+        described = diagnose.describe_prefix(spec, node, others, verdicts, image)
+        message = f"{err}\n  largest streamable prefix: {described}"
+        return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op, boundary=spec)
+    return err
 
 
 def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
