@@ -302,3 +302,34 @@ def test_head_reading_sizes_of_a_trunk_tensor_streams():
     smodel = fxstream.compile(model, tile_size=16)
     assert set(smodel.program().geometry.outputs) == {"relu", "b"}  # the sizes come from the assembled map
     check_streamed(model, image(37, 29, batch=2), 16, streamed=smodel, min_tiles=4)
+
+
+class PyramidWithNormedBranch(nn.Module):
+    """FPN-like: a top-down pyramid, then a per-level block whose GroupNorm is global. The
+    first level's block is computed before the pyramid's last level (smp FPN's order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv(3, 4, stride=2), conv(4, 4, stride=2)
+        self.lat = conv(4, 4, 1)
+        self.seg2, self.seg1 = conv(4, 4), conv(4, 4)
+        self.norm = nn.GroupNorm(2, 4)
+
+    def forward(self, x):
+        c1 = torch.relu(self.c1(x))
+        p2 = torch.relu(self.c2(c1))
+        p1 = nn.functional.interpolate(p2, scale_factor=2.0) + self.lat(c1)
+        s2 = self.norm(self.seg2(p2))  # rejected here; p1 streams
+        return nn.functional.interpolate(s2, scale_factor=2.0) + self.seg1(p1)
+
+
+def test_largest_prefix_streams_past_a_sibling_branch():
+    """The prefix may end after a classified node outside it that reads it (seg2's conv reads
+    p2): that reader runs after the prefix's end, in the head."""
+    model = build(PyramidWithNormedBranch())
+    error = rejected(model, "global norm:")
+    assert error.boundary == "add"  # p1: the whole pyramid
+    smodel = fxstream.compile(model, tile_size=24, boundary=error.boundary)
+    assert set(smodel.program().geometry.outputs) == {"relu_1", "add"}
+    assert "it also streams 'relu_1', which the rest reads" in str(error)
+    check_streamed(model, image(44, 36), 24, streamed=smodel, min_tiles=4)

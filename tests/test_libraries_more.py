@@ -177,6 +177,34 @@ def suggestion(model) -> tuple[str, list[str]]:
     return info.value.boundary, others
 
 
+def small_upernet():
+    import segmentation_models_pytorch as smp
+
+    return smp.UPerNet("tu-resnet10t", encoder_weights=None, classes=2, decoder_channels=32)
+
+
+# name -> (factory, the suggested boundary, its trunk outputs)
+SUGGESTIONS = {
+    # the FPN's top-down path streams; its level blocks hold GroupNorm
+    "smp.FPN": (small_fpn, "decoder.p2", 4),
+    # the pyramid pooling module is global; the encoder streams with its four outputs
+    "smp.UPerNet": (small_upernet, "encoder", 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SUGGESTIONS))
+def test_suggestion_streams_every_output_it_names(schedule, name):
+    """The largest prefix is not cut at the first skip: the suggested boundary streams the
+    encoder (and an FPN's top-down path) with several outputs, exactly those the message names."""
+    factory, expected, count = SUGGESTIONS[name]
+    model = build(factory)
+    boundary, others = suggestion(model)
+    assert boundary == expected
+    smodel = streams_exactly(model, boundary, margin=(12, 4), multiple=32)
+    outputs = smodel.program().geometry.outputs
+    assert len(outputs) == count and list(outputs[:-1]) == others
+
+
 @pytest.mark.parametrize("name", ["timm.rexnet_100", "timm.efficientnet_b0", "timm.skresnet18"])
 def test_also_streams_lists_the_compiled_outputs(name):
     """The outputs the suggestion names are those its compiled plan has (size queries of

@@ -240,7 +240,8 @@ def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, imag
     """``err`` with the largest streamable prefix named as the ``boundary=`` to use: the
     largest candidate (``diagnose.prefixes``) whose analysis succeeds, its head included,
     described with the trunk outputs that analysis has."""
-    for spec, node in diagnose.prefixes(gm, states, verdicts, image):
+    rejected = next((n for n in gm.graph.nodes if n.name == err.node), None)
+    for spec, node in diagnose.prefixes(gm, states, verdicts, image, rejected):
         trial = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # analyze rewrites the graph
         try:
             analysis = analyze(trial, spec, ndim)

@@ -80,18 +80,24 @@ def rejected_category(reason: str, module: nn.Module | None, node: fx.Node) -> s
     return None
 
 
-def prefixes(gm: fx.GraphModule, states: dict, verdicts: dict, image: fx.Node, count: int = 3) -> list:
+def prefixes(gm: fx.GraphModule, states: dict, verdicts: dict, image: fx.Node, rejected: fx.Node, count: int = 3):
     """The ``count`` largest streamable prefixes (most trunk nodes) among the trunk nodes
-    classified so far, largest first, as ``(boundary, node)``.
+    classified before the ``rejected`` node, largest first, as ``(boundary, node)``.
 
-    A prefix ends at one node and holds its trunk ancestors. Its other nodes may be read by
-    ops after the rejected one (not classified yet): they become further trunk outputs, e.g.
-    the stride-4 skip that a DeepLabV3+ decoder reads besides the encoder output. Nothing
-    else outside it may read them."""
+    A prefix ends at one node and holds its trunk ancestors. Its other nodes may be read
+    outside it: they become further trunk outputs, e.g. the stride-4 skip that a DeepLabV3+
+    decoder reads besides the encoder output. Two kinds of readers disqualify a prefix: one
+    that runs before its end in the model's code (a sibling branch the end cuts off), and,
+    when the end feeds the rejected op, another op that feeds it too (the end would be one
+    branch of the block being rejected, such as one of ASPP's convolutions). Readers after
+    the end that the rejected op does not need are fine: an FPN's top-down path streams
+    although the level blocks that read it hold GroupNorm."""
     dag = nx.DiGraph()
     for node in gm.graph.nodes:
         for inp in node.all_input_nodes:
             dag.add_edge(inp, node)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    feeds_rejected = nx.ancestors(dag, rejected) if rejected in dag else set()
     spatial = [n for n in gm.graph.nodes if n in verdicts]
     spatial_set = set(spatial)
     metadata = ("const", "shape", "size")
@@ -103,8 +109,11 @@ def prefixes(gm: fx.GraphModule, states: dict, verdicts: dict, image: fx.Node, c
         inside = (nx.ancestors(dag, end) & spatial_set) | {end}
         if len(found) == count and len(inside) <= found[-1][0]:
             continue
+        branch = end in feeds_rejected
         leaks = any(
-            u not in inside and states.get(u, "const") not in metadata
+            u not in inside
+            and states.get(u, "const") not in metadata
+            and (order[u] < order[end] or branch and u in feeds_rejected)
             for n in inside - {end}
             for u in dag.successors(n)
         )
