@@ -333,3 +333,51 @@ def test_largest_prefix_streams_past_a_sibling_branch():
     assert set(smodel.program().geometry.outputs) == {"relu_1", "add"}
     assert "it also streams 'relu_1', which the rest reads" in str(error)
     check_streamed(model, image(44, 36), 24, streamed=smodel, min_tiles=4)
+
+
+# --- trace gaps: tensors made from sizes, torch.as_tensor, channel padding --------------------
+
+
+class ZeroPadShortcut(nn.Module):
+    """MONAI ResNet's type-A shortcut: ``torch.zeros(out.size(0), c, *out.shape[2:])`` next to
+    ``out.data`` (which stops the shortcut's gradient)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.stem, self.pool, self.tail = conv(3, 4), nn.AvgPool2d(1, 2), conv(6, 3)
+
+    def forward(self, x):
+        out = self.pool(torch.relu(self.stem(x)))
+        if self.form == "star":
+            pads = torch.zeros(out.size(0), 2, *out.shape[2:], dtype=out.dtype, device=out.device)
+        elif self.form == "list":
+            pads = torch.ones([out.shape[0], 2, out.shape[2], out.shape[3]], dtype=out.dtype) * 0.5
+        else:
+            pads = out.new_full((out.size(0), 2, out.size(2), out.size(3)), 2.0)
+        shortcut = torch.cat([out.data if self.form == "star" else out.detach(), pads], dim=1)
+        return self.tail(shortcut) + self.tail(torch.cat([out, out[:, :2]], 1))
+
+
+@pytest.mark.parametrize("form", ["star", "list", "new_full"])
+def test_tensors_made_from_sizes_are_local(form):
+    model = build(ZeroPadShortcut(form))
+    check_streamed(model, image(37, 29, batch=2), 16, min_tiles=4)
+
+
+class AsTensorAndChannelPad(nn.Module):
+    """MONAI HighResNet: ``x_conv + torch.as_tensor(self.chn_pad(x))`` with ChannelPad's
+    ``F.pad`` of the channel dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.tail = conv(3, 2), conv(2, 5), conv(5, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        pad = nn.functional.pad(y, [0, 0, 0, 0, 1, 2])
+        return self.tail(self.conv(y) + torch.as_tensor(pad))
+
+
+def test_as_tensor_and_channel_padding_are_local():
+    check_streamed(build(AsTensorAndChannelPad()), image(37, 29), 16, min_tiles=4)

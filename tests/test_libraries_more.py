@@ -213,3 +213,33 @@ def test_also_streams_lists_the_compiled_outputs(name):
     boundary, others = suggestion(model)
     outputs = fxstream.compile(model, tile_size=4096, boundary=boundary).program().geometry.outputs
     assert list(outputs[:-1]) == others
+
+
+# --- trace gaps ---------------------------------------------------------------------------------
+
+
+def flexible_unet(backbone: str):
+    from monai.networks.nets import FlexibleUNet
+
+    return lambda: FlexibleUNet(3, 2, backbone, pretrained=False, norm="batch", decoder_channels=(8, 8, 8, 8, 8))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet34"])
+def test_flexible_unet_zero_padded_shortcut_traces(backbone):
+    """MONAI's resnet18/34 shortcut, torch.cat([out.data, torch.zeros(out.size(0), c,
+    *out.shape[2:])], 1), traces, and the whole model streams."""
+    smodel = fxstream.compile(flexible_unet(backbone)().eval(), tile_size=1024)
+    assert smodel.plan.stride == (1, 1) and smodel.plan.boundary == "segmentation_head_2"
+
+
+def test_flexible_unet_shortcut_streams(schedule):
+    """The encoder up to its first zero-padded shortcut (layer2's first block), exactly."""
+    smodel = streams_exactly(build(flexible_unet("resnet18")), "encoder.layer2.0", margin=(20, 12), multiple=32)
+    assert any(s.op == "sized" for s in smodel.program().geometry.steps)
+
+
+def test_highresnet_streams_whole(schedule):
+    """MONAI HighResNet: torch.as_tensor on traced tensors, and ChannelPad's F.pad of channels."""
+    from monai.networks.nets import HighResNet
+
+    streams_exactly(build(lambda: HighResNet(2, 1, 2)), None, margin=(20, 12), channels=1)

@@ -186,6 +186,8 @@ def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
         if scope is not None and node not in scope:
             states[node] = GLOBAL if SPATIAL in input_states else _merge_non_spatial(input_states)
             continue
+        if SIZE in input_states and _sized_like(node, layouts, roots, states):
+            input_states = {states.get(n, CONST) for n in node.all_input_nodes}
         if SPATIAL not in input_states:
             states[node] = _merge_non_spatial(input_states)
             continue
@@ -262,6 +264,16 @@ def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -
         return False
     x, shape, dims = found
     node.op, node.target, node.args, node.kwargs = "call_function", channel_ops.regroup, (x, shape, dims), {}
+    return True
+
+
+def _sized_like(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
+    """Rewrite a tensor made from the spatial sizes of a trunk tensor into ``channel_ops.sized``,
+    which reads them from its tile (see ``fxstream.channel_ops``)."""
+    found = channel_ops.sized_factory(node, layouts, roots, lambda a: isinstance(a, fx.Node) and states.get(a) == SIZE)
+    if found is None:
+        return False
+    node.op, node.target, node.args, node.kwargs = "call_function", channel_ops.sized, found, {}
     return True
 
 

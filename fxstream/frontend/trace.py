@@ -10,8 +10,10 @@ Two tracers, tried in order:
 
 * :class:`StreamTracer`, plain symbolic tracing. It treats ``torch.jit.isinstance(x,
   torch.Tensor)`` on a traced tensor as True (torch.fx alone answers False and drops the
-  branch: MONAI's BasicUNet loses its skips), and traces through modules that are called
-  but not registered as submodules (MONAI's FlexibleUNet), instead of failing.
+  branch: MONAI's BasicUNet loses its skips), traces through modules that are called
+  but not registered as submodules (MONAI's FlexibleUNet), instead of failing, and records
+  torch factories called with traced values (``torch.zeros(n, c, *x.shape[2:])``,
+  ``torch.as_tensor(x)``) as graph nodes, which torch's argument parser alone refuses.
 * :class:`ConcreteTracer`, when the first fails on Python control flow (``if h % 32``,
   ``skip.shape[1] != 0``, ``max(x.shape[-2], 7)``, iterating over ``x.shape``). It traces
   the same way, and also runs every op on a small sample input, so each proxy carries a
@@ -320,9 +322,40 @@ def _jit_isinstance_as_isinstance(tracer: StreamTracer) -> Iterator[None]:
         torch.jit.isinstance = original
 
 
+# Factories whose sizes torch's argument parser reads before any __torch_function__ override:
+# ``torch.zeros(x.size(0), c, *x.shape[2:])`` fails on a proxy (MONAI ResNet's shortcut), and
+# ``torch.as_tensor(proxy)`` reads it as an array (MONAI HighResNet).
+_FACTORIES = ("zeros", "ones", "empty", "full", "arange", "as_tensor")
+
+
+@contextlib.contextmanager
+def _factories_as_nodes() -> Iterator[None]:
+    """While tracing, a torch factory called with a traced value becomes one graph node."""
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def wrap(name: str, original: Any) -> Any:
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            proxies = []
+            fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+            if not proxies:
+                return original(*args, **kwargs)
+            return proxies[0].tracer.create_proxy("call_function", original, args, kwargs)
+
+        traced.__name__ = name
+        return traced
+
+    for name, original in originals.items():
+        setattr(torch, name, wrap(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch, name, original)
+
+
 def run_tracer(tracer: StreamTracer, model: torch.nn.Module) -> fx.GraphModule:
     """Trace ``model`` with ``tracer``; raises what the tracer raises."""
-    with _jit_isinstance_as_isinstance(tracer), record_mutations(model, tracer):
+    with _jit_isinstance_as_isinstance(tracer), _factories_as_nodes(), record_mutations(model, tracer):
         graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[_CALLS_KEY] = tuple(tracer.module_calls)

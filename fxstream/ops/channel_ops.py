@@ -1,7 +1,7 @@
 """Channel-only ops: splitting and regrouping the batch/channel dims of a spatial tensor.
 
 Each output pixel of these ops holds a rearrangement of the same input pixel's channels,
-so they are local. Two FX patterns need help before the op table can say so:
+so they are local. These FX patterns need help before the op table can say so:
 
 * ``torch.split``/``chunk``/``unbind``/``tensor_split`` return a tuple, read back with
   ``getitem``. :func:`fuse_pieces` rewrites each ``pieces[i]`` into one tensor op,
@@ -14,6 +14,11 @@ so they are local. Two FX patterns need help before the op table can say so:
   ``H // b, W // b`` last, and a view back to ``(N, C * b * b, H // b, W // b)`` (timm's
   TResNet). :func:`fuse_space_to_depth` rewrites the three nodes into one window op,
   ``space_to_depth(x, b, order)``: ``pixel_unshuffle`` with the channels in ``order``.
+
+* a tensor made from the spatial sizes of a trunk tensor ``x`` (MONAI ResNet's shortcut,
+  ``torch.zeros(out.size(0), c, *out.shape[2:])``): :func:`sized_factory` recognises it, and
+  ``sized(x, shape, dims, factory, args, kwargs)`` makes it in a tile with the tile's sizes,
+  read from ``x`` as ``regroup`` does below.
 
 * a view or reshape whose arguments repeat the spatial sizes (the ShuffleNet channel
   shuffle ``x.view(n, g, c // g, h, w)`` with ``n, c, h, w = x.size()``). In a tile, ``h``
@@ -253,14 +258,79 @@ def size_query(node: Any) -> tuple[fx.Node, int] | None:
         t, d = node.args
     elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         shape, d = node.args
-        whole_size = shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1
-        attribute = shape.op == "call_function" and shape.target is getattr and shape.args[1] == "shape"
-        if not (whole_size or attribute):
+        part = _shape_slice(shape)  # x.shape[2:][i] (MONAI's *out.shape[2:]) is x.shape[2 + i]
+        if part is not None and isinstance(d, int) and d >= 0:
+            shape, d = part[0], part[1] + d
+        if not _whole_shape(shape):
             return None
         t = shape.args[0]
     else:
         return None
     return (t, d) if isinstance(t, fx.Node) and isinstance(d, int) else None
+
+
+def _whole_shape(node: fx.Node) -> bool:
+    """``x.size()`` or ``x.shape``."""
+    whole_size = node.op == "call_method" and node.target == "size" and len(node.args) == 1
+    return whole_size or node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+
+
+def _shape_slice(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(shape, a)`` when ``node`` is ``shape[a:]`` of a whole shape, with ``a >= 0``."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
+        return None
+    shape, part = node.args
+    if not (_whole_shape(shape) and isinstance(part, slice) and part.stop is None and part.step in (None, 1)):
+        return None
+    start = part.start or 0
+    return (shape, start) if isinstance(start, int) and start >= 0 else None
+
+
+# --- tensors made from spatial sizes -> sized --------------------------------------------
+
+_FACTORY_FUNCTIONS = {torch.zeros: "zeros", torch.ones: "ones", torch.empty: "empty", torch.full: "full"}
+_FACTORY_METHODS = ("new_zeros", "new_ones", "new_empty", "new_full")
+
+
+def sized(x: torch.Tensor, shape: tuple, dims: tuple[int, ...], factory: str, args: tuple, kwargs: dict):
+    """``torch.<factory>(size, *args, **kwargs)``, or ``args[0].<factory>(size, *args[1:], **kwargs)``
+    for a ``new_*`` method, where ``size`` is ``shape`` with each ``None`` replaced by
+    ``x.shape[d]`` for the next ``d`` of ``dims``. In a tile, a tensor made from the image's
+    spatial sizes (``torch.zeros(n, c, *x.shape[2:])``) has the tile's."""
+    sizes = iter(x.shape[d] for d in dims)
+    size = tuple(next(sizes) if s is None else s for s in shape)
+    if factory in _FACTORY_METHODS:
+        return getattr(args[0], factory)(size, *args[1:], **kwargs)
+    return getattr(torch, factory)(size, *args, **kwargs)
+
+
+def sized_factory(node: fx.Node, layouts: dict, roots: dict, is_size) -> tuple | None:
+    """The arguments of ``sized`` when ``node`` makes a tensor whose spatial dims are those of
+    a spatial tensor ``x`` (every spatial size of ``x`` in order, as in :func:`channel_view`):
+    ``torch.zeros/ones/empty/full`` and ``Tensor.new_zeros/ones/empty/full``. Else None."""
+    if node.op == "call_function" and node.target in _FACTORY_FUNCTIONS:
+        factory, before, rest = _FACTORY_FUNCTIONS[node.target], (), list(node.args)
+    elif node.op == "call_method" and node.target in _FACTORY_METHODS and node.args:
+        factory, before, rest = node.target, (node.args[0],), list(node.args[1:])
+    else:
+        return None
+    kwargs = dict(node.kwargs)
+    if "size" in kwargs:
+        shape = kwargs.pop("size")
+    elif rest and isinstance(rest[0], (tuple, list)):
+        shape = rest.pop(0)
+    elif factory in ("full", "new_full"):
+        return None
+    else:  # torch.zeros(n, c, h, w): every argument is a size
+        shape, rest = rest, []
+    shape = list(shape) if isinstance(shape, (tuple, list)) else [shape]
+    queries = [q for q in map(size_query, shape) if q is not None and q[0] in layouts]
+    spatial = [t for t, d in queries if layouts[t][d % len(layouts[t])] is not None]
+    for x in dict.fromkeys(spatial):
+        out = _tile_shape(shape, x, layouts, roots, is_size)
+        if out is not None:
+            return x, tuple(out), _spatial_dims(layouts[x]), factory, tuple(before) + tuple(rest), kwargs
+    return None
 
 
 def channel_view(node: fx.Node, layouts: dict, roots: dict, is_size) -> tuple | None:
@@ -273,8 +343,21 @@ def channel_view(node: fx.Node, layouts: dict, roots: dict, is_size) -> tuple | 
     x, shape = _view_args(node)
     if x not in layouts:
         return None
+    out = _tile_shape(shape, x, layouts, roots, is_size)
+    if out is None or not _one_channel_group(layouts[x], out):
+        return None
+    return x, tuple(out), _spatial_dims(layouts[x])
+
+
+def _spatial_dims(layout: tuple) -> tuple[int, ...]:
+    return tuple(d for d, axis in enumerate(layout) if axis is not None)
+
+
+def _tile_shape(shape: list, x: fx.Node, layouts: dict, roots: dict, is_size) -> list | None:
+    """``shape`` with None where an entry reads a spatial size of ``x`` (or of a tensor of its
+    spatial size), when these entries read every spatial dim of ``x`` in order and no other
+    entry depends on spatial sizes; else None."""
     layout = layouts[x]
-    spatial_dims = [d for d, axis in enumerate(layout) if axis is not None]
     out, found = [], []
     for arg in shape:
         query = size_query(arg)
@@ -288,9 +371,7 @@ def channel_view(node: fx.Node, layouts: dict, roots: dict, is_size) -> tuple | 
         if is_size(arg) or (isinstance(arg, int) and arg < -1):
             return None  # a spatial size used as a channel count, or arithmetic on it
         out.append(arg)
-    if found != [layout[d] for d in spatial_dims] or not _one_channel_group(layout, out):
-        return None
-    return x, tuple(out), tuple(spatial_dims)
+    return out if found == [layout[d] for d in _spatial_dims(layout)] else None
 
 
 def _one_channel_group(layout: tuple, shape: list) -> bool:

@@ -130,6 +130,15 @@ def pointwise(ctx: OpContext) -> Verdict:
     return Local(ctx.layout)
 
 
+def attribute(ctx: OpContext) -> Verdict:
+    """``x.data``: the same pixels, detached (MONAI ResNet's shortcut); other attributes are
+    unknown (size queries and ``x.dtype`` never reach the table)."""
+    name = ctx.node.args[1]
+    if name == "data":
+        return Local(ctx.layout)
+    return Rejected(f"fxstream does not know whether attribute Tensor.{name} is local", BOUNDARY_FIX)
+
+
 def over_dim(position: int, name: str, default: Any = None) -> Callable[[OpContext], Verdict]:
     """Local when the op works along a non-spatial dim (softmax over channels, cat...)."""
 
@@ -490,9 +499,14 @@ def _pad_window(ctx: OpContext, input: fx.Node, pad: tuple[int, ...], mode: str,
     # F.pad lists (left, right) pairs from the last dim backwards.
     pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]
     per_dim = {len(layout) - 1 - j: pair for j, pair in enumerate(pairs)}
-    for dim, pair in per_dim.items():
-        if layout[dim] is None and pair != (0, 0):
-            return Rejected("it pads a non-spatial dimension", BOUNDARY_FIX)
+    channel_pads = any(layout[dim] is None and pair != (0, 0) for dim, pair in per_dim.items())
+    if channel_pads:  # MONAI's ChannelPad: constant padding of batch/channel dims is local
+        if mode != "constant" or any(layout[dim] is not None and pair != (0, 0) for dim, pair in per_dim.items()):
+            return Rejected(
+                "it pads a batch or channel dim and a spatial dim at once",
+                "pad channels and spatial dims in separate F.pad calls, or " + BOUNDARY_FIX,
+            )
+        return Local(layout)
     if mode != "constant" and layout[-len(pairs) :] != tuple(range(ctx.ndim))[-len(pairs) :]:
         return Rejected(f"{mode} padding of non-trailing spatial dims", "pad in (N, C, *spatial) order")
     stencils = []
@@ -866,6 +880,12 @@ _POINTWISE_FUNCTIONS = [
     torch.maximum,
     torch.minimum,
     torch.where,
+    torch.as_tensor,
+    torch.detach,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.empty_like,
     operator.add,
     operator.sub,
     operator.mul,
@@ -893,6 +913,8 @@ FUNCTIONS.update(
         torch.cat: over_dim(1, "dim", 0),
         torch.concat: over_dim(1, "dim", 0),
         torch.stack: stack,
+        getattr: attribute,
+        channel_ops.sized: regroup,
         torch.permute: permute,
         torch.unflatten: unflatten,
         torch.repeat_interleave: over_dim(2, "dim"),
@@ -1006,6 +1028,7 @@ _POINTWISE_METHODS = [
     "type_as",
     "exp_",
     "neg_",
+    "detach",
 ]
 METHODS: dict[str, Callable[[OpContext], Verdict]] = {m: pointwise for m in _POINTWISE_METHODS}
 METHODS.update(
