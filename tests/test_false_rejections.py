@@ -381,3 +381,28 @@ class AsTensorAndChannelPad(nn.Module):
 
 def test_as_tensor_and_channel_padding_are_local():
     check_streamed(build(AsTensorAndChannelPad()), image(37, 29), 16, min_tiles=4)
+
+
+class EmptyFeature(nn.Module):
+    """smp's mix-transformer encoder: ``torch.empty([B, 0, H // 2, W // 2])`` as a placeholder
+    feature, and its decoder's ``features[1].size(1) == 0`` branch (in the head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.proj = conv(3, 4, stride=2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        batch, _, height, width = x.shape
+        dummy = torch.empty([batch, 0, height // 2, width // 2], dtype=x.dtype, device=x.device)
+        features = [torch.relu(self.stem(x)), dummy]
+        pooled = features[0].mean((2, 3))
+        if features[1].size(1) == 0:  # traced with concrete sizes: a guard in the head
+            return self.proj(pooled)
+        return self.proj(pooled.flip(1))
+
+
+def test_guard_on_a_tensor_made_from_sizes_runs_in_the_head():
+    model = build(EmptyFeature())
+    smodel = fxstream.compile(model, tile_size=16)
+    check_streamed(model, image(37, 29, batch=3), 16, streamed=smodel, min_tiles=4)
+    assert "size_guard" in smodel.code.split("# per-tile module")[0]  # checked on every call

@@ -243,3 +243,14 @@ def test_highresnet_streams_whole(schedule):
     from monai.networks.nets import HighResNet
 
     streams_exactly(build(lambda: HighResNet(2, 1, 2)), None, margin=(20, 12), channels=1)
+
+
+def test_segformer_traces_and_streams(schedule):
+    """smp's mix transformer makes torch.empty([B, 0, H // 2, W // 2]) and its decoder branches on
+    its channel count: the head checks that branch on every call. The patch embedding streams."""
+    import segmentation_models_pytorch as smp
+
+    smodel = streams_exactly(
+        build(lambda: smp.Segformer("mit_b0", encoder_weights=None, classes=2)), None, (25, 25), multiple=32
+    )
+    assert smodel.plan.boundary == "encoder_patch_embed1_proj"

@@ -58,6 +58,7 @@ class Analysis:
     ndim: int
     dynamic: frozenset = frozenset()  # trunk nodes whose window depends on spatial sizes
     size_nodes: list = None  # shape/size fx.Nodes the dynamic nodes and size guards need, in graph order
+    head_guards: tuple = ()  # size guards the head checks on every call (the planner cannot evaluate them)
 
     @property
     def output(self) -> fx.Node:
@@ -123,9 +124,11 @@ def analyze(
     constants = [n for n in graph.nodes if states.get(n) in (CONST, SHAPE) and n in needed and n.op != "output"]
     dynamic = frozenset(n for n in trunk if n in dynamic)
     guards = [n for n in graph.nodes if n.op == "call_function" and n.target is size_guard and states.get(n) == SIZE]
+    head_guards = tuple(g for g in guards if _checked_in_head(g, states, layouts, set(outputs) | {image}))
+    guards = [g for g in guards if g not in head_guards]
     size_needed = set(guards).union(*(nx.ancestors(dag, n) for n in list(dynamic) + guards))
     size_nodes = [n for n in graph.nodes if n in size_needed and states.get(n) in (SIZE, SHAPE)]
-    return Analysis(gm, image, trunk, constants, outputs, verdicts, layouts, ndim, dynamic, size_nodes)
+    return Analysis(gm, image, trunk, constants, outputs, verdicts, layouts, ndim, dynamic, size_nodes, head_guards)
 
 
 def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> int | None:
@@ -277,6 +280,24 @@ def _sized_like(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool
     return True
 
 
+def _checked_in_head(guard: fx.Node, states: dict, layouts: dict, available: set) -> bool:
+    """Whether ``guard`` reads a value the planner does not know (a batch or channel size, a
+    dtype: ``torch.empty([B, 0, H // 2, W // 2]).size(1) == 0`` in smp's Segformer) from the
+    image and trunk outputs only, so that the head can check it on every call instead."""
+    planned, seen, stack = True, set(), [guard]
+    while stack:
+        for node in stack.pop().all_input_nodes:
+            if node in layouts:
+                if node not in available:
+                    return False  # a trunk map the head does not have
+                continue
+            planned = planned and states.get(node) in (SIZE, SHAPE)
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return not planned
+
+
 def _merge_non_spatial(input_states: set) -> str:
     if GLOBAL in input_states or SHAPE in input_states:
         return GLOBAL
@@ -398,7 +419,7 @@ def head_nodes(analysis: Analysis) -> set:
     trunk = set(analysis.trunk)
     outputs = set(analysis.outputs)
     needed: set = set()
-    stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")]
+    stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")] + list(analysis.head_guards)
     while stack:
         node = stack.pop()
         if node in needed or node in outputs:

@@ -32,8 +32,10 @@ The branches taken are those of the sample input (64 pixels per axis, a multiple
 usual strides). Each answer is recorded in the graph as a ``size_guard`` node; the planner
 evaluates the guards that depend on spatial sizes inside the trunk for every input size, and
 refuses a size at which the model would branch differently (:class:`InputShapeError`), e.g.
-a MONAI BasicUNet at a size that needs its odd-size padding. Guards in the head, after the
-trunk, are not evaluated: the head runs as traced. :func:`fxstream.frontend.tracecheck.check_trace`
+a MONAI BasicUNet at a size that needs its odd-size padding. A guard that reads what the
+planner does not know (a batch or channel size, as in smp's Segformer, whose decoder branches
+on ``torch.empty([B, 0, H // 2, W // 2]).size(1)``) is checked by the head on every call
+instead, when it reads only the image and the trunk outputs. :func:`fxstream.frontend.tracecheck.check_trace`
 guards every trace: the traced graph and the eager model must agree on a probe input.
 
 Both tracers trace through a registered module that is not a leaf by its ``forward``, without
