@@ -406,3 +406,34 @@ def test_guard_on_a_tensor_made_from_sizes_runs_in_the_head():
     smodel = fxstream.compile(model, tile_size=16)
     check_streamed(model, image(37, 29, batch=3), 16, streamed=smodel, min_tiles=4)
     assert "size_guard" in smodel.code.split("# per-tile module")[0]  # checked on every call
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+class UnknownThenGlobal(nn.Module):
+    """An op the table does not know (local, in fact), then a squeeze-excitation further on."""
+
+    def __init__(self, excite: bool):
+        super().__init__()
+        self.excite = excite
+        self.stem, self.fc, self.tail = conv(3, 4), nn.Conv2d(4, 4, 1), conv(4, 4)
+
+    def forward(self, x):
+        y = torch.sinh(self.stem(x))
+        if self.excite:
+            y = y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+        return self.tail(y)
+
+
+def test_unknown_op_does_not_hide_the_global_op_further_on():
+    error = rejected(build(UnknownThenGlobal(excite=True)), "does not know whether function torch.sinh is local")
+    message = str(error)
+    assert error.node == "sinh" and error.boundary == "stem"
+    further = message.split("further on")[1]
+    assert "squeeze-excitation:" in further and "node 'mul'" in further, message
+
+
+def test_unknown_op_alone_says_nothing_further():
+    error = rejected(build(UnknownThenGlobal(excite=False)), "torch.sinh")
+    assert "further on" not in str(error) and error.boundary == "stem"

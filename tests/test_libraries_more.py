@@ -254,3 +254,16 @@ def test_segformer_traces_and_streams(schedule):
         build(lambda: smp.Segformer("mit_b0", encoder_weights=None, classes=2)), None, (25, 25), multiple=32
     )
     assert smodel.plan.boundary == "encoder_patch_embed1_proj"
+
+
+def test_unknown_op_does_not_hide_skresnet_attention(monkeypatch):
+    """With torch.stack unknown again (as before it had a row), the rejection at it also names
+    the selective-kernel attention further on, the op that really stops streaming there."""
+    from fxstream.ops import table as ops
+
+    monkeypatch.delitem(ops.FUNCTIONS, torch.stack)
+    with pytest.raises(fxstream.UnsupportedOpError) as info:
+        fxstream.compile(tm("skresnet18")().eval(), tile_size=512)
+    first, further = str(info.value).split("further on")
+    assert "does not know whether function torch.stack is local" in first
+    assert "squeeze-excitation:" in further and "layer1.0.conv1.attn" in further

@@ -101,11 +101,21 @@ def analyze(
     _record_constant_shapes(gm, dag)
     states: dict = {}
     verdicts: dict = {}
+    unknown: list = []  # the first unknown op: (its error, states and verdicts before it)
     try:
-        layouts, dynamic = _walk(gm, image, ndim, scope, states, verdicts)
+        layouts, dynamic = _walk(gm, image, ndim, scope, states, verdicts, unknown)
+        later = None
     except UnsupportedOpError as err:
+        if not unknown:
+            if boundary is not None:
+                raise
+            raise _with_prefix(err, gm, states, verdicts, image, ndim) from None
+        later = err
+    if unknown:  # looked past it: name a non-local op further on too
+        err, states, verdicts = unknown[0]
+        err = _with_later(err, later)
         if boundary is not None:
-            raise
+            raise err
         raise _with_prefix(err, gm, states, verdicts, image, ndim) from None
     dag = to_networkx(graph)  # channel-only views were rewritten without their size arguments
     trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
@@ -165,9 +175,11 @@ def _record_constant_shapes(gm: fx.GraphModule, dag: nx.DiGraph) -> None:
                 node.meta["tensor_shape"] = tuple(value.shape)
 
 
-def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
+def _walk(gm, image, ndim, scope, states: dict, verdicts: dict, unknown: list):
     """Give every node a state; fills ``states`` and ``verdicts`` (read on errors) and returns
-    the layouts and the dynamic nodes."""
+    the layouts and the dynamic nodes. At the first op the table does not know, it records
+    the error in ``unknown`` (with the states and verdicts so far) and goes on as if the op
+    were local and pointwise, so that a non-local op further on can be named too."""
     layouts: dict = {image: (None, None) + tuple(range(ndim))}
     dynamic: set = set()
     roots: dict = {image: image}  # spatial node -> a node of the same spatial size
@@ -228,7 +240,10 @@ def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
         if isinstance(verdict, ops.Reduction):
             states[node] = GLOBAL
             continue
-        if isinstance(verdict, ops.Rejected):
+        if isinstance(verdict, ops.Unknown) and not unknown and isinstance(ops.pointwise(ctx), ops.Local):
+            unknown.append((_unsupported(node, module, verdict.reason, verdict.fix), dict(states), dict(verdicts)))
+            verdict = ops.pointwise(ctx)
+        elif isinstance(verdict, ops.Rejected):
             category = diagnose.rejected_category(verdict.reason, module, node)
             reason = f"{category}: {verdict.reason}" if category else verdict.reason
             raise _unsupported(node, module, reason, verdict.fix)
@@ -239,6 +254,15 @@ def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
         local = isinstance(verdict, ops.Local)
         roots[node] = roots.get(ctx.spatial_inputs()[0], node) if local else node
     return layouts, dynamic
+
+
+def _with_later(err: UnsupportedOpError, later: UnsupportedOpError | None) -> UnsupportedOpError:
+    """``err`` (an unknown op) with the first line of ``later``, a rejection further on."""
+    if later is None:
+        return err
+    where = f"node '{later.node}'" + (f" in module '{later.module_path}'" if later.module_path else "")
+    message = f"{err}\n  further on, if that op is local: {str(later).splitlines()[0]} ({where})"
+    return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op)
 
 
 def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, image, ndim: int) -> UnsupportedOpError:

@@ -8,7 +8,8 @@ Each entry classifies one FX node, given the layouts of its spatial inputs, as
                        (convolution, pooling, padding);
 * :class:`Reduction` - the output depends on the whole image (global/adaptive pooling,
                        flatten): a valid trunk boundary, never inside the trunk;
-* :class:`Rejected`  - not streamable here, with the reason and the fix.
+* :class:`Rejected`  - not streamable here, with the reason and the fix (:class:`Unknown`:
+                       an op the table does not know).
 
 A *layout* is a tuple with one entry per tensor dim: the spatial axis it holds
 (0, 1, ...) or ``None`` for batch/channel dims. NCHW is ``(None, None, 0, 1)``;
@@ -64,6 +65,12 @@ class Reduction:
 class Rejected:
     reason: str
     fix: str
+
+
+@dataclass(frozen=True)
+class Unknown(Rejected):
+    """An op the table does not know: rejected, but the analysis may look past it (assuming
+    it local) for a non-local op further on, to name that one too."""
 
 
 Verdict = Any  # Local | Window | Reduction | Rejected
@@ -136,7 +143,7 @@ def attribute(ctx: OpContext) -> Verdict:
     name = ctx.node.args[1]
     if name == "data":
         return Local(ctx.layout)
-    return Rejected(f"fxstream does not know whether attribute Tensor.{name} is local", BOUNDARY_FIX)
+    return Unknown(f"fxstream does not know whether attribute Tensor.{name} is local", BOUNDARY_FIX)
 
 
 def over_dim(position: int, name: str, default: Any = None) -> Callable[[OpContext], Verdict]:
@@ -1178,5 +1185,5 @@ def classify(ctx: OpContext) -> Verdict:
     else:
         rule, name = None, node.op
     if rule is None:
-        return Rejected(f"fxstream does not know whether {name} is local", BOUNDARY_FIX)
+        return Unknown(f"fxstream does not know whether {name} is local", BOUNDARY_FIX)
     return rule(ctx)
