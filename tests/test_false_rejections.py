@@ -15,6 +15,7 @@ from exactness import check_streamed
 import fxstream
 
 pytestmark = pytest.mark.usefixtures("uniform_tiles", "schedule")
+CARRY_SPLIT = fxstream.planning.tiling.carry_split  # before the schedule fixture replaces it
 
 
 def conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
@@ -437,3 +438,24 @@ def test_unknown_op_does_not_hide_the_global_op_further_on():
 def test_unknown_op_alone_says_nothing_further():
     error = rejected(build(UnknownThenGlobal(excite=False)), "torch.sinh")
     assert "further on" not in str(error) and error.boundary == "stem"
+
+
+def test_carry_tile_size_error_advises_the_tile_that_works(monkeypatch):
+    """Under carry a tile reads its cell, not its whole cone: tiles smaller than the
+    receptive field work. The error states the smallest one for this input size, exactly."""
+    monkeypatch.setattr(fxstream.planning.tiling, "carry_split", CARRY_SPLIT)  # the real split
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(3, 4, 7, stride=2), nn.ReLU(), conv(4, 4, 5, stride=2), conv(4, 4, 3)).double()
+    size = (90, 77)
+    with pytest.raises(fxstream.TileSizeError) as info:
+        fxstream.compile(model, tile_size=4, schedule="carry").shape_plan(*size)
+    minimum = info.value.minimum
+    plan = fxstream.compile(model, tile_size=64, schedule="carry").plan
+    assert all(m < r for m, r in zip(minimum, plan.receptive_field)), (minimum, plan.receptive_field)
+    assert f"at least {minimum[0]}x{minimum[1]}" in str(info.value)
+    smodel = fxstream.compile(model, tile_size=minimum, schedule="carry")
+    check_streamed(model, image(*size), minimum, streamed=smodel)
+    for axis in range(2):  # one pixel less along either axis does not fit
+        smaller = tuple(m - (a == axis) for a, m in enumerate(minimum))
+        with pytest.raises(fxstream.TileSizeError):
+            fxstream.compile(model, tile_size=smaller, schedule="carry").shape_plan(*size)
