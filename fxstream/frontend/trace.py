@@ -64,7 +64,7 @@ import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from ..errors import FxStreamError, TraceError, is_internal_file
-from .tracecheck import check_trace, probe_input, record_mutations, size_guard
+from .tracecheck import check_trace, meta_call, probe_input, record_mutations, size_guard, to_meta
 
 _METADATA_METHODS = ("size", "dim", "numel", "nelement")
 _METADATA_ATTRIBUTES = ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
@@ -237,14 +237,19 @@ class ConcreteTracer(StreamTracer):
         if node.op == "placeholder":
             self._placeholders += 1
             return self.sample if self._placeholders == 1 else (args[0] if args else _UNKNOWN)
+        meta = self.sample.device.type == "meta"  # a sample of any size, without memory: parameters on meta too
+        if meta:
+            args, kwargs = fx.node.map_aggregate((args, kwargs), to_meta)
         if node.op == "get_attr":
-            return _fetch(self.root, str(node.target))
+            value = _fetch(self.root, str(node.target))
+            return to_meta(value) if meta else value
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         if node.op == "call_module":
-            return self.root.get_submodule(str(node.target))(*args, **kwargs)
+            module = self.root.get_submodule(str(node.target))
+            return meta_call(module, args, kwargs) if meta else module(*args, **kwargs)
         return _UNKNOWN
 
     def static_value(self, proxy: fx.Proxy, need: str) -> Any:
