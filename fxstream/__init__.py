@@ -11,6 +11,7 @@ import sys as _sys
 from .errors import (
     ArgumentError,
     BoundaryError,
+    BranchError,
     ChannelError,
     ContractError,
     FxStreamError,
@@ -79,6 +80,7 @@ __all__ = [
     "TileGroupError",
     "BoundaryError",
     "InputShapeError",
+    "BranchError",
     "PlannerError",
     "ArgumentError",
     "ContractError",

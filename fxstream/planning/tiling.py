@@ -350,17 +350,24 @@ def carry_bounds(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[int]]
         width = widths.carry_width(functools.partial(_carry_width, geo, sizes, axis), geo, sizes, axis)
         split = carry_split(width, n_out, limit, plan.block[axis])
         if split is None:
+            minimum = tuple(_smallest_carry_tile(geo, sizes, a) for a in range(len(plan.tile_size)))
             raise TileSizeError(
                 f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])} "
-                f"under the carry schedule: a tile of one output pixel reads more than {limit} image pixels along "
+                f"under the carry schedule: a tile of one output pixel reads up to {minimum[axis]} image pixels along "
                 f"spatial axis {axis} (its cell, the halo it reads from the image, and at the first tile the right "
-                f"halo of its first output pixel). The plan's receptive field is {_fmt(plan.receptive_field)} and its "
-                f"stride {_fmt(plan.stride)}: use a tile of at least their sum.",
-                minimum=plan.receptive_field,
+                f"halo of its first output pixel). Use a tile of at least {_fmt(minimum)} for this input size "
+                f"(the plan's receptive field is {_fmt(plan.receptive_field)}, its stride {_fmt(plan.stride)}).",
+                minimum=minimum,
             )
         bounds = [0] + [int(b.hi) for b in split]
         result.append(_drop_empty(geo, sizes, axis, bounds))
     return result
+
+
+def _smallest_carry_tile(geo: TrunkGeometry, sizes: dict, axis: int) -> int:
+    """The smallest tile edge along ``axis`` whose carry split exists for these sizes."""
+    width = widths.carry_width(functools.partial(_carry_width, geo, sizes, axis), geo, sizes, axis)
+    return widths.widest_unit_block(width, sizes[geo.output][axis])
 
 
 def carry_split(width, n: int, limit: int, block: int):
