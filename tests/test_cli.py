@@ -145,7 +145,7 @@ def test_carry_schedule_in_the_report(capsys):
     code, out, _ = run(
         capsys, "resnet18", "--input-shape", "1,3,2048,2048", "--tile-size", "512", "--schedule", "carry"
     )
-    assert "carry: predicted step time 1.33x plain" in out
+    assert "carry (stripes in host memory, prefetched to the device): predicted step time 1.33x plain" in out
 
 
 def test_plan_of_a_unet_with_size_dependent_pads(capsys):
