@@ -220,3 +220,64 @@ def test_bad_placements_raise():
         Schedule("carry", stripes="banded", band_rows=0)
     with pytest.raises(FxStreamError, match="band_rows=2"):
         Schedule("carry", stripes="host", band_rows=2)
+
+
+# --- memory_budget chooses where the stripes live ------------------------------------------
+
+
+def _stripe_net(**kwargs):
+    """The stripe-heavy net of tests/test_memory_truth.py, in float32 (the budgets below are)."""
+    from test_memory_truth import StripeNet
+
+    torch.manual_seed(0)
+    return StripeNet(**kwargs).float().eval()
+
+
+def _fits(model, choice, shape, device: str, budget: int) -> bool:
+    from fxstream.cli.report import memory_model
+
+    smodel = fxstream.compile(model, tile_size=choice.tile_size, schedule=choice.schedule)
+    memory, _ = memory_model(smodel, shape, torch.float32, device)
+    return memory.budgeted(memory.estimate(shape[2:]).streamed_training) <= budget
+
+
+def test_auto_keeps_the_stripes_on_the_device_when_they_fit():
+    from fxstream.memory.auto import choose
+
+    model, shape = _stripe_net(), (1, 3, 2048, 2048)
+    for device in ("cpu", "cuda"):
+        choice = choose(model, "auto", None, "400MiB", shape, device=device)
+        assert choice.schedule.stripes == "device" and _fits(model, choice, shape, device, 400 * 2**20)
+
+
+def test_auto_chooses_banded_on_a_cpu_and_host_on_an_accelerator_when_the_budget_requires():
+    """A 2048² image through full-resolution 7x7 convolutions: the stripe store does not fit
+    150 MiB at any tile on a CPU (banded carry does), nor 100 MiB on an accelerator (host
+    stripes do: the device keeps a window)."""
+    from fxstream.memory.auto import choose
+
+    model, shape = _stripe_net(), (1, 3, 2048, 2048)
+    choice = choose(model, "auto", None, "150MiB", shape, device="cpu")
+    assert choice.schedule.banded and choice.schedule.band_rows >= 1
+    assert _fits(model, choice, shape, "cpu", 150 * 2**20) and "banded carry rebuilds them" in choice.reason
+    choice = choose(model, "auto", None, "100MiB", shape, device="cuda")
+    assert choice.schedule.stripes == "host" and _fits(model, choice, shape, "cuda", 100 * 2**20)
+    assert "kept in host memory" in choice.reason
+
+
+def test_compile_auto_banded_is_exact(capsys):
+    model = _stripe_net(channels=8, layers=3).double()
+    shape = (1, 3, 200, 160)
+    smodel = fxstream.compile(model, "auto", memory_budget="3MiB", input_shape=shape, verbose=True)
+    assert smodel.schedule.banded and "stripes='banded'" in capsys.readouterr().out
+    plan = smodel.shape_plan(*shape[2:])
+    assert len(plan.band_ranges(range(plan.num_tiles))) >= 2
+    check_streamed(model, torch.randn(*shape), None, streamed=smodel)
+
+
+def test_explicit_placement_is_kept_by_auto():
+    from fxstream.memory.auto import choose
+
+    model, shape = _stripe_net(), (1, 3, 1024, 1024)
+    choice = choose(model, "auto", None, "400MiB", shape, schedule=Schedule("carry", stripes="host"), device="cuda")
+    assert choice.schedule == Schedule("carry", stripes="host")
