@@ -81,10 +81,14 @@ def phase_marks(owners: list):
     }
 
     def nbytes(d, nested=False):
-        """Bytes of the storages the tensors of ``d`` hold alive (a view pins its whole base)."""
+        """Bytes of the storages the tensors of ``d`` (the pending gradients, or a stripe store:
+        its device window and host copies) hold alive (a view pins its whole base)."""
         if d is None:
             return 0
-        tensors = [g for parts in d.values() for ps in parts.values() for _, g in ps] if nested else d.values()
+        if nested:
+            tensors = [g for parts in d.values() for ps in parts.values() for _, g in ps]
+        else:
+            tensors = [*d.live.values(), *getattr(d, "host", {}).values()]
         return memtruth.resident_bytes(tensors)
 
     def mark(label):

@@ -26,7 +26,7 @@ the trunk output is assembled, null: the compute device), ``stripes`` (where car
 its stripes on that device: 'device', 'host' or 'banded'; null under recompute),
 ``bands`` (banded carry: bands of tile rows, else 1), ``band_rows`` (banded: tile rows per
 band, else null), ``stripe_store_bytes`` (every stripe of the tiling),
-``predicted_step_ratio`` (a step's work over a plain step's),
+``predicted_step_ratio`` (a step's work over a plain step's, from the FLOP-weighted halo overhead),
 ``memory``: ``{"streamed"|"plain": {"training"|"inference": {"bytes", "phase", "parts"}},
 "budget": bytes or null, "fits": bool or null}``; ``choice`` (the CLI only: the reason
 for an automatic tile size or boundary, or null).
@@ -110,6 +110,7 @@ def build(
     training = model.budgeted(estimate.streamed_training)
     schedule = shape_plan.schedule
     bands = len(shape_plan.band_ranges(range(shape_plan.num_tiles))) if schedule.banded else 1
+    flops = _flop_overhead(model, stats, spatial)  # FLOP-weighted halo overhead h
     return {
         "schema": SCHEMA,
         "model": model_name,
@@ -143,8 +144,8 @@ def build(
         "bands": bands,
         "band_rows": (schedule.band_rows or DEFAULT_BAND_ROWS) if schedule.banded else None,
         "stripe_store_bytes": model.stripe_bytes(spatial),
-        "predicted_step_ratio": schedule.step_ratio(computed / whole, bands),
-        "redundant_compute_percent": (_flop_overhead(model, stats, spatial) - 1) * 100,
+        "predicted_step_ratio": schedule.step_ratio(flops, bands),
+        "redundant_compute_percent": (flops - 1) * 100,
         "nodes": _nodes(model, stats, analysis, input_shape[0]),
         "memory": {
             **estimate.to_dict(),

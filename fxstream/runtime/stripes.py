@@ -164,20 +164,41 @@ class HostStripes(DeviceStripes):
                 self.fetched.pop(key, None)
 
 
+SLAB = 64 << 20  # bytes of one pinned host buffer that small stripes are cut from
+ALIGN = 256
+
+
 class _Copies:
     """Copies of stripes between the compute device and host memory: on CUDA, pinned host
     memory and one side stream (so device-to-host and host-to-device copies stay in order);
-    on a CPU compute device, clones."""
+    on a CPU compute device, clones.
+
+    Pinned memory is slow to allocate and torch's pinned allocator rounds each block up to
+    a power of two, so small stripes are cut from pinned slabs of ``SLAB`` bytes, in the
+    order they are stored (a slab is freed when the last stripe cut from it is dropped)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slab: torch.Tensor | None = None
+        self.used = 0
+
+    def pinned(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An empty pinned host tensor, cut from the current slab when small."""
+        nbytes = shape.numel() * dtype.itemsize
+        if nbytes > SLAB // 4:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        if self.slab is None or self.used + nbytes > SLAB:
+            self.slab, self.used = torch.empty(SLAB, dtype=torch.uint8, pin_memory=True), 0
+        part = self.slab[self.used : self.used + nbytes]
+        self.used += -(-nbytes // ALIGN) * ALIGN
+        return part.view(dtype).view(shape)
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
         if not self.cuda:
             return t.clone()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host = self.pinned(t.shape, t.dtype)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is made on the compute stream
         with torch.cuda.stream(self.stream):
             host.copy_(t, non_blocking=True)
