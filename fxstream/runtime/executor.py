@@ -203,6 +203,8 @@ def _backward_band(ctx, x, band: range, store, kept: _Kept | None, grad_outs: tu
     order = list(reversed(band))
     skip = {kept.position} if kept is not None else set()
     loaded = trunk.tiles(x, shape_plan, device, "backward", order, skip)
+    if store is not None and order and order[0] not in skip:
+        store.prefetch(order[0])
     with Timer(device) as timer:
         for i, (position, tile, crop) in enumerate(loaded):
             if store is not None and i + 1 < len(order):
