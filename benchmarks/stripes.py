@@ -7,6 +7,9 @@ placement, against the memory model.
         --schedules host --output-device cpu --reps 1
     python benchmarks/stripes.py --dry-run            # tiny sizes on the CPU: the script's own check
 
+``--interleave`` times the schedules in one process instead, a step of each in turn per
+round, so that the load of a shared machine weighs on all of them alike (no memory figures).
+
 Schedules (``--schedules``): ``plain`` (autograd on the whole image), ``recompute``, and the
 carry schedule with its stripes ``device``, ``host`` or ``banded`` (``--band-rows`` rows per
 band). Each runs in its own process. Per schedule: the median step time over ``--reps``
@@ -123,6 +126,47 @@ def run_one(args, name: str) -> dict:
     return result
 
 
+def interleaved(args) -> list[dict]:
+    """Step times only, every schedule in this one process, one step of each in turn per
+    round (after a warm-up round): on a shared machine the load then weighs on all alike."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    net = models.build(args.arch, device=args.device)
+    shape = (1, 3, args.size, args.size)
+    x = _image(shape).to(device)
+    target = torch.tensor([3], device=device)
+    runs = {}
+    for name in args.schedules:
+        if name == "plain":
+            runs[name] = (net, None)
+            continue
+        model = fxstream.compile(net, tile_size=args.tile, schedule=schedule_of(name, args.band_rows))
+        report = build_report(model, shape, torch.float32, device=device.type)
+        runs[name] = (model, report)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict = {name: [] for name in runs}
+    for round_ in range(1 + args.reps):
+        for name, (model, _) in runs.items():
+            net.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            F.cross_entropy(model(x), target).backward()
+            sync()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    results = []
+    for name, (_, report) in runs.items():
+        result = {"schedule": name, "arch": args.arch, "size": args.size, "tile": args.tile, "interleaved": True}
+        result.update(time_s=statistics.median(times[name]), times_s=times[name])
+        if report is not None:
+            result.update(
+                stripes=report["stripes"], bands=report["bands"], predicted_step_ratio=report["predicted_step_ratio"]
+            )
+        result["host_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        results.append(result)
+    return results
+
+
 def _image(shape: tuple[int, ...]) -> torch.Tensor:
     """A random float32 image; beyond 4096² a random 4096² block repeated (drawing 3 * 32768²
     normal numbers on one core takes longer than the step)."""
@@ -156,6 +200,11 @@ def main() -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="small sizes on the CPU, no recompute: check the script runs (~1 min)"
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="times only, all schedules in one process, one step of each per round (fair ratios under load)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dry_run:  # two tile rows (two bands of one row), one timed step; recompute's halo is too slow here
@@ -165,6 +214,12 @@ def main() -> None:
             args.schedules = [s for s in SCHEDULES if s != "recompute"]
     if args.child:
         print("RESULT " + json.dumps(run_one(args, args.child)), flush=True)
+        return
+    if args.interleave:
+        results = interleaved(args)
+        for r in results:
+            _print(r, results)
+        _write(args.json, results)
         return
     results = []
     for name in args.schedules:
@@ -177,12 +232,16 @@ def main() -> None:
             continue
         results.append(json.loads(lines[-1][len("RESULT ") :]))
         _print(results[-1], results)
-    if args.json:
-        with open(args.json, "a") as file:
-            for r in results:
-                file.write(json.dumps(r) + "\n")
+    _write(args.json, results)
     if any(r.get("failed") for r in results):
         raise SystemExit(1)
+
+
+def _write(path: str | None, results: list) -> None:
+    if path:
+        with open(path, "a") as file:
+            for r in results:
+                file.write(json.dumps(r) + "\n")
 
 
 def _print(r: dict, results: list) -> None:
@@ -197,7 +256,7 @@ def _print(r: dict, results: list) -> None:
             f"(ratio {r['ratio']:.2f})"
         )
     where = f" [{r['stripes']}, {r['bands']} bands]" if r.get("stripes") else ""
-    rss = f"; host peak RSS {r['host_peak_rss'] / 2**30:.1f} GiB"
+    rss = f"; host peak RSS {r['host_peak_rss'] / 2**30:.1f} GiB" if not r.get("interleaved") else ""
     print(f"{r['schedule']:9s}{where}: {time_s}{memory}{rss}", flush=True)
 
 

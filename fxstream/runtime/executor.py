@@ -203,12 +203,13 @@ def _backward_band(ctx, x, band: range, store, kept: _Kept | None, grad_outs: tu
     order = list(reversed(band))
     skip = {kept.position} if kept is not None else set()
     loaded = trunk.tiles(x, shape_plan, device, "backward", order, skip)
+    following = dict(zip(order, order[1:]))  # the tile the backward pass runs after each one
     if store is not None and order and order[0] not in skip:
         store.prefetch(order[0])
     with Timer(device) as timer:
-        for i, (position, tile, crop) in enumerate(loaded):
-            if store is not None and i + 1 < len(order):
-                store.prefetch(order[i + 1])  # host stripes: copied to the device while this tile computes
+        for position, tile, crop in loaded:
+            if store is not None and position in following:
+                store.prefetch(following[position])  # host stripes: copied to the device while this tile computes
             with torch.enable_grad(), ctx.autocast.restored():
                 parts = sums.pending.pop(position, {})  # complete: every later tile has run
                 if kept is not None and position == kept.position:
@@ -234,10 +235,10 @@ def _backward_band(ctx, x, band: range, store, kept: _Kept | None, grad_outs: tu
             del blocks, outputs, grad_outputs, run, parts
             if want_x:
                 crop_view(sums.grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(sums.grad_x.device))
-            for i_param in range(len(wanted)):
-                tg = tile_grads[i_param]
+            for i in range(len(wanted)):
+                tg = tile_grads[i]
                 if tg is not None:
-                    sums.grads[i_param] = tg if sums.grads[i_param] is None else sums.grads[i_param].add_(tg)
+                    sums.grads[i] = tg if sums.grads[i] is None else sums.grads[i].add_(tg)
             _send(sums.pending, tile, keys, tile_grads[len(wanted) :])
             if store is not None:
                 store.release(position, backward=True)
