@@ -77,7 +77,7 @@ def phase_marks(owners: list):
         "pending_grads": executor._pending_grads,
         "forward": executor.StreamFunction.forward,
         "backward": executor._backward,
-        "run_tile": fxstream.codegen.StreamedTrunk.run_tile,
+        "run_tile": fxstream.runtime.codegen.StreamedTrunk.run_tile,
     }
 
     def nbytes(d, nested=False):
@@ -138,14 +138,14 @@ def phase_marks(owners: list):
     executor._leaves, executor._send, executor._pending_grads = leaves, send, pending_grads
     executor._backward = backward
     executor.StreamFunction.forward = staticmethod(forward)
-    fxstream.codegen.StreamedTrunk.run_tile = run_tile
+    fxstream.runtime.codegen.StreamedTrunk.run_tile = run_tile
     try:
         yield
     finally:
         executor._leaves, executor._send = saved["leaves"], saved["send"]
         executor._pending_grads, executor._backward = saved["pending_grads"], saved["backward"]
         executor.StreamFunction.forward = staticmethod(saved["forward"])
-        fxstream.codegen.StreamedTrunk.run_tile = saved["run_tile"]
+        fxstream.runtime.codegen.StreamedTrunk.run_tile = saved["run_tile"]
 
 
 def classify(a: memtruth.Allocation) -> str:
