@@ -32,7 +32,7 @@ import torch.fx as fx
 from ..errors import BoundaryError, UnsupportedOpError, describe, module_path
 from ..frontend.functionalize import functionalize
 from ..frontend.tracecheck import check_inplace_state, size_guard
-from ..ops import channel_ops
+from ..ops import channel_ops, statistics
 from ..ops import table as ops
 from . import diagnose
 from .names import find_boundary
@@ -218,7 +218,11 @@ def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
             verdict = ops.classify(ctx)
         except Exception as exc:  # malformed arguments: report as unsupported, naming the node
             verdict = ops.Rejected(f"fxstream could not read its arguments ({exc})", ops.BOUNDARY_FIX)
-        if isinstance(verdict, ops.Reduction):
+        if isinstance(verdict, statistics.Decompose):  # until the analysis streams statistics (issue 20)
+            verdict = ops.Rejected(
+                f"{verdict.norm.op} normalises with statistics over the whole image", ops.BOUNDARY_FIX
+            )
+        if isinstance(verdict, (ops.Reduction, statistics.Statistic)):
             states[node] = GLOBAL
             continue
         if isinstance(verdict, ops.Rejected):
