@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import hooks
-from .analysis.analyze import Analysis
+from .analysis.analyze import MAX_LEVELS, Analysis
 from .distributed import TileGroup
 from .errors import ArgumentError, BoundaryError, ContractError, TileSizeError, user_error
 from .memory.auto import choose
@@ -43,9 +43,13 @@ class Program:
 
 
 def build_program(
-    model: nn.Module, tile_size: TileSize, boundary: str | tuple[str, ...] | None, schedule=None
+    model: nn.Module,
+    tile_size: TileSize,
+    boundary: str | tuple[str, ...] | None,
+    schedule=None,
+    max_levels: int | None = MAX_LEVELS,
 ) -> Program:
-    low = lower(model, tile_size, boundary, schedule)  # trace -> analyse -> geometry -> plan
+    low = lower(model, tile_size, boundary, schedule, max_levels)  # trace -> analyse -> geometry -> plan
     tiles, outer = tile_graph(low.analysis, low.geometry), outer_graph(low.analysis)  # -> fx.Graph, fx.Graph
     return Program(low.analysis, low.geometry, low.plan, low.schedule, tiles, outer, hooks.hook_rule(low.analysis))
 
@@ -75,14 +79,20 @@ class StreamedModule(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, tile_size: TileSize, boundary: str | None = None, settings=None, schedule=None
+        self,
+        model: nn.Module,
+        tile_size: TileSize,
+        boundary: str | None = None,
+        settings=None,
+        schedule=None,
+        max_levels: int | None = MAX_LEVELS,
     ):
         super().__init__()
         self._share(model)
         self.training = model.training
         # Plain attributes (not registered): the compiled programs are derived state.
         self.__dict__["_source"] = model
-        self.__dict__["_config"] = (tile_size, boundary, as_schedule(schedule))
+        self.__dict__["_config"] = (tile_size, boundary, as_schedule(schedule), max_levels)
         self.__dict__["settings"] = settings if settings is not None else StreamSettings()
         self._reset()
         self._current()  # compile now, so errors surface at compile time
@@ -189,7 +199,7 @@ class StreamedModule(nn.Module):
         return self.settings.stats
 
     def extra_repr(self) -> str:
-        tile_size, boundary, schedule = self._config
+        tile_size, boundary, schedule = self._config[:3]
         return f"tile_size={tile_size}, boundary={boundary!r}, schedule={schedule.kind!r}"
 
 
@@ -217,6 +227,7 @@ def compile(
     verbose: bool = False,
     schedule: str | Schedule | None = None,
     tile_group=None,
+    max_levels: int | None = MAX_LEVELS,
 ) -> StreamedModule:
     """Compile ``model`` so its local trunk runs tile by tile with exact gradients.
 
@@ -250,12 +261,18 @@ def compile(
             all receive the same image and split its tiles into bands of tile rows; the
             trunk output and the gradients are those of one process on every rank (see
             :mod:`fxstream.distributed`). Default None: this process runs every tile.
+        max_levels: the most dependent levels of global statistics to stream (GroupNorm,
+            InstanceNorm, train-mode BatchNorm, squeeze-excitation, pooling branches: each
+            level adds a streamed pass forward and one backward; see ``docs/ops.md``). More
+            raise :class:`StatisticsError` with the predicted cost and the fixes. None: no limit.
 
     After a call, ``smodel.last_stats`` summarises the streaming work (tiles, time,
     peak memory); ``fxstream.serial_backward`` resets it at the start of each step.
 
     Raises:
         UnsupportedOpError: a non-local or unknown op, or a module hook, inside the trunk.
+        StatisticsError: more than ``max_levels`` levels of global statistics (an
+            ``UnsupportedOpError``).
         TileSizeError: ``tile_size`` malformed or smaller than the receptive field.
         BoundaryError: ``boundary`` is not a string or a list of strings, or names nothing
             streamable.
@@ -270,6 +287,7 @@ def compile(
         torch.Size([1, 1000])
     """
     _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform)
+    _check_max_levels(max_levels)
     boundary = boundary if boundary is None or isinstance(boundary, str) else tuple(boundary)
     schedule = as_schedule(schedule)  # -> Schedule
     if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size and a boundary, from the memory model
@@ -284,7 +302,7 @@ def compile(
         progress=progress,
         tile_group=TileGroup(tile_group) if tile_group is not None else None,
     )
-    return StreamedModule(model, tile_size, boundary, settings, schedule)  # build_program: trace -> ... -> generate
+    return StreamedModule(model, tile_size, boundary, settings, schedule, max_levels)  # build_program: trace -> ...
 
 
 def _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform) -> None:
@@ -315,6 +333,16 @@ def _check_arguments(model, tile_size, boundary, memory_budget, input_shape, inp
     if input_transform is not None and not callable(input_transform):
         raise user_error(
             ArgumentError, f"input_transform must be callable as transform(tile, dtype), got {input_transform!r}"
+        )
+
+
+def _check_max_levels(max_levels) -> None:
+    if max_levels is not None and (not isinstance(max_levels, int) or isinstance(max_levels, bool) or max_levels < 0):
+        raise user_error(
+            ArgumentError,
+            f"max_levels must be a non-negative int or None, got {max_levels!r}",
+            fix="e.g. max_levels=4 (the default), max_levels=18 to stream a U-Net with a norm after every convolution, "
+            "or max_levels=0 to stream no global statistic",
         )
 
 

@@ -1081,10 +1081,13 @@ def statistics_verdict(ctx: OpContext) -> Verdict | None:
 
 def classify(ctx: OpContext) -> Verdict:
     """Look the node up in the table; unknown ops are rejected."""
-    node = ctx.node
     found = statistics_verdict(ctx)
-    if found is not None:
-        return found
+    return found if found is not None else classify_rows(ctx)
+
+
+def classify_rows(ctx: OpContext) -> Verdict:
+    """The table's rows alone, without the global statistics of ``ops/statistics.py``."""
+    node = ctx.node
     if node.op == "call_module":
         rule = MODULES.get(type(ctx.module))
         name = f"module {type(ctx.module).__name__}"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..analysis.analyze import Analysis, analyze
+from ..analysis.analyze import MAX_LEVELS, Analysis, analyze
 from ..frontend.trace import trace
 from .plan import Plan, build_plan, tile_tuple
 from .schedule import Schedule, as_schedule
@@ -28,12 +28,21 @@ class Lowered:
     schedule: Schedule
 
 
+# The statistics passes (issue 20) are analysed and planned, but not executed yet: compile
+# rejects global statistics as before until the executor runs them.
+STATISTICS = False
+
+
 def lower(
-    model: nn.Module, tile_size: int | tuple[int, ...], boundary: str | tuple[str, ...] | None, schedule=None
+    model: nn.Module,
+    tile_size: int | tuple[int, ...],
+    boundary: str | tuple[str, ...] | None,
+    schedule=None,
+    max_levels: int | None = MAX_LEVELS,
 ) -> Lowered:
     gm = trace(model)  # nn.Module -> fx.GraphModule (checked against the eager model)
     ndim = len(tile_size) if isinstance(tile_size, tuple) else None
-    analysis = analyze(gm, boundary, ndim)  # -> Analysis: trunk, boundary, layouts
+    analysis = analyze(gm, boundary, ndim, max_levels, STATISTICS)  # -> Analysis: trunk, statistics, layouts
     geometry = build_geometry(analysis)  # -> TrunkGeometry: plain data
     schedule = as_schedule(schedule)  # -> Schedule: how the tiles run
     plan = build_plan(geometry, tile_tuple(tile_size, analysis.ndim), schedule.carries)  # -> Plan (sympy)
