@@ -20,7 +20,7 @@ from .planning.plan import Plan
 from .planning.schedule import Schedule, as_schedule
 from .planning.trunk import TrunkGeometry
 from .runtime import live
-from .runtime.codegen import StreamedTrunk, graph_module, outer_graph, tile_graph
+from .runtime.codegen import StreamedTrunk, driver_graph, graph_module, outer_graph, tile_graph, value_checks
 from .runtime.progress import StreamStats
 from .runtime.settings import StreamSettings
 
@@ -40,6 +40,8 @@ class Program:
     hooks: hooks.HookRule
     module: fx.GraphModule | None = None  # built on demand
     bindings: tuple = ()  # live.Binding of each GraphModule: keeps their members current
+    pass_graphs: tuple = ()  # global statistics: the tile graph of each statistics pass (levels 1..L)
+    driver_graph: fx.Graph | None = None  # and the driver that runs the passes and the statistic heads
 
 
 def build_program(
@@ -51,7 +53,14 @@ def build_program(
 ) -> Program:
     low = lower(model, tile_size, boundary, schedule, max_levels)  # trace -> analyse -> geometry -> plan
     tiles, outer = tile_graph(low.analysis, low.geometry), outer_graph(low.analysis)  # -> fx.Graph, fx.Graph
-    return Program(low.analysis, low.geometry, low.plan, low.schedule, tiles, outer, hooks.hook_rule(low.analysis))
+    rule = hooks.hook_rule(low.analysis)
+    program = Program(low.analysis, low.geometry, low.plan, low.schedule, tiles, outer, rule)
+    if low.analysis.statistics:  # -> a tile graph per statistics pass, and the driver graph
+        program.pass_graphs = tuple(
+            tile_graph(low.analysis, low.geometry, j) for j in range(1, low.geometry.levels + 1)
+        )
+        program.driver_graph = driver_graph(low.analysis, low.geometry)
+    return program
 
 
 def validate_tile_size(tile_size: TileSize) -> None:
@@ -137,9 +146,16 @@ class StreamedModule(nn.Module):
 
     @property
     def code(self) -> str:
-        """The generated code: the outer module, then the per-tile module."""
+        """The generated code: the outer module, then the per-tile module; with global
+        statistics, the driver and the per-tile module of each statistics pass in between."""
         gm = self._current()
-        return f"# outer module\n{gm.code}\n# per-tile module\n{gm.fxstream_trunk.tile.code}"
+        trunk = gm.fxstream_trunk
+        parts = [f"# outer module\n{gm.code}"]
+        if trunk.driver is not None:
+            parts.append(f"# driver: the statistics passes and their heads\n{trunk.driver.code}")
+            parts += [f"# per-tile module of statistics pass {j}\n{m.code}" for j, m in enumerate(trunk.passes, 1)]
+        parts.append(f"# per-tile module{' of the output pass' if trunk.driver is not None else ''}\n{trunk.tile.code}")
+        return "\n".join(parts)
 
     def shape_plan(self, *spatial_size: int):
         """The tiles that an input of this spatial size is cut into."""
@@ -160,7 +176,18 @@ class StreamedModule(nn.Module):
 
     def _build(self, program: Program) -> tuple[fx.GraphModule, tuple[live.Binding, ...]]:
         tile = graph_module(self, program.tile_graph, "StreamedTile")
-        trunk = StreamedTrunk(tile, program.geometry, program.plan, self.settings, program.schedule)
+        pass_tiles = tuple(graph_module(self, g, f"StreamedPass{j}") for j, g in enumerate(program.pass_graphs, 1))
+        driver = graph_module(self, program.driver_graph, "StreamedDriver") if program.driver_graph else None
+        trunk = StreamedTrunk(
+            tile,
+            program.geometry,
+            program.plan,
+            self.settings,
+            program.schedule,
+            passes=pass_tiles,
+            driver=driver,
+            checks=value_checks(program.analysis) if driver is not None else {},
+        )
         # The streaming call is opaque to torch.compile (it runs eagerly); the head is compiled.
         trunk.forward = torch.compiler.disable(hooks.around(trunk.forward, self, program.hooks))
         outer_graph = hooks.collapse_hooked_calls(program.outer_graph, program.hooks, self)  # hooked head modules
@@ -168,6 +195,8 @@ class StreamedModule(nn.Module):
         bindings = (
             live.Binding(tile, self, live.targets(program.tile_graph)),
             live.Binding(outer, self, live.targets(program.outer_graph, skip=("fxstream_trunk",))),
+            *(live.Binding(m, self, live.targets(g)) for m, g in zip(pass_tiles, program.pass_graphs)),
+            *([live.Binding(driver, self, live.targets(program.driver_graph))] if driver is not None else []),
         )
         return outer, bindings
 

@@ -92,6 +92,7 @@ class Analysis:
     values: tuple = ()  # (global fx.Node, level): the statistic values trunk nodes read
     heads: tuple = ()  # the statistic head: global fx.Nodes between the statistics and the values
     depth: dict = field(default_factory=dict)  # trunk node (and image) -> the highest level it depends on
+    level: dict = field(default_factory=dict)  # statistic, head and value node -> its level
     decomposed: tuple = ()  # (module path or node name, op, first node name) of each decomposed norm
 
     @property
@@ -240,6 +241,7 @@ def _with_statistics(analysis: Analysis, walk: _Walk, needed: set, dag: nx.DiGra
         values=tuple((v, walk.level[v]) for v in values),
         heads=tuple(heads),
         depth=depth,
+        level={n: walk.level[n] for n in heads + reducers},
         decomposed=tuple(walk.decomposed),
     )
 
