@@ -20,7 +20,15 @@ from .planning.plan import Plan
 from .planning.schedule import Schedule, as_schedule
 from .planning.trunk import TrunkGeometry
 from .runtime import live
-from .runtime.codegen import StreamedTrunk, driver_graph, graph_module, outer_graph, tile_graph, value_checks
+from .runtime.codegen import (
+    StreamedTrunk,
+    driver_graph,
+    graph_module,
+    outer_graph,
+    pass_values,
+    tile_graph,
+    value_checks,
+)
 from .runtime.progress import StreamStats
 from .runtime.settings import StreamSettings
 
@@ -153,7 +161,7 @@ class StreamedModule(nn.Module):
         parts = [f"# outer module\n{gm.code}"]
         if trunk.driver is not None:
             parts.append(f"# driver: the statistics passes and their heads\n{trunk.driver.code}")
-            parts += [f"# per-tile module of statistics pass {j}\n{m.code}" for j, m in enumerate(trunk.passes, 1)]
+            parts += [f"# per-tile module of statistics pass {j}\n{m.code}" for j, m in enumerate(trunk.pass_tiles, 1)]
         parts.append(f"# per-tile module{' of the output pass' if trunk.driver is not None else ''}\n{trunk.tile.code}")
         return "\n".join(parts)
 
@@ -187,6 +195,12 @@ class StreamedModule(nn.Module):
             passes=pass_tiles,
             driver=driver,
             checks=value_checks(program.analysis) if driver is not None else {},
+            pass_values={
+                level: pass_values(program.analysis, program.geometry, level)
+                for level in [None, *range(1, program.geometry.levels + 1)]
+            }
+            if driver is not None
+            else {},
         )
         # The streaming call is opaque to torch.compile (it runs eagerly); the head is compiled.
         trunk.forward = torch.compiler.disable(hooks.around(trunk.forward, self, program.hooks))

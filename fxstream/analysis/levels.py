@@ -106,9 +106,11 @@ def refusal(analysis, max_levels: int, dag: nx.DiGraph) -> StatisticsError:
     name = type(analysis.gm).__name__
     fixes = [f"pass max_levels={levels} to accept that cost"]
     prefix = _prefix_within(analysis, max_levels, weights, dag)
-    boundary = None
+    boundary, where = None, ""
     if prefix is not None:
-        boundary, share, prefix_ratio = prefix
+        boundary, share, prefix_ratio, node = prefix
+        stride = diagnose._fmt(diagnose._strides(node, analysis.verdicts, analysis.image) or (1,))
+        where = f"\n  largest streamable prefix: boundary={boundary!r} (node '{node.name}', stride {stride})"
         fixes.append(
             f"boundary={boundary!r} to stream only the part with at most {max_levels} levels ({share:.0%} of the "
             f"work, predicted {prefix_ratio:.2f}x; the rest runs plain, with its memory)"
@@ -120,7 +122,7 @@ def refusal(analysis, max_levels: int, dag: nx.DiGraph) -> StatisticsError:
         f"global statistics ({describe_statistics(stats)}; from {_named(first)} at level {first.level} to "
         f"{_named(last)} at level {last.level}). Each level adds a streamed pass forward and one backward: "
         f"{2 * (levels + 1)} passes, a predicted training step of {ratio:.1f}x a plain step's work (a trunk "
-        f"without statistics: {PLAIN_RATIO:.2f}x).\n  fix: " + ", or ".join(fixes)
+        f"without statistics: {PLAIN_RATIO:.2f}x).\n  fix: " + ", or ".join(fixes) + where
     )
     return StatisticsError(
         message,
@@ -151,7 +153,7 @@ def _prefix_within(analysis, max_levels: int, weights: dict, dag: nx.DiGraph):
             continue
         inside = (nx.ancestors(dag, node) & trunk) | {node}
         work = sum(weights[n] for n in inside)
-        if work > best_work:
+        if work >= best_work:  # ties (ops without weights after the last convolution): the later node
             best, best_work = (node, inside), work
     if best is None:
         return None
@@ -160,4 +162,4 @@ def _prefix_within(analysis, max_levels: int, weights: dict, dag: nx.DiGraph):
     passes = pass_nodes([n for n in analysis.trunk if n in inside], stats, dag)
     u = uses([n for n in analysis.trunk if n in inside], passes)
     ratio = predicted_ratio(weights, u, inside)
-    return diagnose._boundary_name(analysis.gm, node), best_work / total, ratio
+    return diagnose._boundary_name(analysis.gm, node), best_work / total, ratio, node

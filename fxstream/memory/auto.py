@@ -242,7 +242,23 @@ def prefix_geometry(geo: TrunkGeometry, cut: str) -> TrunkGeometry:
     outputs = tuple(o for o in geo.outputs if o in kept and o != cut) + (cut,)
     slots = tuple(s for s in geo.slots if s.consumer in kept) + tuple(Slot("window", "", o) for o in outputs)
     dims = tuple((n, d) for n, d in geo.dims if n in kept or n == geo.image)
-    return dataclasses.replace(geo, output=cut, steps=steps, dims=dims, slots=slots, outputs=outputs)
+    size_nodes = tuple(s for s in geo.size_nodes if s.before < len(steps))  # those the prefix's steps read
+    stats = tuple(s for s in geo.statistics if s.input in kept or s.input == geo.image)
+    slots += tuple(s for s in geo.slots if any(s.consumer == st.name for st in stats))
+    passes = tuple(
+        tuple(n for n in nodes if n in kept) for nodes in geo.passes[: max((s.level for s in stats), default=0)]
+    )
+    return dataclasses.replace(
+        geo,
+        output=cut,
+        steps=steps,
+        dims=dims,
+        slots=slots,
+        outputs=outputs,
+        size_nodes=size_nodes,
+        statistics=stats,
+        passes=passes,
+    )
 
 
 def _reason(best: Candidate, candidates: list, budget: int, auto_tile: bool, auto_boundary: bool) -> str:

@@ -287,13 +287,15 @@ class StreamedTrunk(nn.Module):
         passes: tuple = (),
         driver: fx.GraphModule | None = None,
         checks: dict | None = None,
+        pass_values: dict | None = None,
     ):
         super().__init__()
         self.tile = tile  # the output pass's tile code
         # global statistics: the tile code of each statistics pass, and the driver that runs them
-        self.passes = nn.ModuleList(passes)
+        self.pass_tiles = nn.ModuleList(passes)
         self.driver = driver
-        self.value_checks = checks or {}
+        self.value_checks = checks or {}  # value -> where it must have size 1 (codegen.value_checks)
+        self.pass_values = pass_values or {}  # level (None: the output pass) -> the values it reads
         self.geometry = geometry
         self.plan = plan
         self.schedule = as_schedule(schedule)
@@ -302,8 +304,8 @@ class StreamedTrunk(nn.Module):
         self.outputs_dims = tuple(geometry.axis_dims(o) for o in geometry.outputs)
         self.node_dims = {name: dims for name, dims in geometry.dims}
         self.random_ops = rng.rewrite_random(tile, geometry)
-        for module in self.passes:  # their keyed draws are a subset of the output pass's
-            rng.rewrite_random(module, geometry)
+        # a statistics pass's keyed draws are a subset of the output pass's (the call's draws serve all)
+        self._keyed = {id(m): bool(rng.rewrite_random(m, geometry).keyed) for m in self.pass_tiles}
         self._shape_plans: OrderedDict = OrderedDict()
         self._stripes: OrderedDict = OrderedDict()
 
@@ -353,7 +355,10 @@ class StreamedTrunk(nn.Module):
         return self.stream(x)
 
     def stream(self, x: torch.Tensor) -> torch.Tensor:
-        """The streamed trunk output for ``x`` (a differentiable autograd.Function)."""
+        """The streamed trunk output for ``x`` (a differentiable autograd.Function). With global
+        statistics the generated driver runs the passes (``runtime.passes``)."""
+        if self.driver is not None:
+            return self.driver(passes.CallState(self, x))
         size = tuple(x.shape[d] for d in self.input_dims)
         if self.tile_group is not None:  # before any other collective: every rank has the same shape
             self.tile_group.check_shape(tuple(x.shape), self.compute_device(x))
@@ -413,12 +418,17 @@ class StreamedTrunk(nn.Module):
         """Whether the trunk has several outputs (returned as a tuple, in ``geometry.outputs`` order)."""
         return len(self.geometry.outputs) > 1
 
-    def run_tile(self, x: torch.Tensor, tile, run, random=None) -> tuple[torch.Tensor, ...]:
-        """The tile's block of every trunk output (a tuple, in ``geometry.outputs`` order)."""
-        if self.random_ops.keyed:
-            blocks = self.tile(x, tile.geometry, run, random)
-        else:
-            blocks = self.tile(x, tile.geometry, run)
+    def run_tile(self, x: torch.Tensor, tile, run, random=None, module=None, values=None) -> tuple[torch.Tensor, ...]:
+        """The tile's block of every trunk output (a tuple, in ``geometry.outputs`` order).
+        With global statistics, ``module`` (a statistics pass's tile code; None: the output
+        pass) reads the statistic ``values``; a statistics pass returns its partial sums, one
+        flat tuple."""
+        module = module if module is not None else self.tile
+        args = (x, tile.geometry, run) + ((tuple(values or ()),) if self.driver is not None else ())
+        keyed = self.random_ops.keyed if module is self.tile else self._keyed[id(module)]
+        blocks = module(*args, random) if keyed else module(*args)
+        if module is not self.tile:
+            return tuple(t for partial in blocks for t in partial)
         blocks = blocks if self.multi_output else (blocks,)
         for block, dims, box in zip(blocks, self.outputs_dims, tile.blocks):
             check_block(block, dims, box)
