@@ -334,7 +334,9 @@ def compile(
     boundary = boundary if boundary is None or isinstance(boundary, str) else tuple(boundary)
     schedule = as_schedule(schedule)  # -> Schedule
     if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size and a boundary, from the memory model
-        choice = choose(model, tile_size, boundary, memory_budget, input_shape, schedule=schedule)
+        choice = choose(
+            model, tile_size, boundary, memory_budget, input_shape, schedule=schedule, max_levels=max_levels
+        )
         tile_size, boundary = choice.tile_size, choice.boundary
         if verbose:
             print(choice.reason)

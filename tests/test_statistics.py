@@ -167,6 +167,19 @@ def test_exact(name, batch):
     check(model, x, tile)
 
 
+def test_each_pass_runs_once_forward_and_once_backward():
+    """L + 1 passes, each tile forward and back once per pass: under carry the statistics passes'
+    backward reads the output pass's stripes (no forward pass is rebuilt)."""
+    model = randomise(Toy())
+    smodel = fxstream.compile(model, tile_size=12)
+    x = torch.randn(1, 3, 40, 40, dtype=F64)
+    smodel.last_stats.reset()
+    smodel(x).sum().backward()
+    n = smodel.shape_plan(40, 40).num_tiles
+    stats = smodel.last_stats
+    assert n >= 9 and (stats.passes, stats.forward_tiles, stats.backward_tiles) == (5, 5 * n, 5 * n)
+
+
 def test_one_tile_still_runs_every_pass():
     model = randomise(Toy())
     x = torch.randn(2, 3, 23, 19, generator=torch.Generator().manual_seed(1), dtype=F64)

@@ -2,7 +2,7 @@
 
     fxstream plan MODEL --input-shape 1,3,8192,8192 --tile-size 1024 [--boundary NODE[,NODE...]]
                   [--dtype float32] [--format text|json|dot|code] [--png FILE]
-                  [--memory-budget 8GiB] [--train]
+                  [--memory-budget 8GiB] [--train] [--max-levels 4]
 
 MODEL is ``package.module:callable`` (keyword arguments in parentheses, as Python
 literals: ``'torchvision.models:resnet34(num_classes=10)'``), ``path/to/file.py:callable``,
@@ -110,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--train", action="store_true", help="keep the model in training mode (default: eval)")
     plan.add_argument(
+        "--max-levels",
+        type=int,
+        default=4,
+        metavar="N",
+        help="the most dependent levels of global statistics (GroupNorm, squeeze-excitation, pooling branches, "
+        "train-mode BatchNorm) to stream (default 4; each level adds a pass forward and backward)",
+    )
+    plan.add_argument(
         "--ranks", type=int, default=1, metavar="N", help="show the tile-parallel split over N ranks (tile_group)"
     )
     return parser
@@ -131,9 +139,9 @@ def plan_command(args: argparse.Namespace) -> int:
     if tile_size == "auto" or boundary == "auto":
         if budget is None:
             raise UsageError("--tile-size auto and --boundary auto need --memory-budget (e.g. 8GiB)")
-        choice = choose(model, tile_size, boundary, budget, input_shape, dtype)
+        choice = choose(model, tile_size, boundary, budget, input_shape, dtype, max_levels=args.max_levels)
         tile_size, boundary, reason = choice.tile_size, choice.boundary, choice.reason
-    smodel = fx_compile(model, tile_size, boundary=boundary, schedule=args.schedule)
+    smodel = fx_compile(model, tile_size, boundary=boundary, schedule=args.schedule, max_levels=args.max_levels)
     program = smodel.program()
     if len(input_shape) - 2 != program.geometry.ndim:
         raise UsageError(

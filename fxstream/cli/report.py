@@ -23,6 +23,15 @@ computes), ``activation_bytes`` (for that region, batch included),
 ``memory``: ``{"streamed"|"plain": {"training"|"inference": {"bytes", "phase", "parts"}},
 "budget": bytes or null, "fits": bool or null}``; ``choice`` (the CLI only: the reason
 for an automatic tile size or boundary, or null).
+
+Global statistics (issue 20): ``level`` in every node object (the highest level of the
+statistics it depends on), and ``statistics``: ``{"levels", "passes" (streamed passes, forward
+and backward together), "predicted_step_ratio" (the same as the top-level one),
+"max_levels", "per_level": [{"level", "pass_work" (the share of the trunk's FLOPs that the
+pass computes), "statistics": [{"node", "op", "module_path", "category", "shape" (at the
+probe's batch of 1)}]}]}``. With statistics, ``predicted_step_ratio`` is the schedule's
+ratio times ``sum_v F_v (1 + u_v) / sum_v F_v``: a node that ``u`` statistics passes
+compute runs ``1 + u`` times forward and backward.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import math
 
 import torch
 
-from ..memory.auto import trunk_flops
+from ..memory.auto import node_flops, pass_uses, trunk_flops
 from ..memory.model import MemoryModel, parameter_bytes
 from ..memory.nodestats import measure
 from ..module import StreamedModule
@@ -77,6 +86,7 @@ def build(
     grid = [len(split) for split in splits]
     estimate = model.estimate(spatial)
     training = estimate.streamed_training.total
+    levels = statistics_section(smodel, model, stats, spatial, shape_plan.schedule.step_ratio(computed / whole))
     return {
         "schema": SCHEMA,
         "model": model_name,
@@ -105,9 +115,10 @@ def build(
         "halo_overhead": computed / whole,
         "schedule": shape_plan.schedule.kind,
         "stripe_store_bytes": model.stripe_bytes(spatial),
-        "predicted_step_ratio": shape_plan.schedule.step_ratio(computed / whole),
+        "predicted_step_ratio": levels["predicted_step_ratio"],
         "redundant_compute_percent": (_flop_overhead(model, stats, spatial) - 1) * 100,
         "nodes": _nodes(model, stats, analysis, input_shape[0]),
+        "statistics": levels,
         "memory": {
             **estimate.to_dict(),
             "budget": budget,
@@ -142,9 +153,49 @@ def _nodes(model: MemoryModel, stats, analysis, batch: int) -> list[dict]:
                 "interior_region": [int(v) for v in lengths[node.name]],
                 "activation_bytes": int(batch * by_name[node.name].bytes_per_pixel * int(regions[node.name])),
                 "saved": by_name[node.name].saved,
+                "level": node.level,
             }
         )
     return rows
+
+
+def statistics_section(smodel: StreamedModule, model: MemoryModel, stats, spatial: tuple[int, ...], ratio: float):
+    """The ``statistics`` object of the report: levels, passes, the predicted step ratio (the
+    schedule's ``ratio`` weighted by the passes each node runs in) and per level its share of
+    the work and its statistics."""
+    program = smodel.program()
+    geo = program.geometry
+    _, whole = node_flops(model, stats, spatial)
+    total = sum(whole.values()) or 1.0
+    u = pass_uses(geo)
+    weighted = sum(f * (1 + u.get(n, 0)) for n, f in whole.items()) / total
+    shapes = getattr(stats, "statistic_shapes", {}) or {}
+    per_level = [
+        {
+            "level": level,
+            "pass_work": sum(whole[n] for n in nodes) / total,
+            "statistics": [
+                {
+                    "node": s.name,
+                    "op": s.op,
+                    "module_path": s.module_path,
+                    "category": s.category,
+                    "shape": list(shapes.get(s.name, ())),
+                }
+                for s in geo.statistics
+                if s.level == level
+            ],
+        }
+        for level, nodes in enumerate(geo.passes, 1)
+    ]
+    config = smodel._config
+    return {
+        "levels": geo.levels,
+        "passes": 2 * (geo.levels + 1),
+        "predicted_step_ratio": ratio * weighted,
+        "max_levels": config[3] if len(config) > 3 else None,
+        "per_level": per_level,
+    }
 
 
 def _kernel(extent, dilation) -> list | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..analysis.analyze import MAX_LEVELS
 from ..errors import TileSizeError, UnsupportedOpError
 from ..planning.lower import Lowered, lower
 from ..planning.plan import build_plan, node_sizes, tile_tuple
@@ -61,6 +62,7 @@ def choose(
     input_shape: tuple[int, ...] | None,
     dtype: torch.dtype | None = None,
     schedule=None,
+    max_levels: int | None = MAX_LEVELS,
 ) -> Choice:
     """Resolve ``tile_size="auto"`` and/or ``boundary="auto"`` (see the module docstring)."""
     if input_shape is None or len(input_shape) < 3:
@@ -76,7 +78,7 @@ def choose(
         raise TileSizeError(f"memory_budget: {exc}") from None
     auto_tile = tile_size == "auto"
     probe_tile = (1 << 20) if auto_tile else tile_size
-    program = _program(model, probe_tile, boundary, schedule)
+    program = _program(model, probe_tile, boundary, schedule, max_levels)
     schedule = program.schedule
     geo = program.geometry
     spatial = tuple(input_shape[2:])
@@ -122,17 +124,18 @@ def choose(
     return Choice(best.tile, chosen_boundary, reason, tuple(candidates))
 
 
-def _program(model: nn.Module, tile, boundary, schedule) -> Lowered:
-    """The trunk the choice cuts: with ``boundary="auto"``, the whole local trunk, or
-    where a non-local op sits inside it, its largest streamable prefix."""
+def _program(model: nn.Module, tile, boundary, schedule, max_levels: int | None = MAX_LEVELS) -> Lowered:
+    """The trunk the choice cuts: with ``boundary="auto"``, the whole trunk, or where a
+    non-local op sits inside it (or more than ``max_levels`` levels of global statistics), its
+    largest streamable prefix."""
     if boundary != "auto":
-        return lower(model, tile, boundary, schedule)
+        return lower(model, tile, boundary, schedule, max_levels)
     try:
-        return lower(model, tile, None, schedule)
+        return lower(model, tile, None, schedule, max_levels)
     except UnsupportedOpError as err:
         if err.boundary is None:
             raise
-        return lower(model, tile, err.boundary, schedule)
+        return lower(model, tile, err.boundary, schedule, max_levels)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -191,10 +194,42 @@ def _candidate(model_for, stats: TrunkStats, geo, spatial, tile, budget, cut) ->
 
 def predicted_cost(memory: MemoryModel, stats: TrunkStats, geo: TrunkGeometry, spatial: tuple[int, ...]) -> float:
     """Predicted time of a training step in whole-image trunk forward FLOPs:
-    ``4 * h * F_streamed + 3 * F_rest`` (see the module docstring), where ``h * F_streamed``
-    is what the schedule's tiles compute (``h = 1`` under carry)."""
-    tiled, streamed, rest = trunk_flops(memory, stats, geo, spatial)
-    return (4 * tiled + 3 * rest) / (streamed + rest)
+    ``4 * sum_v tiled_v (1 + u_v) + 3 * F_rest`` (see the module docstring), where ``tiled_v``
+    is what the schedule's tiles compute of node ``v`` (``h = 1`` under carry) and ``u_v`` the
+    number of statistics passes that compute it (issue 20: :func:`pass_uses`)."""
+    tiled, whole = node_flops(memory, stats, spatial)
+    u = pass_uses(memory.geo)
+    rest = sum(flops * math.prod(size) for flops, size in _rest(memory, stats, geo, spatial))
+    streamed = sum(4 * t * (1 + u.get(name, 0)) for name, t in tiled.items())
+    return (streamed + 3 * rest) / (sum(whole.values()) + rest)
+
+
+def pass_uses(geo: TrunkGeometry) -> dict:
+    """Trunk node -> ``u``: how many statistics passes compute it (each also runs it backward)."""
+    u: dict = {}
+    for nodes in geo.passes:
+        for name in nodes:
+            u[name] = u.get(name, 0) + 1
+    return u
+
+
+def node_flops(memory: MemoryModel, stats: TrunkStats, spatial: tuple[int, ...]) -> tuple[dict, dict]:
+    """Per streamed node, forward FLOPs over all tiles of one pass, and of one whole-image pass."""
+    flops = {s.name: s.flops_per_pixel for s in stats.nodes}
+    sizes = node_sizes(memory.trunk, spatial)
+    names = [s.name for s in memory.geo.steps]
+    tiled = dict.fromkeys(names, 0.0)
+    for shape in memory.tile_shapes(spatial):
+        for n in names:
+            tiled[n] += shape.count * flops[n] * shape.px[n]
+    return tiled, {n: flops[n] * math.prod(sizes[n]) for n in names}
+
+
+def _rest(memory: MemoryModel, stats: TrunkStats, geo: TrunkGeometry, spatial: tuple[int, ...]) -> list:
+    flops = {s.name: s.flops_per_pixel for s in stats.nodes}
+    sizes = node_sizes(geo, spatial)
+    streamed = {s.name for s in memory.geo.steps}
+    return [(flops[s.name], sizes[s.name]) for s in geo.steps if s.name not in streamed]
 
 
 def trunk_flops(memory: MemoryModel, stats: TrunkStats, geo: TrunkGeometry, spatial: tuple[int, ...]) -> tuple:

@@ -73,6 +73,7 @@ class TrunkStats:
     const_saved_bytes: int  # saved tensors computed from parameters alone (per tile)
     probe_size: tuple[int, ...]  # the spatial size of the tiny run
     head: HeadFit | None = None  # None: the head did not run at the probe sizes (not counted)
+    statistic_shapes: dict = dataclasses.field(default_factory=dict)  # statistic -> its value's shape (batch 1)
 
     def by_name(self) -> dict:
         return {n.name: n for n in self.nodes}
@@ -252,7 +253,13 @@ class _Run:
                     shape=tuple(value.shape),
                 )
             )
-        return TrunkStats(tuple(result), self.itemsize, const_saved, size)
+        shapes = {}
+        for stat in analysis.statistics:
+            value = env.get(stat.node)
+            value = value[0] if isinstance(value, tuple) else value
+            if isinstance(value, torch.Tensor):
+                shapes[stat.node.name] = tuple(value.shape)
+        return TrunkStats(tuple(result), self.itemsize, const_saved, size, statistic_shapes=shapes)
 
     def _itemsize_of(self, tensor: torch.Tensor) -> int:
         """Floating tensors take the target dtype; others (indices, masks) keep theirs."""
@@ -265,6 +272,9 @@ def _statistic_nodes(analysis: Analysis) -> set:
     trunk = set(analysis.trunk) | {analysis.image}
     found: set = set()
     stack = [s.node for s in analysis.statistics] + list(analysis.heads)
+    for node in analysis.trunk:  # the size arguments of broadcast-backs (interpolate(grid, size=x.shape[2:]))
+        if getattr(analysis.verdicts[node], "kind", None) == "broadcast":
+            stack += [n for n in node.all_input_nodes if n not in trunk]
     while stack:
         node = stack.pop()
         if node in found or node in trunk or node.op == "placeholder":
