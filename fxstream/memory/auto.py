@@ -15,7 +15,16 @@
   whole-image trunk: the streamed part costs ``4 * h * F_prefix`` (each tile runs forward,
   then is recomputed and back-propagated: ``h + h + 2h``, with ``h`` the FLOP-weighted halo
   overhead of the schedule's tiles; ``h = 1`` under carry), the rest ``3 * F_rest``. The fastest candidate
-  whose predicted peak fits the budget wins.
+  whose predicted peak fits the budget wins; among candidates within 5% of the fastest
+  (``TIE``), the one that streams the most.
+* **Global statistics** (issue 20). A streamed node that ``u`` statistics passes compute
+  costs ``4 * h * F (1 + u)``. Each cut is analysed again with ``boundary=cut``: a statistic
+  whose uses lie after the cut is a head reduction of the prefix (its input becomes a prefix
+  output), so the prefix runs fewer passes. The whole model is a candidate when it holds at
+  most ``max_levels`` levels; otherwise the candidates are cuts of the largest prefix within
+  ``max_levels``, and the whole model is listed as excluded. For large images the plain rest
+  of a prefix does not fit, and the whole model wins; when it fits, a prefix before the
+  statistics is faster and is chosen.
 """
 
 from __future__ import annotations
@@ -28,13 +37,15 @@ import torch
 import torch.nn as nn
 
 from ..analysis.analyze import MAX_LEVELS
-from ..errors import TileSizeError, UnsupportedOpError
+from ..errors import StatisticsError, TileSizeError, UnsupportedOpError
 from ..planning.lower import Lowered, lower
 from ..planning.plan import build_plan, node_sizes, tile_tuple
 from ..planning.trunk import Slot, TrunkGeometry
 from .model import MemoryModel, block_for, parameter_bytes
 from .nodestats import TrunkStats, measure
 from .units import format_bytes, parse_bytes
+
+TIE = 0.05  # candidates within this fraction of the fastest one's time count as equally fast
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Candidate:
     peak: int  # predicted training peak at that tile (or at the smallest tile)
     cost: float  # predicted time, in whole-image trunk forward FLOPs (inf if it does not fit)
     stride: tuple
+    levels: int = 0  # levels of global statistics the streamed part holds
+    excluded: str = ""  # why it was not considered (e.g. more levels than max_levels)
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ def choose(
         raise TileSizeError(f"memory_budget: {exc}") from None
     auto_tile = tile_size == "auto"
     probe_tile = (1 << 20) if auto_tile else tile_size
-    program = _program(model, probe_tile, boundary, schedule, max_levels)
+    program, refused = _program(model, probe_tile, boundary, schedule, max_levels)
     schedule = program.schedule
     geo = program.geometry
     spatial = tuple(input_shape[2:])
@@ -90,9 +103,9 @@ def choose(
     stats = measure(program.analysis, geo, input_shape[1], dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     cuts = cut_candidates(geo, program.plan) if boundary == "auto" else [geo.output]
-    candidates = []
+    candidates = [_excluded(refused, max_levels)] if refused is not None else []
     for cut in cuts:
-        part = prefix_geometry(geo, cut)
+        part = _cut_geometry(model, probe_tile, program, cut, schedule, max_levels)
         params = parameter_bytes(program.analysis, {s.name for s in part.steps}, itemsize)
         model_for = lambda tile, part=part, params=params: MemoryModel(  # noqa: E731
             part,
@@ -106,8 +119,8 @@ def choose(
         tile = largest_tile(model_for(probe_tile), spatial, budget) if auto_tile else probe_tile
         if auto_tile and tile is not None:
             tile = exact_fit(model_for, spatial, tile, budget)
-        candidates.append(_candidate(model_for, stats, geo, spatial, tile, budget, cut))
-    fitting = [c for c in candidates if c.cost != float("inf")]
+        candidates.append(_candidate(model_for, stats, geo, spatial, tile, budget, cut_spec(geo, cut), part.levels))
+    fitting = [c for c in candidates if c.cost != float("inf") and not c.excluded]
     if not fitting:
         best = min(candidates, key=lambda c: c.peak)
         tile = "the smallest tile" if auto_tile else f"tile_size={tile_size}"
@@ -116,7 +129,7 @@ def choose(
             f"prediction is {format_bytes(best.peak)} (streaming up to '{best.boundary}' with {tile}). "
             "Raise the budget, or train on smaller inputs."
         )
-    best = min(fitting, key=lambda c: c.cost)
+    best = pick(fitting)
     chosen_boundary = None if best.boundary == geo.output and boundary != "auto" else best.boundary
     if boundary is not None and boundary != "auto":
         chosen_boundary = boundary
@@ -124,18 +137,51 @@ def choose(
     return Choice(best.tile, chosen_boundary, reason, tuple(candidates))
 
 
-def _program(model: nn.Module, tile, boundary, schedule, max_levels: int | None = MAX_LEVELS) -> Lowered:
-    """The trunk the choice cuts: with ``boundary="auto"``, the whole trunk, or where a
-    non-local op sits inside it (or more than ``max_levels`` levels of global statistics), its
-    largest streamable prefix."""
+def pick(fitting: list[Candidate]) -> Candidate:
+    """The fastest candidate; among those within ``TIE`` of it, the one that streams the most
+    (candidates go from the smallest prefix to the whole trunk)."""
+    fastest = min(c.cost for c in fitting)
+    return [c for c in fitting if c.cost <= (1 + TIE) * fastest][-1]
+
+
+def _program(model: nn.Module, tile, boundary, schedule, max_levels: int | None = MAX_LEVELS) -> tuple:
+    """The trunk the choice cuts, and the error that refused the whole model for its levels
+    (or None): with ``boundary="auto"``, the whole trunk, or where a non-local op sits inside it
+    (or more than ``max_levels`` levels of global statistics), its largest streamable prefix."""
     if boundary != "auto":
-        return lower(model, tile, boundary, schedule, max_levels)
+        return lower(model, tile, boundary, schedule, max_levels), None
     try:
-        return lower(model, tile, None, schedule, max_levels)
+        return lower(model, tile, None, schedule, max_levels), None
     except UnsupportedOpError as err:
         if err.boundary is None:
             raise
-        return lower(model, tile, err.boundary, schedule, max_levels)
+        refused = err if isinstance(err, StatisticsError) else None
+        return lower(model, tile, err.boundary, schedule, max_levels), refused
+
+
+def _excluded(err: StatisticsError, max_levels: int) -> Candidate:
+    """The whole model, refused for its levels: listed, never chosen."""
+    why = f"{err.levels} levels > max_levels={max_levels}, predicted {err.predicted_step_ratio:.1f}x a plain step"
+    return Candidate("<whole model>", None, 0, float("inf"), (), err.levels, why)
+
+
+def _cut_geometry(model: nn.Module, tile, program: Lowered, cut: str, schedule, max_levels) -> TrunkGeometry:
+    """The streamed part of a cut: the trunk itself, or, analysed again with ``boundary=cut``,
+    its prefix (a statistic whose uses lie after the cut is a head reduction there); without
+    statistics, the prefix of the trunk's geometry."""
+    geo = program.geometry
+    if cut == geo.output:
+        return geo
+    if not geo.statistics:
+        return prefix_geometry(geo, cut)
+    return lower(model, tile, cut_spec(geo, cut), schedule, max_levels).geometry
+
+
+def cut_spec(geo: TrunkGeometry, cut: str) -> str:
+    """``boundary=`` for the cut at node ``cut``: its name, or for a decomposed norm's
+    application (a node the traced model does not have) the norm's module path."""
+    step = geo.steps_by_name[cut]
+    return step.module_path if step.op == "normalize" and step.module_path else cut
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -179,17 +225,20 @@ def exact_fit(model_for, spatial: tuple[int, ...], tile: int, budget: int) -> in
     return None
 
 
-def _candidate(model_for, stats: TrunkStats, geo, spatial, tile, budget, cut) -> Candidate:
+def _candidate(model_for, stats: TrunkStats, geo, spatial, tile, budget, cut, levels: int = 0) -> Candidate:
     if tile is None:
         memory = model_for(1 << 20)
         smallest = max(memory.plan.receptive_field)
-        stride = next(n.stride for n in memory.plan.nodes if n.name == cut)
-        return Candidate(cut, None, memory.training_peak(spatial, smallest), float("inf"), stride)
+        stride = next(n.stride for n in memory.plan.nodes if n.name == memory.geo.output)
+        return Candidate(cut, None, memory.training_peak(spatial, smallest), float("inf"), stride, levels)
     memory = model_for(tile)
-    stride = next(n.stride for n in memory.plan.nodes if n.name == cut)
-    peak = memory.training_peak(spatial, tile)
+    stride = next(n.stride for n in memory.plan.nodes if n.name == memory.geo.output)
+    try:  # the exact tiles' prediction, as exact_fit checked it (the interior formula can differ by a few MiB)
+        peak = memory.estimate(spatial).streamed_training.total
+    except TileSizeError:  # below what this input's first carry tile needs
+        peak = memory.training_peak(spatial, tile)
     cost = predicted_cost(memory, stats, geo, spatial)
-    return Candidate(cut, tile, peak, cost if peak <= budget else float("inf"), stride)
+    return Candidate(cut, tile, peak, cost if peak <= budget else float("inf"), stride, levels)
 
 
 def predicted_cost(memory: MemoryModel, stats: TrunkStats, geo: TrunkGeometry, spatial: tuple[int, ...]) -> float:
@@ -268,7 +317,8 @@ def cut_candidates(geo: TrunkGeometry, plan) -> list[str]:
 
 def prefix_geometry(geo: TrunkGeometry, cut: str) -> TrunkGeometry:
     """The trunk up to the separating node ``cut``, as its own geometry: its outputs are
-    the trunk outputs before ``cut`` and ``cut`` itself."""
+    the trunk outputs before ``cut`` and ``cut`` itself (for a trunk without global
+    statistics: with them, :func:`_cut_geometry` analyses the cut again)."""
     if cut == geo.output:
         return geo
     names = [s.name for s in geo.steps]
@@ -278,21 +328,8 @@ def prefix_geometry(geo: TrunkGeometry, cut: str) -> TrunkGeometry:
     slots = tuple(s for s in geo.slots if s.consumer in kept) + tuple(Slot("window", "", o) for o in outputs)
     dims = tuple((n, d) for n, d in geo.dims if n in kept or n == geo.image)
     size_nodes = tuple(s for s in geo.size_nodes if s.before < len(steps))  # those the prefix's steps read
-    stats = tuple(s for s in geo.statistics if s.input in kept or s.input == geo.image)
-    slots += tuple(s for s in geo.slots if any(s.consumer == st.name for st in stats))
-    passes = tuple(
-        tuple(n for n in nodes if n in kept) for nodes in geo.passes[: max((s.level for s in stats), default=0)]
-    )
     return dataclasses.replace(
-        geo,
-        output=cut,
-        steps=steps,
-        dims=dims,
-        slots=slots,
-        outputs=outputs,
-        size_nodes=size_nodes,
-        statistics=stats,
-        passes=passes,
+        geo, output=cut, steps=steps, dims=dims, slots=slots, outputs=outputs, size_nodes=size_nodes
     )
 
 
@@ -310,11 +347,15 @@ def _reason(best: Candidate, candidates: list, budget: int, auto_tile: bool, aut
     if auto_boundary and len(candidates) > 1:
         lines.append("  candidates (predicted time in whole-image forward passes of the trunk):")
         for c in candidates:
+            if c.excluded:
+                lines.append(f"    {c.boundary}: excluded ({c.excluded}; compile(..., max_levels=...))")
+                continue
             tile = "no tile fits" if c.tile is None else f"tile {c.tile}"
             cost = "-" if c.tile is None else "over the budget" if c.cost == float("inf") else f"{c.cost:.2f}"
             mark = "  <- fastest within the budget" if c is best else ""
+            levels = f", {c.levels} levels of statistics" if c.levels else ""
             lines.append(
-                f"    up to {c.boundary!r} (stride {'x'.join(map(str, c.stride))}): {tile}, "
+                f"    up to {c.boundary!r} (stride {'x'.join(map(str, c.stride))}{levels}): {tile}, "
                 f"peak {format_bytes(c.peak)}, time {cost}{mark}"
             )
     elif auto_tile:
