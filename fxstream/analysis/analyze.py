@@ -559,34 +559,39 @@ class _Walk:
 
     def _size_source(self, size) -> fx.Node | None:
         """The spatial node whose spatial size ``size`` is, all its spatial dims in order:
-        ``x.shape[2:]``, ``x.size()[-2:]`` or ``(x.size(2), x.shape[3])``; else None."""
+        ``x.shape[2:]``, ``x.size()[-2:]``, ``(x.size(2), x.shape[3])`` or the items of
+        ``h, w = x.shape[2:]``; else None."""
         axes = tuple(range(self.ndim))
-        if isinstance(size, fx.Node):
-            if size.op == "call_function" and size.target is operator.getitem and _is_shape(size.args[0]):
-                source, index = size.args[0].args[0], size.args[1]
-                layout = self.layouts.get(source)
-                if layout is not None and isinstance(index, slice):
-                    picked = tuple(layout[d] for d in range(len(layout))[index])
-                    return source if picked == axes else None
-            return None
-        if not isinstance(size, (tuple, list)) or len(size) != self.ndim:
-            return None
-        sources = {self._dim_source(item, axis) for axis, item in enumerate(size)}
-        return sources.pop() if len(sources) == 1 else None
-
-    def _dim_source(self, item, axis: int) -> fx.Node | None:
-        if not isinstance(item, fx.Node):
-            return None
-        if item.op == "call_method" and item.target == "size" and len(item.args) == 2:
-            source, dim = item.args
-        elif item.op == "call_function" and item.target is operator.getitem and _is_shape(item.args[0]):
-            source, dim = item.args[0].args[0], item.args[1]
+        if isinstance(size, (tuple, list)):
+            found = [self._size_dims(item) for item in size]
+            if any(f is None or len(f[1]) != 1 for f in found) or len({f[0] for f in found}) != 1:
+                return None
+            source, dims = found[0][0], tuple(f[1][0] for f in found)
         else:
+            found = self._size_dims(size)
+            if found is None:
+                return None
+            source, dims = found
+        layout = self.layouts[source]
+        return source if tuple(layout[d] for d in dims) == axes else None
+
+    def _size_dims(self, node) -> tuple[fx.Node, tuple[int, ...]] | None:
+        """``(spatial node, its dims)`` whose sizes the size expression ``node`` holds."""
+        if not isinstance(node, fx.Node):
             return None
-        layout = self.layouts.get(source)
-        if layout is None or not isinstance(dim, int) or layout[dim % len(layout)] != axis:
-            return None
-        return source
+        if _is_shape(node) and node.args[0] in self.layouts:  # x.shape, x.size()
+            return node.args[0], tuple(range(len(self.layouts[node.args[0]])))
+        if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and node.args[0] in self.layouts:
+            source, dim = node.args
+            return (source, (dim % len(self.layouts[source]),)) if isinstance(dim, int) else None
+        if node.op == "call_function" and node.target is operator.getitem:
+            inner = self._size_dims(node.args[0])
+            index = node.args[1]
+            if inner is None or not isinstance(index, (int, slice)):
+                return None
+            picked = inner[1][index]
+            return inner[0], (picked,) if isinstance(index, int) else tuple(picked)
+        return None
 
 
 def _plain_pooling(ctx) -> bool:

@@ -86,9 +86,14 @@ def _macs(gm: fx.GraphModule, node: fx.Node, verdict) -> float:
 
 
 def describe_statistics(statistics: tuple) -> str:
-    """'global norm: InstanceNorm2d x18, squeeze-excitation: mean x2'."""
-    counts = Counter((s.category, s.op) for s in statistics)
-    return ", ".join(f"{category}: {op} x{n}" if n > 1 else f"{category}: {op}" for (category, op), n in counts.items())
+    """'global norm: InstanceNorm2d x18; squeeze-excitation: mean x2'."""
+    by_category: dict = {}
+    for stat in statistics:
+        by_category.setdefault(stat.category, Counter())[stat.op] += 1
+    return "; ".join(
+        f"{category}: " + ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items())
+        for category, ops in by_category.items()
+    )
 
 
 def refusal(analysis, max_levels: int, dag: nx.DiGraph) -> StatisticsError:
@@ -112,14 +117,15 @@ def refusal(analysis, max_levels: int, dag: nx.DiGraph) -> StatisticsError:
         stride = diagnose._fmt(diagnose._strides(node, analysis.verdicts, analysis.image) or (1,))
         where = f"\n  largest streamable prefix: boundary={boundary!r} (node '{node.name}', stride {stride})"
         fixes.append(
-            f"boundary={boundary!r} to stream only the part with at most {max_levels} levels ({share:.0%} of the "
+            f"boundary={boundary!r} to stream only the part with at most {max_levels} "
+            f"level{'s' if max_levels != 1 else ''} ({share:.0%} of the "
             f"work, predicted {prefix_ratio:.2f}x; the rest runs plain, with its memory)"
         )
     if any(s.category == diagnose.GLOBAL_NORM and s.op.startswith("BatchNorm") for s in stats):
         fixes.append("call model.eval() (BatchNorm with running statistics is local)")
     message = (
         f"cannot stream {name} whole with max_levels={max_levels}: its trunk holds {levels} dependent levels of "
-        f"global statistics ({describe_statistics(stats)}; from {_named(first)} at level {first.level} to "
+        f"global statistics ({describe_statistics(stats)}: from {_named(first)} at level {first.level} to "
         f"{_named(last)} at level {last.level}). Each level adds a streamed pass forward and one backward: "
         f"{2 * (levels + 1)} passes, a predicted training step of {ratio:.1f}x a plain step's work (a trunk "
         f"without statistics: {PLAIN_RATIO:.2f}x).\n  fix: " + ", or ".join(fixes) + where
