@@ -138,7 +138,7 @@ class StreamedModule(nn.Module):
 
     @property
     def schedule(self) -> Schedule:
-        """How the tiles run: ``Schedule('carry')`` or ``Schedule('recompute')``."""
+        """How the tiles run: ``Schedule('carry', stripes=...)`` or ``Schedule('recompute')``."""
         return self.program().schedule
 
     @property
@@ -333,13 +333,19 @@ def compile(
         progress: show a tqdm bar over the tiles of every pass (needs tqdm).
         memory_budget, input_shape: with ``tile_size="auto"``, the largest square tile
             whose predicted training peak for inputs of ``input_shape`` (N, C, *spatial)
-            fits ``memory_budget`` (bytes or e.g. ``"8GiB"``); with ``boundary="auto"``,
-            the streamed prefix predicted fastest within the budget (see ``fxstream.memory.auto``).
+            fits ``memory_budget`` (bytes or e.g. ``"8GiB"``) on the model's device; with
+            ``boundary="auto"``, the streamed prefix predicted fastest within the budget;
+            under carry with ``stripes="auto"``, also where the stripes live: on the device
+            if they fit, else in host memory (an accelerator) or banded (see
+            ``fxstream.memory.auto``).
         verbose: print the automatic choice and the reason.
         schedule: how the tiles run (see :mod:`fxstream.planning.schedule`): ``"carry"`` (the
             default) computes every activation once and carries thin stripes between
             neighbouring tiles; ``"recompute"`` makes tiles independent by recomputing
-            each tile's halo. Both are exact.
+            each tile's halo. Both are exact. ``fxstream.Schedule("carry", stripes=...)``
+            says where carry keeps its stripes for the backward pass: ``"auto"`` (the
+            default: in host memory on an accelerator, on the device on a CPU),
+            ``"device"``, ``"host"`` or ``"banded"`` (rebuilt band by band; ``band_rows=``).
         tile_group: a ``torch.distributed`` ProcessGroup (or a 1-D DeviceMesh) whose ranks
             all receive the same image and split its tiles into bands of tile rows; the
             trunk output and the gradients are those of one process on every rank (see
@@ -368,9 +374,18 @@ def compile(
     _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform)
     boundary = boundary if boundary is None or isinstance(boundary, str) else tuple(boundary)
     schedule = as_schedule(schedule)  # -> Schedule
-    if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size and a boundary, from the memory model
-        choice = choose(model, tile_size, boundary, memory_budget, input_shape, schedule=schedule)
-        tile_size, boundary = choice.tile_size, choice.boundary
+    if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size, a boundary and a schedule
+        device = _device(output_device)
+        choice = choose(
+            model,
+            tile_size,
+            boundary,
+            memory_budget,
+            input_shape,
+            schedule=schedule,
+            output_device=None if device is None else device.type,
+        )
+        tile_size, boundary, schedule = choice.tile_size, choice.boundary, choice.schedule
         if verbose:
             print(choice.reason)
     validate_tile_size(tile_size)

@@ -117,6 +117,15 @@ class ShapePlan:
     def num_tiles(self) -> int:
         return math.prod(self.grid)
 
+    def band_ranges(self, positions: range) -> list[range]:
+        """``positions`` (contiguous whole tile rows, e.g. a rank's) cut at the band starts
+        of the tiling (``Schedule.band_starts``): the raster positions of each band. No
+        stripe crosses a band start."""
+        row = math.prod(self.grid[1:])
+        cuts = [s * row for s in self.schedule.band_starts(self.grid[0]) if positions.start < s * row < positions.stop]
+        edges = [positions.start, *cuts, positions.stop]
+        return [range(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
     @functools.cached_property
     def tiles(self) -> tuple[Tile, ...]:
         return tuple(self.tile(index) for index in itertools.product(*(range(n) for n in self.grid)))
@@ -168,9 +177,11 @@ def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], sche
     geo = resolved(geo, tuple(input_size))
     sizes = node_sizes(geo, tuple(input_size))
     if schedule.carries:
+        bounds = carry_bounds(geo, plan, sizes)
+        starts = schedule.band_starts(len(bounds[0]) - 1)  # tile-group bands, and banded carry's
         axes = tuple(
-            tuple(_carry_axis(geo, sizes, a, bounds, schedule.bands if a == 0 else (0,)))
-            for a, bounds in enumerate(carry_bounds(geo, plan, sizes))
+            tuple(_carry_axis(geo, sizes, a, axis_bounds, starts if a == 0 else (0,)))
+            for a, axis_bounds in enumerate(bounds)
         )
     else:
         axes = tuple(
