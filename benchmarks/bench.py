@@ -470,10 +470,13 @@ def _gib(b) -> str:
     return "" if b is None else f"{b / 2**30:.3f}"
 
 
+TILED_METHODS = ("fxstream", "fxstream-recompute", "fxstream-host", "lightstream")
+
+
 def table(result: dict) -> str:
     lines = [
-        "| config | image | method | time / step | x plain | peak memory (GiB) | x plain | tiles | h | FLOP floor (schedule) "
-        "| time / floor | max rel err output | params | conv w | BN affine |",
+        "| config | image | method | time / step | x plain | peak memory (GiB) | x plain | tiles | h "
+        "| FLOP floor (schedule) | time / floor | max rel err output | params | conv w | BN affine |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -488,7 +491,7 @@ def table(result: dict) -> str:
             cfg,
             image,
             r["method"]
-            + (f", tile {r['tile']}" if r["method"] in ("fxstream", "fxstream-recompute", "fxstream-host", "lightstream") else ""),
+            + (f", tile {r['tile']}" if r["method"] in TILED_METHODS else ""),
             f"{r['time_s']:.3f} s",
             f"{r['time_x_plain']:.2f}x" if "time_x_plain" in r else "",
             _gib(r.get("peak_bytes")),

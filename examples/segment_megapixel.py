@@ -17,9 +17,10 @@ whole image cannot be computed tile by tile.
 
 Prints the loss and the IoU on a held-out image during training, and saves a picture of
 the held-out image, its true mask and the predicted mask (matplotlib if installed, else
-a binary PGM file).
+a binary PGM file) as segment_megapixel.png in the folder --out (default: a new temporary
+folder), and prints its path.
 
-Usage: python examples/segment_megapixel.py [--size N] [--tile-size T] [--steps S] [--quick] [--out PATH]
+Usage: python examples/segment_megapixel.py [--size N] [--tile-size T] [--steps S] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -195,7 +197,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default="segment_megapixel.png", help="picture of the held-out prediction")
+    parser.add_argument(
+        "--out", metavar="DIR", help="folder for the picture of the held-out prediction (default: a new temporary one)"
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['size']}x{QUICK['size']}, a few steps (< 1 min)")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
@@ -203,6 +207,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def picture_path(out: str | None) -> str:
+    """Where the picture goes: ``out/segment_megapixel.png`` (``out`` created if missing), or
+    in a new temporary folder, never the current directory."""
+    folder = out or tempfile.mkdtemp(prefix="fxstream-segment-")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, "segment_megapixel.png")
 
 
 def evaluate(smodel: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -247,7 +259,7 @@ def main(argv=None) -> None:
             line += f" {'':>13}"
         print(f"{line} {time.perf_counter() - start:>6.1f}s", flush=True)
     elapsed = time.perf_counter() - start
-    path = save_picture(held_image[0, 0], held_mask[0], pred[0], args.out)
+    path = save_picture(held_image[0, 0], held_mask[0], pred[0], picture_path(args.out))
     print(f"final held-out IoU {score:.3f} after {args.steps} steps in {elapsed:.0f}s; picture: {path}")
 
 

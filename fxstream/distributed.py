@@ -16,8 +16,11 @@ with one ``all_reduce`` per dtype, inside the trunk's backward, so every rank en
 single-process gradients. The head's gradients are the same on every rank (same inputs,
 same output gradient) and are not reduced.
 
-Faults: the input shape is all-gathered and compared before the first collective of a
-call, and a mismatch raises :class:`InputShapeError` on every rank; a failed or timed-out
+Faults: the input shape and a fingerprint of its pixels (``transfer.fingerprint``: a
+CRC-32 of 64 small sampled patches) are all-gathered and compared before the first
+collective of a call; a shape mismatch raises :class:`InputShapeError` on every rank, and
+ranks with different images of one shape (a ``DistributedSampler`` over the tile group)
+raise :class:`TileGroupError` naming them; a failed or timed-out
 collective (the group's timeout, ``init_process_group(timeout=...)``) raises
 :class:`TileGroupError`. The gradient reduction runs inside the trunk's backward, before
 autograd writes any trunk ``.grad``; ``serial_backward``/``train_step`` also restore the
@@ -184,10 +187,12 @@ class TileGroup:
     def positions(self, shape_plan: ShapePlan) -> range:
         return band_positions(shape_plan, self.rank)
 
-    def check_shape(self, shape: Sequence[int], device: torch.device) -> None:
-        """All-gather the input shape; raise :class:`InputShapeError` on every rank if they differ."""
-        mine = torch.full((MAX_DIMS + 1,), -1, dtype=torch.int64, device=self.device(device))
-        mine[0] = len(shape)
+    def check_shape(self, shape: Sequence[int], device: torch.device, fingerprint: int = -1) -> None:
+        """All-gather the input shape and ``fingerprint`` (of the pixels, see
+        ``transfer.fingerprint``); raise :class:`InputShapeError` on every rank if the shapes
+        differ, :class:`TileGroupError` if the fingerprints do."""
+        mine = torch.full((MAX_DIMS + 2,), -1, dtype=torch.int64, device=self.device(device))
+        mine[0], mine[-1] = len(shape), fingerprint
         mine[1 : 1 + min(len(shape), MAX_DIMS)] = torch.tensor(list(shape)[:MAX_DIMS], dtype=torch.int64)
         gathered = [torch.empty_like(mine) for _ in range(self.size)]
         self._collective("the input-shape check (all_gather)", dist.all_gather, gathered, mine, group=self.group)
@@ -198,6 +203,18 @@ class TileGroup:
                 InputShapeError,
                 f"the ranks of the tile group got inputs of different shapes ({listed})",
                 fix="give every rank of the tile group the same image; split different images over a data group",
+            )
+        images: dict = {}
+        for rank, t in enumerate(gathered):
+            images.setdefault(int(t[-1]), []).append(rank)
+        if len(images) > 1:
+            listed = " / ".join(f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))}" for r in images.values())
+            raise user_error(
+                TileGroupError,
+                f"the ranks of the tile group got different images of the same shape {shapes[0]}: {listed} (a "
+                f"checksum of sampled patches of the pixels differs); the tiles would stitch several images into one",
+                fix="give every rank of the tile group the same image (e.g. the same sampler seed and index); "
+                "split different images over a data group (DistributedSampler over the data ranks, not the tile ranks)",
             )
 
     def assemble(self, out: torch.Tensor) -> torch.Tensor:

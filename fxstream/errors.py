@@ -73,8 +73,9 @@ class BoundaryError(FxStreamError):
 
 class TileSizeError(FxStreamError):
     """Raised by ``compile`` when ``tile_size`` is malformed or too small for the
-    trunk's receptive field. ``minimum`` holds the smallest valid size per
-    spatial dimension when it is known."""
+    trunk's receptive field, and when an input is planned whose tiles would not fit
+    the tile size or would number more than ``fxstream.tiling.MAX_TILES``. ``minimum``
+    holds the smallest valid size per spatial dimension when it is known."""
 
     def __init__(self, message: str, minimum: tuple[int, ...] | None = None):
         super().__init__(message)
@@ -99,10 +100,22 @@ class ContractError(FxStreamError):
     the compiled module cannot follow."""
 
 
+class InputChangedError(ContractError):
+    """Raised by the backward pass when an array-like image (a numpy buffer, a memmap, a
+    file opened with ``fxstream.open_image``) no longer holds the pixels the forward pass
+    read: the backward pass reads every tile again, and would mix two images. Attributes:
+    ``region`` (the tile's image region, ``[lo, hi)`` per spatial axis)."""
+
+    def __init__(self, message: str, *, region: tuple = ()):
+        super().__init__(message)
+        self.region = region
+
+
 class TileGroupError(FxStreamError):
     """Raised on every rank of a tile group (``compile(..., tile_group=...)``) when a
-    collective fails or times out (a rank died, or stopped calling the model), or when the
-    group cannot split the input (fewer tile rows than ranks)."""
+    collective fails or times out (a rank died, or stopped calling the model), when the
+    ranks got different images of the same shape, or when the group cannot split the input
+    (fewer tile rows than ranks)."""
 
 
 class PlannerError(FxStreamError):
@@ -164,6 +177,14 @@ def first_order(backward: Callable) -> Callable:
 
     @functools.wraps(backward)
     def checked(ctx, *grads):
+        if any(_batched(g) for g in grads):
+            raise user_error(
+                ContractError,
+                "batched gradients through the streamed trunk are not supported (autograd.grad(..., "
+                "is_grads_batched=True), autograd.functional.jacobian/hessian(..., vectorize=True)): they run the "
+                "backward pass under vmap, and the tiles' backward pass accumulates gradients in place",
+                fix="compute one backward pass per row (is_grads_batched=False, or jacobian(..., vectorize=False))",
+            )
         if torch.is_grad_enabled():
             raise user_error(
                 ContractError,
@@ -175,6 +196,28 @@ def first_order(backward: Callable) -> Callable:
         return backward(ctx, *grads)
 
     return checked
+
+
+def _batched(t: Any) -> bool:
+    """Whether ``t`` is a vmap-batched tensor (functorch's, or the legacy vmap's that
+    ``is_grads_batched=True`` uses)."""
+    functorch = torch._C._functorch
+    checks = (getattr(functorch, "is_batchedtensor", None), getattr(functorch, "is_legacy_batchedtensor", None))
+    return isinstance(t, torch.Tensor) and any(check is not None and check(t) for check in checks)
+
+
+class BranchError(InputShapeError):
+    """Raised before any tile runs when an input size makes the model take another branch
+    than the traced one (Python control flow on sizes, answered from the trace's sample).
+    Attributes: ``where`` (the model's source line), ``value`` (this size's answer) and
+    ``expected`` (the traced one). Tracing again at that size (``fxstream.trace(model,
+    sample)`` with a meta-device sample of the input's shape) gives that size's branch."""
+
+    def __init__(self, message: str, *, where: str = "", value: Any = None, expected: Any = None):
+        super().__init__(message)
+        self.where = where
+        self.value = value
+        self.expected = expected
 
 
 class ChannelError(InputShapeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -13,7 +14,10 @@ import torch.nn as nn
 from . import hooks
 from .analysis.analyze import MAX_LEVELS, Analysis
 from .distributed import TileGroup
-from .errors import ArgumentError, BoundaryError, ContractError, TileSizeError, user_error
+from .errors import ArgumentError, BoundaryError, BranchError, ContractError, TileSizeError, user_error
+from .frontend.tracecheck import probe_input
+from .io import arrays
+from .io.transfer import Normalize
 from .memory.auto import choose
 from .planning.lower import lower
 from .planning.plan import Plan
@@ -58,8 +62,9 @@ def build_program(
     boundary: str | tuple[str, ...] | None,
     schedule=None,
     max_levels: int | None = MAX_LEVELS,
+    sample=None,
 ) -> Program:
-    low = lower(model, tile_size, boundary, schedule, max_levels)  # trace -> analyse -> geometry -> plan
+    low = lower(model, tile_size, boundary, schedule, sample, max_levels)  # trace -> analyse -> geometry -> plan
     tiles, outer = tile_graph(low.analysis, low.geometry), outer_graph(low.analysis)  # -> fx.Graph, fx.Graph
     rule = hooks.hook_rule(low.analysis)
     program = Program(low.analysis, low.geometry, low.plan, low.schedule, tiles, outer, rule)
@@ -106,13 +111,27 @@ class StreamedModule(nn.Module):
     ):
         super().__init__()
         self._share(model)
-        self.training = model.training
         # Plain attributes (not registered): the compiled programs are derived state.
         self.__dict__["_source"] = model
         self.__dict__["_config"] = (tile_size, boundary, as_schedule(schedule), max_levels)
         self.__dict__["settings"] = settings if settings is not None else StreamSettings()
         self._reset()
         self._current()  # compile now, so errors surface at compile time
+
+    @property
+    def training(self) -> bool:
+        """The original model's own ``training`` flag: one flag for both objects, so that
+        ``smodel.eval()`` also puts the model's own ``forward`` in eval mode (and the other way)."""
+        source = self.__dict__.get("_source")
+        return source.training if source is not None else self.__dict__.get("training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        source = self.__dict__.get("_source")
+        if source is None:  # nn.Module.__init__, before the model is attached
+            self.__dict__["training"] = mode
+        else:
+            source.training = mode
 
     def _share(self, model: nn.Module) -> None:
         for slot in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
@@ -121,6 +140,9 @@ class StreamedModule(nn.Module):
     def _reset(self) -> None:
         self.__dict__["_programs"] = {}
         self.__dict__["_structure"] = None
+        self.__dict__.setdefault("_sample", None)  # (shape, dtype) of the input traced at; None: the probe
+        self.__dict__.setdefault("_branched", set())  # input keys that branch otherwise than the probe
+        self.__dict__.setdefault("_last_key", None)  # the (shape, dtype) of the last call
 
     def _mode_key(self) -> tuple:
         return tuple(m.training for m in self.modules())
@@ -131,10 +153,10 @@ class StreamedModule(nn.Module):
         if tree != self._structure:  # a submodule replaced, added or removed: trace again
             self.__dict__["_programs"] = {}
             self.__dict__["_structure"] = tree
-        key = self._mode_key()
+        key = (self._mode_key(), self._sample)
         if key not in self._programs:
-            self._source.training = self.training
-            self._programs[key] = build_program(self._source, *self._config)
+            sample = self._sample and torch.empty(self._sample[0], dtype=self._sample[1], device="meta")
+            self._programs[key] = build_program(self._source, *self._config, sample=sample)
         return self._programs[key]
 
     @property
@@ -144,7 +166,7 @@ class StreamedModule(nn.Module):
 
     @property
     def schedule(self) -> Schedule:
-        """How the tiles run: ``Schedule('carry')`` or ``Schedule('recompute')``."""
+        """How the tiles run: ``Schedule('carry', stripes=...)`` or ``Schedule('recompute')``."""
         return self.program().schedule
 
     @property
@@ -166,8 +188,17 @@ class StreamedModule(nn.Module):
         return "\n".join(parts)
 
     def shape_plan(self, *spatial_size: int):
-        """The tiles that an input of this spatial size is cut into."""
-        return self.streamed_trunk.shape_plan(tuple(spatial_size))
+        """The tiles that an input of this spatial size is cut into (with the batch, channels
+        and dtype of the last call, or of the probe input)."""
+        size = tuple(spatial_size)
+        return self._at_sample(self._key_at(size), lambda: self.streamed_trunk.shape_plan(size))
+
+    def _key_at(self, size: tuple[int, ...]) -> tuple | None:
+        last = self._last_key
+        if last is None:
+            probe = probe_input(self._source)
+            last = None if probe is None else (tuple(probe.shape), probe.dtype)
+        return None if last is None else ((*last[0][:2], *size), last[1])
 
     @torch.compiler.disable
     def _current(self) -> fx.GraphModule:
@@ -215,7 +246,43 @@ class StreamedModule(nn.Module):
         return outer, bindings
 
     def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
+        key = _input_key(args[0] if args else None)
+        self.__dict__["_last_key"] = key
+
+        def run():
+            module = self._current()  # compiling may touch buffers (the trace check restores them)
+            versions = [(b, b._version) for b in self.buffers()]
+            try:
+                return module(*args, **kwargs)
+            except BranchError:
+                if key not in self._branched and any(b._version != v for b, v in versions):
+                    raise user_error(
+                        ContractError,
+                        f"the first call at input size {key[0]} took another branch than the traced one after the "
+                        "model had updated its buffers (e.g. a training-mode BatchNorm in the head): running it "
+                        "again at this size would update them twice",
+                        fix="call the compiled module once at this size in eval mode (model.eval()), then train",
+                    ) from None
+                raise
+
+        return self._at_sample(key, run)
+
+    def _at_sample(self, key: tuple | None, run: Callable):
+        """``run()`` with the program traced for inputs like ``key`` (shape, dtype). Traced
+        on the probe, a model whose Python branches on sizes can take another branch at
+        ``key`` (:class:`BranchError`, raised before the branch's result is used): then it
+        is traced again at that size, and ``run`` retried from the same random state."""
+        self.__dict__["_sample"] = key if key in self._branched else None
+        rng = _RandomState()
+        try:
+            return run()
+        except BranchError:
+            if key is None or key in self._branched:
+                raise
+            rng.restore()  # the retry draws what the first attempt drew
+            self._branched.add(key)
+            self.__dict__["_sample"] = key
+            return run()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -244,6 +311,34 @@ class StreamedModule(nn.Module):
     def extra_repr(self) -> str:
         tile_size, boundary, schedule = self._config[:3]
         return f"tile_size={tile_size}, boundary={boundary!r}, schedule={schedule.kind!r}"
+
+
+# torch.load(path, weights_only=True) of a saved compiled module unpickles no code but what is
+# allowed: fxstream allows its own classes here; the model's module classes (nn.Conv2d, the
+# user's own) are the caller's to allow (torch.serialization.safe_globals; docs/contract.md).
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+    torch.serialization.add_safe_globals([StreamedModule, Schedule, StreamSettings, StreamStats, Normalize])
+
+
+def _input_key(x) -> tuple | None:
+    """``(shape, torch dtype)`` of a tensor or array-like input, or None."""
+    if not arrays.is_image(x):
+        return None
+    dtype = x.dtype if isinstance(x.dtype, torch.dtype) else arrays.torch_dtype(x.dtype)
+    return tuple(int(n) for n in x.shape), dtype
+
+
+class _RandomState:
+    """The CPU generator's state, and the current CUDA device's where CUDA is in use."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
 
 
 def _check_transforms() -> None:
@@ -293,13 +388,19 @@ def compile(
         progress: show a tqdm bar over the tiles of every pass (needs tqdm).
         memory_budget, input_shape: with ``tile_size="auto"``, the largest square tile
             whose predicted training peak for inputs of ``input_shape`` (N, C, *spatial)
-            fits ``memory_budget`` (bytes or e.g. ``"8GiB"``); with ``boundary="auto"``,
-            the streamed prefix predicted fastest within the budget (see ``fxstream.memory.auto``).
+            fits ``memory_budget`` (bytes or e.g. ``"8GiB"``) on the model's device; with
+            ``boundary="auto"``, the streamed prefix predicted fastest within the budget;
+            under carry with ``stripes="auto"``, also where the stripes live: on the device
+            if they fit, else in host memory (an accelerator) or banded (see
+            ``fxstream.memory.auto``).
         verbose: print the automatic choice and the reason.
         schedule: how the tiles run (see :mod:`fxstream.planning.schedule`): ``"carry"`` (the
             default) computes every activation once and carries thin stripes between
             neighbouring tiles; ``"recompute"`` makes tiles independent by recomputing
-            each tile's halo. Both are exact.
+            each tile's halo. Both are exact. ``fxstream.Schedule("carry", stripes=...)``
+            says where carry keeps its stripes for the backward pass: ``"auto"`` (the
+            default: in host memory on an accelerator, on the device on a CPU),
+            ``"device"``, ``"host"`` or ``"banded"`` (rebuilt band by band; ``band_rows=``).
         tile_group: a ``torch.distributed`` ProcessGroup (or a 1-D DeviceMesh) whose ranks
             all receive the same image and split its tiles into bands of tile rows; the
             trunk output and the gradients are those of one process on every rank (see
@@ -320,7 +421,9 @@ def compile(
         BoundaryError: ``boundary`` is not a string or a list of strings, or names nothing
             streamable.
         ArgumentError: ``model`` is not an nn.Module; ``memory_budget``/``input_shape`` given
-            without ``"auto"``; a malformed ``output_device`` or ``input_transform``.
+            without ``"auto"``; a malformed ``output_device`` (not a device, ``"meta"``, a
+            device this process does not see) or ``input_transform`` (not callable as
+            ``transform(tile, dtype)``).
         TraceError: torch.fx cannot trace the model.
 
     Example::
@@ -333,11 +436,19 @@ def compile(
     _check_max_levels(max_levels)
     boundary = boundary if boundary is None or isinstance(boundary, str) else tuple(boundary)
     schedule = as_schedule(schedule)  # -> Schedule
-    if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size and a boundary, from the memory model
+    if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size, a boundary and a schedule
+        device = _device(output_device)
         choice = choose(
-            model, tile_size, boundary, memory_budget, input_shape, schedule=schedule, max_levels=max_levels
+            model,
+            tile_size,
+            boundary,
+            memory_budget,
+            input_shape,
+            schedule=schedule,
+            output_device=None if device is None else device.type,
+            max_levels=max_levels,
         )
-        tile_size, boundary = choice.tile_size, choice.boundary
+        tile_size, boundary, schedule = choice.tile_size, choice.boundary, choice.schedule
         if verbose:
             print(choice.reason)
     validate_tile_size(tile_size)
@@ -379,6 +490,25 @@ def _check_arguments(model, tile_size, boundary, memory_budget, input_shape, inp
         raise user_error(
             ArgumentError, f"input_transform must be callable as transform(tile, dtype), got {input_transform!r}"
         )
+    if input_transform is not None:
+        _check_transform(input_transform)
+
+
+def _check_transform(transform: Callable) -> None:
+    """Every tile is passed as ``transform(tile, dtype)``: check that it takes both."""
+    try:
+        signature = inspect.signature(transform.forward if isinstance(transform, nn.Module) else transform)
+    except (TypeError, ValueError):  # no signature (some builtins): it is called as is
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise user_error(
+            ArgumentError,
+            f"input_transform={transform!r} cannot be called as transform(tile, dtype): its signature is {signature}",
+            fix="take the tile and the trunk's floating dtype (e.g. lambda tile, dtype: tile.to(dtype) / 255), "
+            "or pass fxstream.Normalize(mean, std, scale=...)",
+        ) from None
 
 
 def _check_max_levels(max_levels) -> None:
@@ -395,6 +525,20 @@ def _device(output_device: str | torch.device | None) -> torch.device | None:
     if output_device is None:
         return None
     try:
-        return torch.device(output_device)
+        device = torch.device(output_device)
     except (RuntimeError, TypeError) as exc:
         raise user_error(ArgumentError, f"output_device={output_device!r} is not a device: {exc}") from None
+    if device.type == "meta":
+        raise user_error(
+            ArgumentError,
+            f"output_device={output_device!r}: the meta device holds no values, only shapes",
+            fix="pass 'cpu', a CUDA device, or None (the trunk's device)",
+        )
+    count = getattr(getattr(torch, device.type, None), "device_count", None)
+    if device.type != "cpu" and callable(count) and (device.index or 0) >= count():
+        raise user_error(
+            ArgumentError,
+            f"output_device={output_device!r} is {device}, but this process sees {count()} {device.type} devices",
+            fix="pass 'cpu', an existing device, or None (the trunk's device)",
+        )
+    return device

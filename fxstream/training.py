@@ -39,8 +39,9 @@ def serial_backward(
     computed ``micro_batch_size`` images at a time. Returns the batch loss (detached).
 
     Args:
-        model: a module returned by :func:`fxstream.compile`, a module containing one,
-            or either wrapped in ``DistributedDataParallel``.
+        model: any module, or one wrapped in ``DistributedDataParallel``: a module returned
+            by :func:`fxstream.compile`, a module containing one, or a plain module (no
+            streaming; a baseline runs through the same loop).
         loss_fn: ``loss_fn(output, targets) -> scalar``, reduced over the samples it
             gets as ``reduction`` says.
         inputs: a tensor with the batch in dim 0, or a sequence of tensors that are the
@@ -70,15 +71,18 @@ def serial_backward(
         verbose: print the step's streaming summary (tiles, time, peak memory).
 
     The returned loss and the gradients equal those of one whole-batch
-    ``loss_fn(model(inputs), targets).backward()`` (up to summation order). With a tile
-    group (``compile(..., tile_group=...)``), a step that fails leaves ``.grad`` unchanged.
+    ``loss_fn(model(inputs), targets).backward()`` (up to summation order). A step that
+    fails (an error in the loss, a tile, or a tile group's collective) leaves ``.grad`` as
+    it was before the step: the gradients present then are copied first (none after
+    ``zero_grad(set_to_none=True)``, as in :func:`train_step`).
     """
     if reduction not in ("mean", "sum"):
         raise user_error(ArgumentError, f"reduction must be 'mean' or 'sum', got {reduction!r}")
     streamed = _streamed_modules(model)
+    _check_targets(inputs, targets)
     for smodel in streamed:
         smodel.last_stats.reset(_device_of(smodel))
-    with _grads_restored_on_error(model, any(s.settings.tile_group is not None for s in streamed)):
+    with _grads_restored_on_error(model):
         if whole_batch_head:
             loss = _whole_batch_head(model, streamed, loss_fn, inputs, targets, micro_batch_size, scaler)
         else:
@@ -86,6 +90,8 @@ def serial_backward(
     if verbose:
         for smodel in streamed:
             print(f"fxstream step: loss {loss.item():.4g}; {smodel.last_stats}")
+        if not streamed:
+            print(f"fxstream step: loss {loss.item():.4g}; plain model (nothing streamed)")
     return loss
 
 
@@ -207,6 +213,32 @@ def _micro_batches(inputs: Batch, targets, micro_batch_size: int) -> Iterator[tu
         yield arrays.batch_slice(inputs, start, stop), (targets[start:stop] if targets is not None else None)
 
 
+def _check_targets(inputs: Batch, targets) -> None:
+    """Before any micro-batch runs: one target per image (or, for explicit micro-batches,
+    one per micro-batch). Targets without a length are passed on as they are."""
+    if targets is None:
+        return
+    try:
+        count = len(targets)
+    except TypeError:
+        return
+    if arrays.is_image(inputs):
+        if count != inputs.shape[0]:
+            raise user_error(
+                ArgumentError,
+                f"serial_backward got {inputs.shape[0]} images and {count} targets",
+                fix="pass one target per image (dim 0 of targets is the batch)",
+            )
+        return
+    sizes = [x.shape[0] for x in inputs]
+    if count != len(sizes) and not _by_sample(targets, sizes):
+        raise user_error(
+            ArgumentError,
+            f"serial_backward got {len(sizes)} micro-batches ({sum(sizes)} images) and {count} targets",
+            fix="pass one target per micro-batch, or one tensor with one target per image",
+        )
+
+
 def _by_sample(targets, sizes: Sequence[int]) -> bool:
     """Whether ``targets`` of explicit micro-batches is one tensor over all their samples."""
     return isinstance(targets, torch.Tensor) and targets.dim() > 0 and len(targets) == sum(sizes)
@@ -217,15 +249,8 @@ def _backward(loss: torch.Tensor, scaler) -> None:
 
 
 def _streamed_modules(model: nn.Module) -> list[StreamedModule]:
-    found = [m for m in model.modules() if isinstance(m, StreamedModule)]
-    if not found:
-        raise user_error(
-            ArgumentError,
-            f"serial_backward expects a model compiled with fxstream.compile (or containing one), "
-            f"got {type(model).__name__}",
-            fix="pass fxstream.compile(model, tile_size=...) or a module containing it",
-        )
-    return found
+    """The compiled modules in ``model``; none for a plain model, which trains unstreamed."""
+    return [m for m in model.modules() if isinstance(m, StreamedModule)]
 
 
 def _device_of(smodel: StreamedModule) -> torch.device | None:
@@ -252,13 +277,9 @@ def _intercepted(settings, hook) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _grads_restored_on_error(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """With a tile group, a failed step (a collective that timed out) leaves every ``.grad``
-    as it was: the head's gradients may already have been accumulated when the trunk's
-    gradient reduction fails."""
-    if not enabled:
-        yield
-        return
+def _grads_restored_on_error(model: nn.Module) -> Iterator[None]:
+    """A failed step leaves every ``.grad`` as it was: earlier micro-batches (or, with a tile
+    group whose collective timed out, the head) may already have accumulated into it."""
     saved = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
     try:
         yield

@@ -41,6 +41,17 @@ def schedule(request, monkeypatch):
     return request.param
 
 
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect, so the stale-entry check sees every test
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (``make test``: ``-m "not slow"``) and the full suite: tests/tiers.py."""
+    import tiers
+
+    stale = tiers.mark(items, pytest.mark.slow)
+    config.stash[tiers.COLLECTED] = list(items)
+    if stale and config.args_source == pytest.Config.ArgsSource.TESTPATHS:  # every test collected
+        raise pytest.UsageError(f"tests/tiers.py: SLOW entries that match no test (renamed or removed?): {stale}")
+
+
 def pytest_collection_finish(session):
     """Test modules are imported during collection; none may change torch's default dtype
     for the others (tests that need float64 set it in a fixture and restore it)."""

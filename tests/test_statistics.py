@@ -168,8 +168,8 @@ def test_exact(name, batch):
 
 
 def test_each_pass_runs_once_forward_and_once_backward():
-    """L + 1 passes, each tile forward and back once per pass: under carry the statistics passes'
-    backward reads the output pass's stripes (no forward pass is rebuilt)."""
+    """L + 1 passes, each tile forward and back once per pass; under carry each statistics
+    pass's backward first rebuilds its stripes (one no-grad forward of its tiles)."""
     model = randomise(Toy())
     smodel = fxstream.compile(model, tile_size=12)
     x = torch.randn(1, 3, 40, 40, dtype=F64)
@@ -178,6 +178,7 @@ def test_each_pass_runs_once_forward_and_once_backward():
     n = smodel.shape_plan(40, 40).num_tiles
     stats = smodel.last_stats
     assert n >= 9 and (stats.passes, stats.forward_tiles, stats.backward_tiles) == (5, 5 * n, 5 * n)
+    assert stats.rebuild_tiles == (4 * n if smodel.schedule.carries else 0)
 
 
 def test_one_tile_still_runs_every_pass():

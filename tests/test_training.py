@@ -219,9 +219,35 @@ def test_progress_without_tqdm_says_how_to_install(monkeypatch):
         smodel(batch(1)[0])
 
 
-def test_serial_backward_rejects_plain_models_and_bad_reduction():
+def test_train_step_accepts_a_plain_model():
+    """A baseline trains through the same function: train_step on the uncompiled model, two
+    images per micro-batch, equals whole-batch SGD on a copy, and agrees with the streamed step."""
+    reference, plain, streamed = make(), make(), make()
+    x, y = batch(4)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference, plain, streamed)]
+    smodel = fxstream.compile(streamed, tile_size=9)
+    for _ in range(2):
+        opts[0].zero_grad()
+        expected = F.cross_entropy(reference(x), y)
+        expected.backward()
+        opts[0].step()
+        loss = fxstream.train_step(plain, opts[1], F.cross_entropy, x, y, micro_batch_size=2)
+        assert rel_err(loss, expected.detach()) <= RTOL64
+        fxstream.train_step(smodel, opts[2], F.cross_entropy, x, y, micro_batch_size=2)
+    for (name, p), q, r in zip(plain.named_parameters(), reference.parameters(), streamed.parameters()):
+        assert rel_err(p.detach(), q.detach()) <= RTOL64, name
+        assert rel_err(r.detach(), q.detach()) <= RTOL64, name
+
+
+def test_serial_backward_on_a_plain_model_prints_its_loss(capsys):
     x, y = batch(2)
-    with pytest.raises(fxstream.ArgumentError, match="fxstream.compile"):
-        fxstream.serial_backward(make(), F.cross_entropy, x, y)
+    loss = fxstream.serial_backward(make(), F.cross_entropy, x, y, verbose=True)
+    assert f"loss {loss.item():.4g}; plain model" in capsys.readouterr().out
+
+
+def test_serial_backward_rejects_bad_reduction_and_a_whole_batch_head_without_trunk():
+    x, y = batch(2)
     with pytest.raises(fxstream.ArgumentError, match="reduction"):
         fxstream.serial_backward(fxstream.compile(make(), tile_size=9), F.cross_entropy, x, y, reduction="none")
+    with pytest.raises(fxstream.ArgumentError, match="one fxstream trunk, found 0"):
+        fxstream.serial_backward(make(), F.cross_entropy, x, y, whole_batch_head=True)

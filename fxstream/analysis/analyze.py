@@ -34,6 +34,7 @@ than pointwise.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..errors import BoundaryError, UnsupportedOpError, describe, module_path, user_error
+from ..errors import BoundaryError, FxStreamError, UnsupportedOpError, describe, module_path, user_error
 from ..frontend.functionalize import functionalize
 from ..frontend.tracecheck import check_inplace_state, size_guard
 from ..ops import channel_ops, statistics
@@ -56,6 +57,9 @@ SPATIAL, GLOBAL, CONST, OTHER = "spatial", "global", "const", "other"
 SHAPE = "shape"  # x.shape / x.size() of a spatial tensor: global, but indexable per dim
 METADATA = ("ndim", "dtype", "device", "is_cuda", "layout", "requires_grad")
 SIZE = "size"  # computed from spatial sizes; evaluated per input size (see plan.node_sizes)
+# x.new_empty(shape) and the like read only x's dtype and device: timm's DropPath draws its
+# per-sample mask with x.new_empty((N, 1, 1, 1)).bernoulli_(keep)
+NEW_TENSOR_METHODS = ("new_empty", "new_zeros", "new_ones", "new_full")
 OPAQUE = -1  # the level of a global value that is not a statistic (flatten, a partial reduction...)
 MAX_LEVELS = 4  # compile(..., max_levels=) default: more dependent levels of statistics are refused
 
@@ -87,6 +91,7 @@ class Analysis:
     ndim: int
     dynamic: frozenset = frozenset()  # trunk nodes whose window depends on spatial sizes
     size_nodes: list = None  # shape/size fx.Nodes the dynamic nodes and size guards need, in graph order
+    head_guards: tuple = ()  # size guards the head checks on every call (the planner cannot evaluate them)
     # global statistics (issue 20): in graph order
     statistics: tuple = ()  # StatisticInfo of every statistic the trunk reads back
     values: tuple = ()  # (global fx.Node, level): the statistic values trunk nodes read
@@ -135,6 +140,7 @@ def analyze(
     image = placeholders[0]
     functionalize(gm, image, dag)
     channel_ops.fuse_pieces(gm)
+    channel_ops.fuse_space_to_depth(gm)
     dag = to_networkx(graph)
     ndim = infer_ndim(gm, image, dag) or ndim_hint or 2
     scope = None
@@ -148,10 +154,19 @@ def analyze(
     states, verdicts = walk.states, walk.verdicts
     try:
         walk.run()
+        later = None
     except UnsupportedOpError as err:
+        if not walk.unknown:
+            if boundary is not None:
+                raise
+            raise _with_prefix(err, gm, walk.prefix_states(), verdicts, image, ndim, max_levels) from None
+        later = err
+    if walk.unknown:  # looked past it: name a non-local op further on too
+        err, before, verdicts_before = walk.unknown[0]
+        err = _with_later(err, later)
         if boundary is not None:
-            raise
-        raise _with_prefix(err, gm, walk.prefix_states(), verdicts, image) from None
+            raise err
+        raise _with_prefix(err, gm, walk.prefix_states(before), verdicts_before, image, ndim, max_levels) from None
     layouts, dynamic = walk.layouts, walk.dynamic
     dag = to_networkx(graph)  # channel-only views were rewritten, norms decomposed
     trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
@@ -171,15 +186,34 @@ def analyze(
     trunk = [n for n in graph.nodes if n in trunk_nodes and n in needed]
     constants = _trunk_constants(graph, states, set(trunk), needed)
     dynamic = frozenset(n for n in trunk if n in dynamic)
-    guards = [n for n in graph.nodes if n.op == "call_function" and n.target is size_guard and states.get(n) == SIZE]
+    guards, head_guards = _place_guards(graph, states, layouts, set(outputs) | {image})
     size_needed = set(guards).union(*(nx.ancestors(dag, n) for n in list(dynamic) + guards))
     size_nodes = [n for n in graph.nodes if n in size_needed and states.get(n) in (SIZE, SHAPE)]
-    analysis = Analysis(gm, image, trunk, constants, outputs, verdicts, layouts, ndim, dynamic, size_nodes)
+    analysis = Analysis(gm, image, trunk, constants, outputs, verdicts, layouts, ndim, dynamic, size_nodes, head_guards)
     if reads_back:
-        analysis = _with_statistics(analysis, walk, needed, dag)
+        try:
+            analysis = _with_statistics(analysis, walk, needed, dag)
+        except UnsupportedOpError as err:  # a statistic's head that the passes cannot run
+            if boundary is not None:
+                raise
+            before = _before(gm, verdicts, err.node)
+            raise _with_prefix(err, gm, walk.prefix_states(), before, image, ndim, max_levels) from None
     if max_levels is not None and analysis.levels > max_levels:
-        raise levels.refusal(analysis, max_levels, dag)
+        prefix = None
+        if boundary is None:  # the largest prefix before the first node beyond max_levels
+            first = next(n for n in analysis.trunk if analysis.depth[n] > max_levels)
+            before = _before(gm, verdicts, first.name)
+            prefix = _prefix(gm, walk.prefix_states(), before, image, ndim, first.name, max_levels)
+        raise levels.refusal(analysis, max_levels, dag, prefix)
     return analysis
+
+
+def _before(gm: fx.GraphModule, verdicts: dict, name: str) -> dict:
+    """The verdicts of the nodes before node ``name`` in the graph (those classified before it
+    when the walk stops there)."""
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    limit = order.get(name, len(order))
+    return {n: v for n, v in verdicts.items() if order.get(n.name, 0) < limit}
 
 
 def _statistics(trunk: set, states: dict, reducers: dict) -> frozenset:
@@ -249,31 +283,47 @@ def _with_statistics(analysis: Analysis, walk: _Walk, needed: set, dag: nx.DiGra
 def _check_head(node: fx.Node, walk: _Walk, needed: set, model_needs: set) -> None:
     """The statistic head runs between the passes, with the statistics as its only image
     data: it may not read another model input or a size of a trunk tensor, and the model's
-    own head may not read it."""
+    own head may not read it. Rejected at the trunk node that reads the statistic back."""
     for inp in node.all_input_nodes:
         state = walk.states.get(inp)
         if state == OTHER or state in (SHAPE, SIZE) or inp in walk.sized:
             what = "another model input" if state == OTHER else "the size of a streamed tensor"
-            raise user_error(
-                UnsupportedOpError,
-                f"cannot stream the global statistic read back through '{node.name}': its head (the ops between the "
-                f"reduction and the image) reads '{inp.name}', {what}, which the statistics passes do not provide",
-                node=node,
-                op=diagnose.op_name(walk.gm, node),
-                fix="compute the statistic's head from the reduction and parameters only (keepdim=True instead of "
-                "a view with sizes), or pass boundary=... to stream only the part before it",
+            raise _head_error(
+                node,
+                walk,
+                f"its head (the ops between the reduction and the image) reads '{inp.name}', {what}, which the "
+                "statistics passes do not provide",
+                "compute the statistic's head from the reduction and parameters only (keepdim=True instead of a view "
+                "with sizes), or pass boundary=... to stream only the part before it",
             )
     for user in node.users:
         if user not in needed and user in model_needs:
-            raise user_error(
-                UnsupportedOpError,
-                f"cannot stream the global statistic '{node.name}': the trunk reads it back, and the model's head "
-                f"reads it too ('{user.name}'); fxstream returns only full-resolution maps from the trunk",
-                node=node,
-                op=diagnose.op_name(walk.gm, node),
-                fix="compute the head's copy of the statistic from a trunk output, or pass boundary=... to stream "
-                "only the part before it",
+            raise _head_error(
+                node,
+                walk,
+                f"the model's head reads it too ('{user.name}'); fxstream returns only full-resolution maps from "
+                "the trunk",
+                "compute the head's copy of the statistic from a trunk output, or pass boundary=... to stream only "
+                "the part before it",
             )
+
+
+def _head_error(node: fx.Node, walk: _Walk, why: str, fix: str) -> UnsupportedOpError:
+    """An error at the first trunk node that reads ``node`` (a statistic's head node) back."""
+    reader, stack, seen = None, [node], set()
+    while stack and reader is None:
+        for user in stack.pop(0).users:
+            if walk.states.get(user) == SPATIAL:
+                reader = user
+                break
+            if user not in seen and walk.states.get(user) == GLOBAL:
+                seen.add(user)
+                stack.append(user)
+    at = reader if reader is not None else node
+    category = diagnose.global_category(walk.gm, at, node, walk.states) if reader is not None else ""
+    module = walk.gm.get_submodule(at.target) if at.op == "call_module" else None
+    label = f"{category}: " if category else ""
+    return _unsupported(at, module, f"{label}it reads back the global statistic '{node.name}', but {why}", fix)
 
 
 def _category(gm: fx.GraphModule, reducer: fx.Node, trunk: set, states: dict, verdicts: dict) -> str:
@@ -348,16 +398,18 @@ class _Walk:
         self.sized: set = set()  # const nodes computed from a spatial tensor's batch/channel sizes
         self.replaced: dict = {}  # decomposed node -> its application
         self.decomposed: list = []
+        self.unknown: list = []  # the first unknown op: (its error, states and verdicts before it)
 
     def run(self) -> None:
         for node in list(self.gm.graph.nodes):
             if node.op != "output" and node not in self.replaced:
                 self.visit(node)
 
-    def prefix_states(self) -> dict:
-        """``states`` for ``diagnose.largest_prefix``: a reducer never keeps a node out of a
-        prefix (streamed, or a head reduction of the prefix)."""
-        return {n: CONST if n in self.reducers else state for n, state in self.states.items()}
+    def prefix_states(self, states: dict | None = None) -> dict:
+        """``states`` (default: the walk's) for ``diagnose.prefixes``: a reducer never keeps a
+        node out of a prefix (streamed, or a head reduction of the prefix)."""
+        states = self.states if states is None else states
+        return {n: CONST if n in self.reducers else state for n, state in states.items()}
 
     def visit(self, node: fx.Node) -> None:
         states = self.states
@@ -379,6 +431,15 @@ class _Walk:
             states[node] = GLOBAL if SPATIAL in input_states else _merge_non_spatial(input_states)
             self.level[node] = OPAQUE
             return
+        if node.op == "call_method" and node.target in NEW_TENSOR_METHODS and node.args[0] in self.layouts:
+            others = {states.get(n, CONST) for n in inputs if n is not node.args[0]}
+            if not others & {SPATIAL, SIZE}:  # a tensor of a shape that no pixel or spatial size sets
+                states[node] = _merge_non_spatial(others)
+                self.level[node] = self._merged_level([n for n in inputs if n is not node.args[0]])
+                return
+        if SIZE in input_states and _sized_like(node, self.layouts, self.roots, states):
+            inputs = node.all_input_nodes
+            input_states = {states.get(n, CONST) for n in inputs}
         if SPATIAL not in input_states:
             broadcast = self._broadcast(node, input_states) if self.statistics else None
             if broadcast is not None:
@@ -406,7 +467,11 @@ class _Walk:
             states[node] = GLOBAL
             self.level[node] = OPAQUE
             return
-        if isinstance(verdict, ops.Rejected):
+        if isinstance(verdict, ops.Unknown) and not self.unknown and isinstance(ops.pointwise(ctx), ops.Local):
+            error = _unsupported(node, module, verdict.reason, verdict.fix)
+            self.unknown.append((error, dict(states), dict(self.verdicts)))
+            verdict = ops.pointwise(ctx)
+        elif isinstance(verdict, ops.Rejected):
             category = diagnose.rejected_category(verdict.reason, module, node)
             reason = f"{category}: {verdict.reason}" if category else verdict.reason
             raise _unsupported(node, module, reason, verdict.fix)
@@ -450,7 +515,7 @@ class _Walk:
     def _spatial(self, node: fx.Node, verdict, values: list, spatial_inputs: list) -> None:
         self.states[node] = SPATIAL
         self.verdicts[node] = verdict
-        if isinstance(verdict, ops.Local):
+        if verdict.layout is not None:
             self.layouts[node] = verdict.layout
         elif verdict.kind == "broadcast":
             self.layouts[node] = (None, None) + tuple(range(self.ndim))
@@ -618,14 +683,42 @@ def _opaque_why(source: fx.Node) -> str:
     )
 
 
-def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, image) -> UnsupportedOpError:
-    """``err`` with the largest streamable prefix named as the ``boundary=`` to use."""
-    prefix = diagnose.largest_prefix(gm, states, verdicts, image)
-    if prefix is None:
+def _with_later(err: UnsupportedOpError, later: UnsupportedOpError | None) -> UnsupportedOpError:
+    """``err`` (an unknown op) with the first line of ``later``, a rejection further on."""
+    if later is None:
         return err
-    spec, described = prefix
+    where = f"node '{later.node}'" + (f" in module '{later.module_path}'" if later.module_path else "")
+    message = f"{err}\n  further on, if that op is local: {str(later).splitlines()[0]} ({where})"
+    return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op)
+
+
+def _with_prefix(
+    err: UnsupportedOpError, gm, states: dict, verdicts: dict, image, ndim: int, max_levels: int | None = MAX_LEVELS
+) -> UnsupportedOpError:
+    """``err`` with the largest streamable prefix named as the ``boundary=`` to use (:func:`_prefix`)."""
+    found = _prefix(gm, states, verdicts, image, ndim, err.node, max_levels)
+    if found is None:
+        return err
+    spec, _, described = found
     message = f"{err}\n  largest streamable prefix: {described}"
     return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op, boundary=spec)
+
+
+def _prefix(gm, states: dict, verdicts: dict, image, ndim: int, rejected_name: str, max_levels: int | None):
+    """``(boundary, its node, its description)`` of the largest candidate (``diagnose.prefixes``)
+    before node ``rejected_name`` whose analysis succeeds, its head included, described with the
+    trunk outputs that analysis has; or None."""
+    rejected = next((n for n in gm.graph.nodes if n.name == rejected_name), None)
+    for spec, node in diagnose.prefixes(gm, states, verdicts, image, rejected):
+        trial = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # analyze rewrites the graph
+        try:
+            analysis = analyze(trial, spec, ndim, max_levels)
+            head_nodes(analysis)
+        except FxStreamError:
+            continue
+        others = [o.name for o in analysis.outputs[:-1]]
+        return spec, node, diagnose.describe_prefix(spec, node, others, verdicts, image)
+    return None
 
 
 def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
@@ -636,6 +729,106 @@ def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -
     x, shape, dims = found
     node.op, node.target, node.args, node.kwargs = "call_function", channel_ops.regroup, (x, shape, dims), {}
     return True
+
+
+def _sized_like(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
+    """Rewrite a tensor made from the spatial sizes of a trunk tensor into ``channel_ops.sized``,
+    which reads them from its tile (see ``fxstream.channel_ops``)."""
+    found = channel_ops.sized_factory(node, layouts, roots, lambda a: isinstance(a, fx.Node) and states.get(a) == SIZE)
+    if found is None:
+        return False
+    node.op, node.target, node.args, node.kwargs = "call_function", channel_ops.sized, found, {}
+    return True
+
+
+def _place_guards(graph: fx.Graph, states: dict, layouts: dict, available: set) -> tuple[list, tuple]:
+    """The size guards (Python decisions the concrete tracer took from sizes) the planner
+    evaluates per input size, and those the head checks on every call: every guard is one
+    or the other, or the model is rejected (a guard nobody checks would let another branch
+    run silently)."""
+    planned, head = [], []
+    for guard in graph.nodes:
+        if guard.op != "call_function" or guard.target is not size_guard:
+            continue
+        if states.get(guard) == SIZE and not _checked_in_head(guard, states, layouts, available):
+            planned.append(guard)
+        elif _head_reads(guard, layouts, available):
+            head.append(guard)
+        elif _reads_batch_size(guard, layouts, available):
+            raise user_error(
+                UnsupportedOpError,
+                f"cannot stream a Python branch on {guard.args[2]}: it reads a size of a tensor inside the "
+                "trunk that fxstream neither plans per input size (only spatial sizes) nor has in the head",
+                node=guard,
+                fix="compute the branch from the input's shape or from tensors, or pass boundary=... before it",
+            )
+        # else it reads channel sizes of trunk maps only: the same for every input of the model
+    return planned, tuple(head)
+
+
+def _reads_batch_size(guard: fx.Node, layouts: dict, available: set) -> bool:
+    """Whether ``guard`` reads the batch size (dim 0) of a trunk map the head does not have,
+    or a whole shape of one (conservatively: it may compare the batch size)."""
+    seen, stack = set(), [guard]
+    while stack:
+        node = stack.pop()
+        for source in node.all_input_nodes:
+            if source in layouts and source not in available:
+                if not _reads_dims_other_than_batch(node, source, len(layouts[source])):
+                    return True
+            elif source not in seen and source not in layouts:
+                seen.add(source)
+                stack.append(source)
+    return False
+
+
+def _reads_dims_other_than_batch(reader: fx.Node, source: fx.Node, ndim: int) -> bool:
+    """``reader`` is ``source.size(d)``, or ``source.shape``/``source.size()`` whose every
+    use is an index ``d``, with ``d`` not the batch dim 0."""
+    if reader.op == "call_method" and reader.target == "size" and len(reader.args) > 1:
+        return _not_batch(reader.args[1], ndim)
+    if _is_shape(reader) and reader.users:
+        return all(
+            u.op == "call_function" and u.target is operator.getitem and _not_batch(u.args[1], ndim)
+            for u in reader.users
+        )
+    return False
+
+
+def _not_batch(dim, ndim: int) -> bool:
+    return isinstance(dim, int) and dim % ndim != 0
+
+
+def _head_reads(guard: fx.Node, layouts: dict, available: set) -> bool:
+    """Whether every trunk map ``guard`` reads (through its inputs) is one the head has."""
+    seen, stack = set(), [guard]
+    while stack:
+        for node in stack.pop().all_input_nodes:
+            if node in layouts:
+                if node not in available:
+                    return False
+            elif node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return True
+
+
+def _checked_in_head(guard: fx.Node, states: dict, layouts: dict, available: set) -> bool:
+    """Whether ``guard`` reads a value the planner does not know (a batch or channel size, a
+    dtype: ``torch.empty([B, 0, H // 2, W // 2]).size(1) == 0`` in smp's Segformer) from the
+    image and trunk outputs only, so that the head can check it on every call instead."""
+    planned, seen, stack = True, set(), [guard]
+    while stack:
+        for node in stack.pop().all_input_nodes:
+            if node in layouts:
+                if node not in available:
+                    return False  # a trunk map the head does not have
+                continue
+            planned = planned and states.get(node) in (SIZE, SHAPE)
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return not planned
 
 
 def _merge_non_spatial(input_states: set) -> str:
@@ -715,9 +908,27 @@ def _trunk_outputs(
         for n in trunk
         if any(u not in trunk and u not in reducers and states.get(u) not in metadata for u in dag.successors(n))
     }
+    used |= _sized_by_head(trunk, used, graph)
     if not used:
         raise BoundaryError("nothing to stream: no full-resolution op reads the image before the first global op")
     return tuple(n for n in graph.nodes if n in used)
+
+
+def _sized_by_head(trunk: set, outputs: set, graph: fx.Graph) -> set:
+    """Trunk nodes the head reads only through size queries (``n, c = x.shape[:2]`` in
+    resnest's split attention): they are outputs too, so the head reads their assembled maps."""
+    found, seen = set(), set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in outputs:
+            continue
+        seen.add(node)
+        if node in trunk:
+            found.add(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    return found
 
 
 def head_nodes(analysis: Analysis) -> set:
@@ -725,7 +936,7 @@ def head_nodes(analysis: Analysis) -> set:
     trunk = set(analysis.trunk)
     outputs = set(analysis.outputs)
     needed: set = set()
-    stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")]
+    stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")] + list(analysis.head_guards)
     while stack:
         node = stack.pop()
         if node in needed or node in outputs:

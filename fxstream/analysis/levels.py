@@ -96,10 +96,11 @@ def describe_statistics(statistics: tuple) -> str:
     )
 
 
-def refusal(analysis, max_levels: int, dag: nx.DiGraph) -> StatisticsError:
+def refusal(analysis, max_levels: int, dag: nx.DiGraph, prefix: tuple | None = None) -> StatisticsError:
     """The error of a trunk with more than ``max_levels`` levels: the count, the first and last
-    statistic, the predicted ratio, and the fixes (raise ``max_levels``, or the largest prefix
-    within ``max_levels``, named as ``boundary=``)."""
+    statistic, the predicted ratio, and the fixes (raise ``max_levels``, or ``prefix``: the
+    largest prefix before the first node beyond ``max_levels``, as ``(boundary, node,
+    description)``, from the analysis)."""
     stats = analysis.statistics
     levels = analysis.levels
     passes = pass_nodes(analysis.trunk, stats, dag)
@@ -110,12 +111,11 @@ def refusal(analysis, max_levels: int, dag: nx.DiGraph) -> StatisticsError:
     last = max(stats, key=lambda s: s.level)
     name = type(analysis.gm).__name__
     fixes = [f"pass max_levels={levels} to accept that cost"]
-    prefix = _prefix_within(analysis, max_levels, weights, dag)
     boundary, where = None, ""
     if prefix is not None:
-        boundary, share, prefix_ratio, node = prefix
-        stride = diagnose._fmt(diagnose._strides(node, analysis.verdicts, analysis.image) or (1,))
-        where = f"\n  largest streamable prefix: boundary={boundary!r} (node '{node.name}', stride {stride})"
+        boundary, node, described = prefix
+        share, prefix_ratio = _prefix_cost(analysis, node, weights, dag)
+        where = f"\n  largest streamable prefix: {described}"
         fixes.append(
             f"boundary={boundary!r} to stream only the part with at most {max_levels} "
             f"level{'s' if max_levels != 1 else ''} ({share:.0%} of the "
@@ -147,25 +147,28 @@ def _named(stat) -> str:
     return f"'{path}'" if path else f"node '{stat.node.name}'"
 
 
-def _prefix_within(analysis, max_levels: int, weights: dict, dag: nx.DiGraph):
-    """``(boundary, share of the work, predicted ratio)`` of the trunk node with depth at most
-    ``max_levels`` whose ancestors hold the most work (``boundary=`` it streams exactly
-    those), or None."""
+def _prefix_cost(analysis, node, weights: dict, dag: nx.DiGraph) -> tuple[float, float]:
+    """(share of the trunk's work, predicted step ratio) of ``boundary=node``: its trunk
+    ancestors streamed, the rest plain."""
     trunk = set(analysis.trunk)
+    inside = (nx.ancestors(dag, node) & trunk) | {node}
     total = sum(weights.values()) or 1.0
-    best, best_work = None, -1.0
-    for node in analysis.trunk:
-        if analysis.depth.get(node, 0) > max_levels:
-            continue
-        inside = (nx.ancestors(dag, node) & trunk) | {node}
-        work = sum(weights[n] for n in inside)
-        if work >= best_work:  # ties (ops without weights after the last convolution): the later node
-            best, best_work = (node, inside), work
-    if best is None:
-        return None
-    node, inside = best
-    stats = tuple(s for s in analysis.statistics if s.input in inside or s.input is analysis.image)
-    passes = pass_nodes([n for n in analysis.trunk if n in inside], stats, dag)
-    u = uses([n for n in analysis.trunk if n in inside], passes)
-    ratio = predicted_ratio(weights, u, inside)
-    return diagnose._boundary_name(analysis.gm, node), best_work / total, ratio, node
+    stats = tuple(
+        s for s in analysis.statistics if s.input in inside and all(o in inside for o in _readers(s, dag, trunk))
+    )
+    members = [n for n in analysis.trunk if n in inside]
+    u = uses(members, pass_nodes(members, stats, dag))
+    return sum(weights[n] for n in inside) / total, predicted_ratio(weights, u, inside)
+
+
+def _readers(stat, dag: nx.DiGraph, trunk: set) -> set:
+    """The trunk nodes that read ``stat`` back (through non-trunk nodes)."""
+    found, stack, seen = set(), [stat.node], set()
+    while stack:
+        for user in dag.successors(stack.pop()):
+            if user in trunk:
+                found.add(user)
+            elif user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return found

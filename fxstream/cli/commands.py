@@ -2,14 +2,22 @@
 
     fxstream plan MODEL --input-shape 1,3,8192,8192 --tile-size 1024 [--boundary NODE[,NODE...]]
                   [--dtype float32] [--format text|json|dot|code] [--png FILE]
-                  [--memory-budget 8GiB] [--train] [--max-levels 4]
+                  [--memory-budget 8GiB] [--train] [--schedule carry|recompute]
+                  [--stripes auto|device|host|banded] [--band-rows N]
+                  [--device cuda|cpu] [--output-device cpu] [--max-levels 4]
 
 MODEL is ``package.module:callable`` (keyword arguments in parentheses, as Python
 literals: ``'torchvision.models:resnet34(num_classes=10)'``), ``path/to/file.py:callable``,
 or a bare torchvision model name (``resnet34``). A callable that takes ``weights`` gets
 ``weights=None`` unless given: nothing is downloaded. The model is put in eval mode
 (``--train`` keeps training mode). ``--tile-size auto`` and ``--boundary auto`` choose them
-for ``--memory-budget`` (see ``fxstream.memory.auto``).
+for ``--memory-budget`` (see ``fxstream.memory.auto``), and with the default ``--stripes auto``
+also where the carry schedule keeps its stripes.
+
+The memory is predicted for a compute device of type ``--device``: ``cuda`` (an accelerator,
+the default; the input is host-resident and the report splits the peak into device and host
+bytes) or ``cpu`` (one memory). ``--output-device cpu`` assembles the trunk output, and runs
+what reads it, in host memory (``compile(output_device="cpu")``).
 
 Only shapes are used: the plan and tiling come from sizes, per-node channel counts from
 one run of the trunk on a tiny input. Bad input (including a malformed command line) prints
@@ -38,6 +46,7 @@ from ..errors import ArgumentError, FxStreamError
 from ..memory.auto import choose
 from ..memory.units import parse_bytes
 from ..module import compile as fx_compile
+from ..planning.schedule import PLACEMENTS, Schedule
 from . import render, report
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -100,6 +109,25 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--schedule", choices=["carry", "recompute"], default=None, help="how the tiles run (default: carry)"
     )
+    plan.add_argument(
+        "--stripes",
+        choices=list(PLACEMENTS),
+        default="auto",
+        help="where carry keeps its stripes: auto (host on an accelerator, device on a CPU; with --tile-size auto, "
+        "what the budget needs), device, host or banded",
+    )
+    plan.add_argument("--band-rows", type=int, metavar="N", help="--stripes banded: tile rows per band (default 4)")
+    plan.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="the compute device the memory is predicted for (default cuda: an accelerator, input on the host)",
+    )
+    plan.add_argument(
+        "--output-device",
+        metavar="DEVICE",
+        help="where the trunk output and its gradient are assembled, e.g. cpu (default: the compute device)",
+    )
     plan.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the memory prediction")
     plan.add_argument("--format", default="text", choices=("text", "json", "dot", "code"), help="output format")
     plan.add_argument("--png", metavar="FILE", help="also draw the tile grid into FILE (needs matplotlib)")
@@ -136,19 +164,38 @@ def plan_command(args: argparse.Namespace) -> int:
     if boundary is not None and "," in boundary:
         boundary = [part.strip() for part in boundary.split(",")]
     reason = ""
+    schedule = _schedule(args)
     if tile_size == "auto" or boundary == "auto":
         if budget is None:
             raise UsageError("--tile-size auto and --boundary auto need --memory-budget (e.g. 8GiB)")
-        choice = choose(model, tile_size, boundary, budget, input_shape, dtype, max_levels=args.max_levels)
-        tile_size, boundary, reason = choice.tile_size, choice.boundary, choice.reason
-    smodel = fx_compile(model, tile_size, boundary=boundary, schedule=args.schedule, max_levels=args.max_levels)
+        choice = choose(
+            model,
+            tile_size,
+            boundary,
+            budget,
+            input_shape,
+            dtype,
+            schedule,
+            args.device,
+            args.output_device,
+            max_levels=args.max_levels,
+        )
+        tile_size, boundary, reason, schedule = choice.tile_size, choice.boundary, choice.reason, choice.schedule
+    smodel = fx_compile(
+        model,
+        tile_size,
+        boundary=boundary,
+        schedule=schedule,
+        output_device=args.output_device,
+        max_levels=args.max_levels,
+    )
     program = smodel.program()
     if len(input_shape) - 2 != program.geometry.ndim:
         raise UsageError(
             f"--input-shape {args.input_shape} has {len(input_shape) - 2} spatial dims, the trunk has "
             f"{program.geometry.ndim} (give N,C and one size per spatial dim)"
         )
-    data = report.build(smodel, input_shape, dtype, model_name=args.model, budget=budget)
+    data = report.build(smodel, input_shape, dtype, model_name=args.model, budget=budget, device=args.device)
     data["choice"] = reason or None
     if args.ranks < 1:
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
@@ -174,6 +221,17 @@ def _render(fmt: str, data: dict, smodel, reason: str) -> str:
         return render.dot(program.analysis.gm.graph, trunk, program.geometry.image, program.geometry.outputs)
     split = split_lines(data["split"]) if data.get("split") else []
     return (reason + "\n\n" if reason else "") + "\n".join([render.text(data), *split]) + "\n"
+
+
+def _schedule(args: argparse.Namespace) -> Schedule | str | None:
+    """The schedule that ``--schedule``, ``--stripes`` and ``--band-rows`` name."""
+    if args.stripes == "auto" and args.band_rows is None:
+        return args.schedule  # None: the default schedule
+    if args.schedule not in (None, "carry"):
+        raise UsageError("--stripes and --band-rows are for the carry schedule; drop them or use --schedule carry")
+    if args.band_rows is not None and args.stripes != "banded":
+        raise UsageError("--band-rows is the band height of --stripes banded; add --stripes banded or drop it")
+    return Schedule("carry", stripes=args.stripes, band_rows=args.band_rows)
 
 
 def _budget(text: str) -> int:
@@ -236,6 +294,11 @@ def load_model(spec: str) -> nn.Module:
     if ":" not in target:
         return _torchvision_model(target, kwargs)
     where, _, name = target.rpartition(":")
+    if not where or not name:
+        raise UsageError(
+            f"model spec {spec!r}: expected package.module:callable or path/file.py:callable, with both parts "
+            f"non-empty (e.g. torchvision.models:resnet34), or a torchvision model name"
+        )
     module = _load_file(where) if where.endswith(".py") or os.sep in where else _import(where)
     obj = module
     for atom in name.split("."):
@@ -251,15 +314,21 @@ def _split_kwargs(spec: str) -> tuple[str, dict]:
     if not spec.endswith(")") or "(" not in spec:
         return spec, {}
     target = spec[: spec.index("(")]
+    usage = "arguments must be keyword=literal pairs, e.g. resnet34(num_classes=10)"
     try:
         call = ast.parse(f"f{spec[spec.index('(') :]}", mode="eval").body
-        if not isinstance(call, ast.Call) or call.args:
-            raise ValueError("only keyword arguments")
-        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
-    except (SyntaxError, ValueError) as exc:
-        raise UsageError(
-            f"model spec {spec!r}: arguments must be keyword=literal pairs, e.g. resnet34(num_classes=10) ({exc})"
-        ) from None
+    except SyntaxError as exc:
+        raise UsageError(f"model spec {spec!r}: {usage} ({exc.msg})") from None
+    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+        raise UsageError(f"model spec {spec!r}: {usage}")
+    kwargs = {}
+    for kw in call.keywords:
+        try:
+            kwargs[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise UsageError(
+                f"model spec {spec!r}: {kw.arg}={ast.unparse(kw.value)} is not a Python literal; {usage}"
+            ) from None
     return target, kwargs
 
 
@@ -268,6 +337,10 @@ def _import(name: str):
         return importlib.import_module(name)
     except ImportError as exc:
         raise UsageError(f"cannot import module {name!r} for the model spec: {exc}") from None
+    except SystemExit as exc:
+        raise UsageError(f"importing module {name!r} called sys.exit({exc.code!r})") from None
+    except Exception as exc:
+        raise UsageError(f"importing module {name!r} failed: {type(exc).__name__}: {exc}") from None
 
 
 def _load_file(path: str):
@@ -279,6 +352,8 @@ def _load_file(path: str):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:
+        raise UsageError(f"importing {path!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise UsageError(f"importing {path!r} failed: {type(exc).__name__}: {exc}") from None
     return module
@@ -313,6 +388,8 @@ def _build(obj, kwargs: dict, spec: str) -> nn.Module:
         kwargs = {**kwargs, "weights": None}  # never download
     try:
         model = obj(**kwargs)
+    except SystemExit as exc:  # would end `fxstream plan` with the model's exit status, silently
+        raise UsageError(f"building {spec!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise UsageError(f"building {spec!r} failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):

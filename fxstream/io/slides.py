@@ -20,6 +20,7 @@ handle (path, level, options), not its pixels, so :class:`SlideDataset` works wi
 from __future__ import annotations
 
 import collections
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ImageFileError, LevelError
+from ..errors import ArgumentError, FxStreamError, ImageFileError, LevelError, user_error
 from .arrays import normalize_index
 
 DEFAULT_CACHE_BYTES = 16 << 20  # per open slide: a few neighbouring tiles' halos, not the image
@@ -56,9 +57,11 @@ def open_image(
             reads (0: no cache).
 
     Raises:
-        ImageFileError: the file is missing, not an image any installed reader knows, or
-            not one 2D image (several Z planes or time points).
+        ImageFileError: the file is missing (or a directory), not an image any installed
+            reader knows, or not one 2D image (several Z planes or time points); on a read,
+            a truncated or corrupt file (the message names the level and the region).
         LevelError: the file has no level ``level``.
+        ArgumentError: ``level`` is not an int, or ``backend`` is unknown.
     """
     return SlideArray(path, level, backend=backend, channels=channels, cache_bytes=cache_bytes)
 
@@ -84,9 +87,9 @@ class SlideArray:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+            raise user_error(ArgumentError, f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.path = os.fspath(path)
-        self.level = int(level)
+        self.level = _level(level)
         self.cache_bytes = int(cache_bytes)
         self._requested_backend = backend
         self._channels = None if channels is None else tuple(int(c) for c in channels)
@@ -114,11 +117,27 @@ class SlideArray:
         return keep
 
     def _open(self):
-        """The reader, opened in this process (a forked or unpickled copy reopens the file)."""
+        """The reader, opened in this process (a forked or unpickled copy reopens the file,
+        which must still hold the image this handle was opened on)."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader = _open_reader(self.path, self.level, self._requested_backend, self.cache_bytes)
-            self._pid = os.getpid()
+            reader = _open_reader(self.path, self.level, self._requested_backend, self.cache_bytes)
+            if hasattr(self, "shape"):  # a reopening
+                self._check_unchanged(reader)
+            self._reader, self._pid = reader, os.getpid()
         return self._reader
+
+    def _check_unchanged(self, reader) -> None:
+        was = (self.levels, np.dtype(self.dtype), self._file_channels)
+        now = (reader.levels, np.dtype(reader.dtype), reader.channels)
+        if now == was:
+            return
+        reader.close()
+        raise user_error(
+            ImageFileError,
+            f"{self.path} changed since it was opened: it had {_describe(*was)}; it now has {_describe(*now)}",
+            fix=f"open it again: fxstream.open_image({self.path!r}, level={self.level})",
+            path=self.path,
+        )
 
     def __len__(self) -> int:
         return 1
@@ -127,12 +146,26 @@ class SlideArray:
         b, c, y, x = normalize_index(key, self.shape)
         (y0, y1), (x0, x1) = _span(y), _span(x)
         with self._lock:  # one read at a time: the reader's file handle and cache are shared
-            block = self._open().read(y0, y1, x0, x1)  # (C_file, h, w), contiguous
+            block = self._read(y0, y1, x0, x1)  # (C_file, h, w), contiguous
         block = block[np.asarray(self._keep())[c]]
         step_y = slice(None, None, y.step) if isinstance(y, slice) else 0
         step_x = slice(None, None, x.step) if isinstance(x, slice) else 0
         block = block[..., step_y, step_x]
         return np.ascontiguousarray(block[None][b] if isinstance(b, slice) else block)
+
+    def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The reader's block, its failures (a truncated file, a corrupt tile) as ImageFileError."""
+        try:
+            return self._open().read(y0, y1, x0, x1)
+        except (FxStreamError, MemoryError):
+            raise
+        except Exception as exc:  # the codec's or tifffile's own error, without the file name
+            raise ImageFileError(
+                f"{self.path}: reading level {self.level}, rows [{y0}, {y1}), columns [{x0}, {x1}) failed: "
+                f"{type(exc).__name__}: {exc}. The file may be truncated or corrupt; fix: check it "
+                f"(e.g. tifffile.imread(path)) or write it again",
+                path=self.path,
+            ) from None
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[...]
@@ -164,6 +197,10 @@ class SlideArray:
         return f"SlideArray({self.path!r}, level={self.level}, shape={self.shape}, dtype={self.dtype}, {self.backend})"
 
 
+def _describe(levels: tuple, dtype: np.dtype, channels: int) -> str:
+    return f"{channels} channels of {dtype}, levels " + ", ".join(f"{h}x{w}" for h, w in levels)
+
+
 def _span(index: int | slice) -> tuple[int, int]:
     """The contiguous range ``[lo, hi)`` a resolved int or slice reads."""
     if isinstance(index, int):
@@ -179,7 +216,21 @@ def _span(index: int | slice) -> tuple[int, int]:
 # --- readers: (C, h, w) blocks of one level -------------------------------------------------
 
 
+def _level(level: Any) -> int:
+    try:
+        return operator.index(level)  # ints and numpy integers, not 1.7
+    except TypeError:
+        pass
+    raise user_error(
+        ArgumentError,
+        f"level must be an int (0 is full resolution), got {level!r}",
+        fix="e.g. open_image(path, level=1)",
+    )
+
+
 def _open_reader(path: str, level: int, backend: str, cache_bytes: int):
+    if os.path.isdir(path):
+        raise ImageFileError(f"{path} is a directory, not an image file; fix: pass one file in it", path=path)
     if not os.path.isfile(path):
         raise ImageFileError(f"{path}: no such file", path=path)
     failures = []
@@ -191,6 +242,14 @@ def _open_reader(path: str, level: int, backend: str, cache_bytes: int):
             return opener(path, level, cache_bytes)
         except _NotMine as reason:
             failures.append(f"{name}: {reason}")
+        except (FxStreamError, MemoryError):
+            raise
+        except Exception as exc:  # the reader knows the format, but not this file's contents
+            raise ImageFileError(
+                f"{path}: opening level {level} ({name}) failed: {type(exc).__name__}: {exc}. The file may be "
+                f"truncated or corrupt; fix: check it (e.g. tifffile.imread(path)) or write it again",
+                path=path,
+            ) from None
     raise ImageFileError(
         f"{path} is not an image fxstream can read ({'; '.join(failures)}). Supported: tiled or pyramidal "
         f"TIFF, BigTIFF, OME-TIFF and SVS (pip install 'fxstream[slides]'), and what OpenSlide reads "

@@ -10,6 +10,9 @@ The image may also be an *array-like* (see ``fxstream.io.arrays``): a numpy arra
 memmap, a zarr or dask array, or a file opened with :func:`fxstream.open_image`. Then
 it is never held whole: each tile's region is read when the schedule needs it, by a
 background thread, one tile ahead of the compute. Array-likes have no input gradient.
+The backward pass reads every tile again: a checksum of each tile's bytes, taken when the
+forward pass reads it, tells whether the array still holds the same pixels then (a
+refilled buffer or a rewritten file raises :class:`~fxstream.errors.InputChangedError`).
 
 The executor sees one seam: :func:`as_source` wraps a tensor or an array-like into an
 :class:`ImageSource` (shape, dtype, whether an input gradient exists, ``read(region)``),
@@ -22,14 +25,21 @@ fresh copy of its crop (so in-place ops in the trunk never touch the image).
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
+import random
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from ..errors import InputChangedError, user_error
 from . import arrays
 
 Region = Sequence[tuple[int, int]]  # [lo, hi) per spatial axis
+
+SAMPLE_PATCHES = 64  # fingerprint(): patches sampled per image
+SAMPLE_EDGE = 16  # and their edge in pixels, per spatial axis
 
 
 class Normalize(torch.nn.Module):
@@ -125,6 +135,11 @@ class ImageSource:
         spatial dims), on :attr:`device`. The result may be a view of the image."""
         raise NotImplementedError
 
+    def read_tile(self, region: Region, dims: Sequence[int] | None = None) -> torch.Tensor:
+        """:meth:`read`, for a tile of a forward or backward pass (a source whose pixels may
+        change behind fxstream's back checks here that they did not)."""
+        return self.read(region, dims)
+
     def _dims(self, dims: Sequence[int] | None) -> Sequence[int]:
         return range(2, len(self.shape)) if dims is None else dims
 
@@ -141,19 +156,44 @@ class TensorSource(ImageSource):
 
 
 class ArraySource(ImageSource):
-    """An array-like image: each read slices the array and returns a new CPU tensor."""
+    """An array-like image: each read slices the array and returns a new CPU tensor.
+
+    The array belongs to the caller, who may refill it between the forward and the backward
+    pass (a tensor changed in place trips autograd's version check; an array does not).
+    So :meth:`read_tile` keeps a CRC-32 of the bytes of every tile region it reads first,
+    and a later read of the same region must find the same bytes. At about 2 GB/s on one
+    core, in the background reading thread, that is a small part of a tile's read."""
 
     lazy = True
 
     def __init__(self, array: Any):
         super().__init__(array.shape, arrays.torch_dtype(array.dtype), torch.device("cpu"), False)
         self.array = array
+        self._checksums: dict = {}
 
     def read(self, region: Region, dims: Sequence[int] | None = None) -> torch.Tensor:
         index = [slice(None)] * len(self.shape)
         for dim, (lo, hi) in zip(self._dims(dims), region):
             index[dim] = slice(lo, hi)
         return arrays.read_region(self.array, tuple(index))
+
+    def read_tile(self, region: Region, dims: Sequence[int] | None = None) -> torch.Tensor:
+        tile = self.read(region, dims)  # a new, contiguous tensor (arrays.read_region)
+        key = (tuple(tuple(r) for r in region), tuple(self._dims(dims)))
+        checksum = zlib.crc32(tile.numpy())
+        if self._checksums.setdefault(key, checksum) != checksum:
+            where = " x ".join(f"[{lo}, {hi})" for lo, hi in key[0])
+            raise user_error(
+                InputChangedError,
+                f"the image changed between the forward and the backward pass: its region {where} holds other "
+                f"pixels than when the forward pass read it (the image is a {type(self.array).__name__}, read again "
+                f"tile by tile in backward: a loader refilled the buffer, or the file was rewritten); the gradients "
+                f"would mix two images",
+                fix="finish the backward pass (or serial_backward/train_step) before the array is refilled or the "
+                "file rewritten, or pass a copy that nothing changes (e.g. np.array(buffer))",
+                region=key[0],
+            )
+        return tile
 
 
 def as_source(x: Any) -> ImageSource:
@@ -165,6 +205,29 @@ def as_source(x: Any) -> ImageSource:
     if arrays.is_array_like(x):
         return ArraySource(x)
     raise TypeError(f"expected a tensor or an array-like image (.shape, .dtype, slicing), got {type(x).__name__}")
+
+
+def fingerprint(x: Any) -> int:
+    """A CRC-32 of a fixed sample of the image ``x`` (a tensor, an array-like or a source):
+    ``SAMPLE_PATCHES`` patches of ``SAMPLE_EDGE`` pixels per spatial axis (every sample and
+    channel), one per cell of a regular grid, at offsets drawn from the image's shape. Two
+    images of the same shape and dtype get the same fingerprint if they hold the same
+    pixels, and almost surely different ones if they are different images (a few dozen
+    small reads, never the whole image; ``fxstream.distributed`` compares it across ranks)."""
+    source = as_source(x)
+    size = source.spatial_size
+    draw = random.Random(zlib.crc32(repr((source.shape, str(source.dtype))).encode()))
+    per_axis = max(1, round(SAMPLE_PATCHES ** (1 / max(len(size), 1))))
+    starts = []
+    for n in size:
+        edge = min(SAMPLE_EDGE, n)
+        cells = [(k * n // per_axis, (k + 1) * n // per_axis) for k in range(per_axis)]
+        starts.append([(min(lo + draw.randrange(max(hi - lo, 1)), n - edge), edge) for lo, hi in cells])
+    checksum = 0
+    for corner in itertools.product(*starts):
+        patch = source.read([(lo, lo + edge) for lo, edge in corner]).detach().cpu().contiguous()
+        checksum = zlib.crc32(patch.reshape(-1).view(torch.uint8).numpy(), checksum)
+    return checksum
 
 
 def load_tiles(x: Any, regions: Sequence[Region], dims: Sequence[int], device: torch.device) -> Iterator:
@@ -179,7 +242,7 @@ def load_tiles(x: Any, regions: Sequence[Region], dims: Sequence[int], device: t
     if source.lazy:
         host: Iterable[torch.Tensor] = _read_ahead(source, regions, dims)
     else:
-        host = (source.read(region, dims) for region in regions)
+        host = (source.read_tile(region, dims) for region in regions)
     if source.device == device or device.type != "cuda":
         for region, t in zip(regions, host):
             yield region, t.to(device) if source.lazy else to_device(t, device)
@@ -193,11 +256,11 @@ def _read_ahead(source: ImageSource, regions: Sequence[Region], dims: Sequence[i
     if not regions:
         return
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fxstream-read") as pool:
-        pending = pool.submit(source.read, regions[0], dims)
+        pending = pool.submit(source.read_tile, regions[0], dims)
         for i in range(len(regions)):
             tile = pending.result()
             if i + 1 < len(regions):
-                pending = pool.submit(source.read, regions[i + 1], dims)
+                pending = pool.submit(source.read_tile, regions[i + 1], dims)
             yield tile
 
 

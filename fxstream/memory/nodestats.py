@@ -116,23 +116,35 @@ def measure(analysis: Analysis, geo: TrunkGeometry, channels: int, dtype: torch.
     return dataclasses.replace(stats, head=_head_fit(analysis, geo, image, itemsize, (run.head_bytes(), size)))
 
 
+HEAD_PROBE_PIXELS = 4096  # at least this many input pixels in the head's smaller probe
+
+
+def head_probe_size(size: tuple[int, ...]) -> tuple[int, ...]:
+    """The head's smaller probe size: ``size`` (the trunk's probe) doubled per axis until it
+    has ``HEAD_PROBE_PIXELS`` pixels. A head that downsamples further (the layers after a
+    streamed prefix) has one-pixel maps at the trunk's tiny probe, where its activations do
+    not grow with the image yet."""
+    while math.prod(size) < HEAD_PROBE_PIXELS:
+        size = tuple(2 * s for s in size)
+    return size
+
+
 def _head_fit(analysis: Analysis, geo: TrunkGeometry, image, itemsize: int, first) -> HeadFit | None:
-    """The head's activations at the probe size and at twice it, fitted linearly in pixels."""
+    """The head's activations at a probe size (:func:`head_probe_size`) and at twice it,
+    fitted linearly in pixels. ``first``: the head bytes and size of the trunk's probe run."""
     (saved1, largest1), size1 = first
     if saved1 is None:
         return None
-    size2 = tuple(2 * s for s in size1)
     try:
-        node_sizes(geo, size2)
-        run = _Run(analysis.gm, analysis, itemsize)
-        with side_effects_undone(analysis.gm, image.device):
-            run.execute(image.new_zeros(*image.shape[:2], *size2))
+        if head_probe_size(size1) != size1:
+            size1 = head_probe_size(size1)
+            saved1, largest1 = _head_bytes(analysis, geo, image, itemsize, size1)
+        saved2, largest2 = _head_bytes(analysis, geo, image, itemsize, tuple(2 * s for s in size1))
     except Exception:  # the trunk or the head does not run there: do not count the head
         return None
-    saved2, largest2 = run.head_bytes()
-    if saved2 is None:
+    if saved1 is None or saved2 is None:
         return None
-    p1, p2 = math.prod(size1), math.prod(size2)
+    p1, p2 = math.prod(size1), math.prod(tuple(2 * s for s in size1))
 
     def fit(v1: int, v2: int) -> tuple[float, float]:
         """Through both points; a constant (the larger) if the head shrinks with the image."""
@@ -142,6 +154,16 @@ def _head_fit(analysis: Analysis, geo: TrunkGeometry, image, itemsize: int, firs
         return v2 - slope * p2, slope
 
     return HeadFit(fit(saved1, saved2), fit(largest1, largest2))
+
+
+def _head_bytes(analysis: Analysis, geo: TrunkGeometry, image, itemsize: int, size: tuple[int, ...]) -> tuple:
+    """(saved, largest) head bytes of one probe run of the model at ``size`` (saved None: the
+    head failed there)."""
+    node_sizes(geo, size)
+    run = _Run(analysis.gm, analysis, itemsize)
+    with side_effects_undone(analysis.gm, image.device):
+        run.execute(image.new_zeros(*image.shape[:2], *size))
+    return run.head_bytes()
 
 
 class _Run:

@@ -1,10 +1,11 @@
-"""The channel count a compiled trunk expects, checked before any pixel is read.
+"""The channel count (and dtype) a compiled trunk expects, checked before any pixel is read.
 
 A lazily read image (a slide file, a memmap) with the wrong number of channels (RGBA
 instead of RGB, grey instead of colour) would otherwise fail deep inside the first
 tile's convolution, after its read. :func:`check` compares the input's channel count
 with the trunk's first convolutions (those the image reaches through windows only) and
-with a per-channel :class:`fxstream.Normalize` input transform.
+with a per-channel :class:`fxstream.Normalize` input transform; and refuses an integer
+image (``uint8``) that would reach those convolutions without an input transform.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 
-from ..errors import ChannelError
+from ..errors import ChannelError, InputShapeError, user_error
+from ..io import arrays
 from . import kernels
 
 _KEEP = (
@@ -37,8 +39,21 @@ def expected(tile: fx.GraphModule) -> Expected | None:
     """The channel count the first convolutions of ``tile`` read from its image input, or
     None when the image reaches something else first (pointwise ops, a concatenation...)
     or the convolutions disagree."""
-    image = next(iter(tile.graph.nodes))
     found: set[Expected] = set()
+    for conv in first_convolutions(tile) or ():
+        reads = _conv_input_channels(tile, conv)
+        if reads is None:
+            return None
+        found.add(reads)
+    channels = {e.channels for e in found}
+    return min(found) if len(channels) == 1 else None
+
+
+def first_convolutions(tile: fx.GraphModule) -> list[fx.Node] | None:
+    """The convolution nodes of ``tile`` that read its image input through windows only,
+    or None when the image reaches anything else first."""
+    image = next(iter(tile.graph.nodes))
+    convs = []
     stack = [image]
     while stack:
         node = stack.pop()
@@ -48,14 +63,10 @@ def expected(tile: fx.GraphModule) -> Expected | None:
             if user.op == "call_function" and user.target is kernels.window:
                 stack.append(user)
             elif user.op == "call_function" and user.target in _CONVS | _CONV_TRANSPOSES and user.args[0] is node:
-                reads = _conv_input_channels(tile, user)
-                if reads is None:
-                    return None
-                found.add(reads)
+                convs.append(user)
             else:
                 return None
-    channels = {e.channels for e in found}
-    return min(found) if len(channels) == 1 else None
+    return convs
 
 
 def _shape_query(node: fx.Node) -> bool:
@@ -65,11 +76,18 @@ def _shape_query(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is getattr
 
 
-def _conv_input_channels(tile: fx.GraphModule, conv: fx.Node) -> Expected | None:
+def _weight(tile: fx.GraphModule, conv: fx.Node) -> torch.Tensor | None:
     weight = conv.args[1]
     if not isinstance(weight, fx.Node) or weight.op != "get_attr":
         return None
-    w = functools.reduce(getattr, weight.target.split("."), tile)
+    return functools.reduce(getattr, weight.target.split("."), tile)
+
+
+def _conv_input_channels(tile: fx.GraphModule, conv: fx.Node) -> Expected | None:
+    w = _weight(tile, conv)
+    if w is None:
+        return None
+    weight = conv.args[1]
     if conv.target in _CONV_TRANSPOSES:
         channels = w.shape[0]
     else:
@@ -78,9 +96,12 @@ def _conv_input_channels(tile: fx.GraphModule, conv: fx.Node) -> Expected | None
     return Expected(int(channels), conv.name, weight.target.rpartition(".")[0])
 
 
-def check(channels: int, tile: fx.GraphModule, transform: Callable | None = None) -> None:
+def check(channels: int, tile: fx.GraphModule, transform: Callable | None = None, dtype=None) -> None:
     """Raise :class:`ChannelError` when an input with ``channels`` channels cannot feed
-    ``tile`` (after ``transform``, the compiled ``input_transform``)."""
+    ``tile`` (after ``transform``, the compiled ``input_transform``), and
+    :class:`InputShapeError` when an input of ``dtype`` (torch or numpy) cannot."""
+    if dtype is not None and transform is None:
+        _check_dtype(dtype if isinstance(dtype, torch.dtype) else arrays.torch_dtype(dtype), tile)
     stats = getattr(transform, "mean", ()), getattr(transform, "std", ())
     per_channel = {len(s) for s in stats if len(s) > 1}
     for n in per_channel:
@@ -103,3 +124,23 @@ def check(channels: int, tile: fx.GraphModule, transform: Callable | None = None
         node=want.node,
         module_path=want.module_path,
     )
+
+
+def _check_dtype(dtype: torch.dtype, tile: fx.GraphModule) -> None:
+    """An integer image into floating convolutions fails in the first tile (torch converts
+    nothing): refuse it before any pixel is read. (A model that converts the image itself
+    reaches something else than a convolution first, and is not checked.)"""
+    if dtype.is_floating_point or dtype.is_complex:
+        return
+    for conv in first_convolutions(tile) or ():
+        weight = _weight(tile, conv)
+        if weight is not None and weight.is_floating_point():
+            raise user_error(
+                InputShapeError,
+                f"the input is {str(dtype).removeprefix('torch.')} and the trunk's first convolution computes in "
+                f"{str(weight.dtype).removeprefix('torch.')}: fxstream does not convert the image by itself",
+                node=conv.name,
+                module_path=conv.args[1].target.rpartition(".")[0],
+                fix="pass input_transform=fxstream.Normalize(mean, std, scale=1/255) to fxstream.compile (each tile "
+                "is converted on the device; the image stays uint8), or feed a floating-point image",
+            )

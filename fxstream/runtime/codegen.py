@@ -44,8 +44,9 @@ from ..planning.schedule import as_schedule
 from ..planning.tiling import ShapePlan, plan_shape
 from ..planning.trunk import TrunkGeometry
 from . import channels, kernels, passes, progress, rng
-from .executor import StreamFunction, Stripes
+from .executor import StreamFunction
 from .settings import StreamSettings, check_block
+from .stripes import Stripes
 
 # The run-time functions that window kinds emit calls to (see ``ops.windows.Emit``).
 HELPERS = types.SimpleNamespace(
@@ -249,7 +250,32 @@ def graph_module(root: nn.Module, graph: fx.Graph, name: str, extra: dict | None
     for node in copy.nodes:
         if node.op in ("get_attr", "call_module") and node.target not in attrs:
             attrs[node.target] = _fetch(root, node.target)
-    return fx.GraphModule(attrs, copy, name)
+    gm = fx.GraphModule(attrs, copy, name)
+    _quiet(gm)
+    return gm
+
+
+class _QuietCall:
+    """A GraphModule call without torch.fx's error printer: its ``_WrappedCall`` prints the
+    generated code around a failing line to stderr (about 25 lines per failing tile) and
+    re-raises the error without its traceback. Here the error keeps its traceback, whose
+    frames show the generated line, and nothing is printed."""
+
+    def __init__(self, wrapped):
+        self.cls, self.cls_call = wrapped.cls, wrapped.cls_call
+
+    def __call__(self, obj, *args, **kwargs):
+        if self.cls_call is not None:
+            return self.cls_call(obj, *args, **kwargs)
+        return super(self.cls, obj).__call__(*args, **kwargs)
+
+
+def _quiet(gm: fx.GraphModule) -> None:
+    """Install :class:`_QuietCall` on ``gm``'s own class (torch.fx makes one per instance and
+    keeps its ``_wrapped_call`` across ``recompile``); left as is if torch.fx changed it."""
+    wrapped = vars(type(gm)).get("_wrapped_call")
+    if hasattr(wrapped, "cls") and hasattr(wrapped, "cls_call"):
+        type(gm)._wrapped_call = _QuietCall(wrapped)
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
@@ -349,7 +375,7 @@ class StreamedTrunk(nn.Module):
                 f"fxstream compiled this model for (N, C, *spatial) inputs with {self.geometry.ndim} spatial "
                 f"dims, got {shape}"
             )
-        channels.check(x.shape[1], self.tile, self.settings.input_transform)
+        channels.check(x.shape[1], self.tile, self.settings.input_transform, x.dtype)
         if self.settings.intercept is not None:
             return self.settings.intercept(self, x)
         return self.stream(x)
@@ -360,11 +386,12 @@ class StreamedTrunk(nn.Module):
         if self.driver is not None:
             return self.driver(passes.CallState(self, x))
         size = tuple(x.shape[d] for d in self.input_dims)
-        if self.tile_group is not None:  # before any other collective: every rank has the same shape
-            self.tile_group.check_shape(tuple(x.shape), self.compute_device(x))
+        if self.tile_group is not None:  # before any other collective: every rank has the same image
+            self.tile_group.check_shape(tuple(x.shape), self.compute_device(x), transfer.fingerprint(x))
         params = [p for p in self.tile.parameters() if p.requires_grad]
         if not torch.is_grad_enabled():  # inference: nothing to differentiate (and no graph to keep)
             x, params = (x.detach() if isinstance(x, torch.Tensor) else x), []
+        x = x if isinstance(x, torch.Tensor) else transfer.as_source(x)  # one source: backward checks its reads
         return StreamFunction.apply(x, self, self.shape_plan(size), *params)
 
     def compute_device(self, x: torch.Tensor) -> torch.device:

@@ -3,9 +3,10 @@ as one differentiable ``autograd.Function``.
 
 Forward (no grad, raster order): each tile runs the generated tile code on its input crop
 and writes its block of every trunk output. Under the carry schedule it also stores the
-stripes of its cells that later tiles read (:class:`Stripes`), and reads the stripes that
-earlier tiles stored. When gradients are wanted, the last tile runs with autograd and keeps
-its graph, so the backward pass does not recompute it.
+stripes of its cells that later tiles read, and reads the stripes that earlier tiles
+stored, through a stripe store (:mod:`fxstream.runtime.stripes`: ``put``/``get``/
+``prefetch``/``release``). When gradients are wanted, the last tile runs with autograd and
+keeps its graph, so the backward pass does not recompute it.
 
 Backward (reverse raster order): each tile is recomputed with autograd, from its input crop
 and its stripes as detached leaves, and back-propagates
@@ -20,24 +21,40 @@ back-propagated exactly once, so the summed gradients are the whole-image gradie
 the README's "Why it is exact"). Under the recompute schedule there are no stripes and no
 pending gradients: the tiles' output blocks partition the output gradients.
 
-The recomputation re-enters the forward pass's autocast state and replays its random
-draws, so it computes exactly what the forward pass computed. The order of the backward
-pass is fixed, so repeated backward passes are bit-identical.
+Where the stripes wait for the backward pass is ``Schedule.stripes``, resolved for the
+compute device (``Schedule.placement``):
+
+* ``"device"``: the forward pass's store keeps them all on the compute device;
+* ``"host"``: it keeps a rolling window on the device and a copy of each in host memory;
+  the backward pass prefetches the next tile's stripes while the current one computes;
+* ``"banded"``: the tiling's bands share no stripe (``ShapePlan.band_ranges``). The forward
+  pass keeps only the last band's stripes; the backward pass visits the bands in reverse
+  and first rebuilds each other band's stripes with a no-grad carry over that band
+  (:func:`_run_forward` with ``assemble=False``: the same tiles, random draws and autocast
+  state, so the same values). Pending gradients never cross a band.
+
+A second backward pass (``retain_graph=True``) finds no store and rebuilds it the same way,
+band by band.
 
 **Global statistics** (issue 20, :mod:`fxstream.runtime.passes`). A trunk with statistics
 runs several applications of this function per call, one per pass (:class:`Pass`): a
-*statistics pass* returns its statistics' partial sums added over the tiles in float64 (the
-tiles' owned blocks partition each map), and its backward back-propagates the same
-cotangent through every tile; the *output pass* is the ordinary one. Both read the
-statistic values of lower levels as constant inputs: in the backward pass each tile takes
-them as leaves, and their gradients are added over tiles in float64. Under carry the
-statistics passes' backward reads the output pass's stripe store (same cells, same values);
-a stripe is freed by the last pass whose backward reads it (``CallState.low``).
+*statistics pass* computes the nodes of its pass only and returns its statistics' partial
+sums added over the tiles in float64 (the tiles' owned blocks partition each map); its
+backward back-propagates the same cotangent through every tile, rebuilding its stripes
+band by band as a banded backward does (it keeps no store from its forward pass). The
+*output pass* is the ordinary one. Both read the statistic values of lower levels as
+constant inputs: in the backward pass each tile takes them as leaves, and their gradients
+are added over tiles in float64.
+
+The recomputation re-enters the forward pass's autocast state and replays its random
+draws, so it computes exactly what the forward pass computed. The order of the backward
+pass is fixed, so repeated backward passes are bit-identical.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,69 +64,48 @@ import torch
 from ..errors import first_order
 from ..io.transfer import crop as crop_view
 from . import live
+from . import stripes as stripe_stores
 from .progress import Timer
 from .settings import AutocastState
-
-Key = tuple  # (node name, global box): one stored stripe
-
-
-@dataclass
-class Stripes:
-    """The stripe bookkeeping of a carry ShapePlan, derived from its tiles.
-
-    ``saves[p]``: node -> boxes of its cell that tile ``p`` stores for later tiles;
-    ``last_forward[key]``: the last tile that reads ``key`` in the forward pass;
-    ``last_backward[key]``: the first tile that reads it (the last one back-propagated)."""
-
-    saves: list
-    last_forward: dict
-    last_backward: dict
-
-    @staticmethod
-    def of(shape_plan) -> Stripes:
-        tiles = shape_plan.tiles
-        saves: list = [{} for _ in tiles]
-        last_forward: dict = {}
-        last_backward: dict = {}
-        for position, tile in enumerate(tiles):
-            for name, _, pieces, _ in tile.carry:
-                for source, box in pieces:
-                    if source < 0:
-                        continue
-                    key = (name, box)
-                    if key not in last_backward:
-                        saves[source].setdefault(name, []).append(box)
-                        last_backward[key] = position
-                    last_forward[key] = position
-        return Stripes(saves, last_forward, last_backward)
 
 
 class TileRun:
     """The ``carry`` argument of the tile code for one run of one tile.
 
     The tile code calls ``carry.region(name, fresh)`` after computing a node's cell: it
-    records the cell (for pending gradients), stores the stripes later tiles read (in the
-    forward pass), and returns the node's region, assembled from stored stripes and the
-    cell, which the consumers' windows crop."""
+    records where the gradient of the cells named in ``keep`` enters the graph (for their
+    pending gradients), stores the stripes later tiles read (in the forward pass), and
+    returns the node's region, assembled from stored stripes and the cell, which the
+    consumers' windows crop. It keeps no cell alive: autograd keeps what it saves."""
 
-    def __init__(self, tile, dims: dict, leaves: dict, store: dict | None = None, saves: dict | None = None):
+    def __init__(
+        self,
+        tile,
+        dims: dict,
+        leaves: dict,
+        store: stripe_stores.DeviceStripes | None = None,
+        saves: dict | None = None,
+        keep=(),
+    ):
         self.specs = {name: (cell, pieces, grid) for name, cell, pieces, grid in tile.carry}
         self.dims = dims
         self.leaves = leaves
         self.store = store
         self.saves = saves or {}
-        self.fresh: dict = {}
+        self.keep = keep
+        self.edges: dict = {}  # name -> the GradientEdge of its cell (names in keep that require grad)
 
     def region(self, name: str, fresh: torch.Tensor) -> torch.Tensor:
         spec = self.specs.get(name)
         if spec is None:
             return fresh
         cell, pieces, grid = spec
-        self.fresh[name] = fresh
+        if name in self.keep and fresh.requires_grad:
+            self.edges[name] = torch.autograd.graph.get_gradient_edge(fresh)
         dims = self.dims[name]
         for box in self.saves.get(name, ()):
             part = crop_view(fresh, dims, [(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)])
-            self.store[(name, box)] = part.detach().clone()
+            self.store.put((name, box), part)
         if len(pieces) == 1:
             return fresh
         tensors = [fresh if source < 0 else self.leaves[(name, box)] for source, box in pieces]
@@ -137,12 +133,12 @@ class _Kept:
 
 @dataclass
 class Pass:
-    """What one application of :class:`StreamFunction` runs: the tiles of ``shape_plan``
-    through ``module`` (None: the trunk's tile code). With global statistics: ``level``, the
-    statistics pass (None: the output pass); ``n_values``, how many of the tensors after
+    """What one application of :class:`StreamFunction` runs (global statistics, issue 20):
+    the tiles of ``shape_plan`` through ``module`` (None: the trunk's tile code); ``level``,
+    the statistics pass (None: the output pass); ``n_values``, how many of the tensors after
     ``run`` are statistic values (constants of the pass); ``call``, the call's shared state
-    (``passes.CallState``: random draws, positions, the stripe store); ``fixed``, the indices
-    of a statistics pass's outputs that are not differentiable (counts, dtype probes)."""
+    (``passes.CallState``: random draws, positions); ``fixed``, the indices of a statistics
+    pass's outputs that are not differentiable (counts, dtype probes)."""
 
     shape_plan: Any
     module: Any = None
@@ -150,10 +146,6 @@ class Pass:
     n_values: int = 0
     call: Any = None
     fixed: frozenset = frozenset()
-
-    def frees(self, name: str) -> bool:
-        """Whether this pass's backward is the last to read node ``name``'s stripes."""
-        return self.call is None or self.call.low.get(name) == self.level
 
     def members(self, trunk) -> frozenset | None:
         """The nodes a statistics pass computes (None: all)."""
@@ -174,28 +166,31 @@ class StreamFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, trunk, run, *tensors):
         run = run if isinstance(run, Pass) else Pass(run)
-        ctx.trunk, ctx.run, ctx.shape_plan = trunk, run, run.shape_plan
+        shape_plan = run.shape_plan
+        ctx.trunk, ctx.run, ctx.shape_plan = trunk, run, shape_plan
         ctx.image = None if isinstance(x, torch.Tensor) else x  # an array-like: kept as is, no input gradient
         ctx.save_for_backward(*([x] if ctx.image is None else []), *tensors)
         ctx.autocast = AutocastState()
         call = run.call  # with statistics, the draws and positions are the call's
         ctx.random = call.random if call is not None else trunk.random_draws(x)  # None, or the draws tiles replay
-        ctx.members = live.snapshot(
-            run.module if run.module is not None else trunk.tile
-        )  # backward recomputes with these (see live.restored)
+        # backward recomputes with these (see live.restored)
+        ctx.members = live.snapshot(run.module if run.module is not None else trunk.tile)
         wants_grad = any(ctx.needs_input_grad)
-        ctx.positions = call.positions if call is not None else trunk.positions(run.shape_plan)  # or a rank's bands
-        output = run.level is None
+        ctx.positions = call.positions if call is not None else trunk.positions(shape_plan)  # or a rank's bands
+        schedule = shape_plan.schedule
+        ctx.placement = schedule.placement(trunk.compute_device(x).type)  # where the stripes live
+        # banded carry back-propagates band by band; the other placements keep every stripe
+        ctx.bands = shape_plan.band_ranges(ctx.positions) if schedule.banded else [ctx.positions]
+        output = run.level is None  # a statistics pass keeps no tile and no store: its backward rebuilds them
         keep = ctx.positions[-1] if wants_grad and output else None
+        kept = ctx.bands[-1] if wants_grad and output else None  # the tiles whose stripes the backward reads
         values = tensors[: run.n_values]
-        ctx.store, ctx.kept, outs = _run_forward(ctx, x, values, keep, advance=output, keep_store=wants_grad and output)
+        ctx.store, ctx.kept, outs = _run_forward(ctx, x, ctx.positions, keep, kept, advance=output, values=values)
         if not output:  # a statistics pass: its sums (float64), summed over the ranks of a tile group
             if trunk.tile_group is not None:
                 trunk.tile_group.reduce(list(outs))
             ctx.mark_non_differentiable(*(outs[i] for i in run.fixed))
             return outs
-        if call is not None:  # the statistics passes' backward reads the output pass's stripes
-            call.store = ctx.store
         if trunk.tile_group is not None:  # each rank wrote its blocks into zeros: sum them
             outs = tuple(trunk.tile_group.assemble(out) for out in outs)
         return outs if trunk.multi_output else outs[0]
@@ -208,40 +203,74 @@ class StreamFunction(torch.autograd.Function):
             return _backward(ctx, grad_outs)
 
 
+@dataclass
+class _Sums:
+    """What the backward pass accumulates over the tiles: the input gradient, the wanted
+    parameters' gradients, the pending gradients of cells whose tiles run later, and the
+    wanted statistic values' gradients (float64; None where not wanted)."""
+
+    grad_x: torch.Tensor | None
+    grads: list
+    pending: dict
+    values: list = ()
+
+
 def _backward(ctx, grad_outs: tuple):
-    """The backward pass of :class:`StreamFunction` (see the module docstring)."""
+    """The backward pass of :class:`StreamFunction` (see the module docstring): the bands in
+    reverse order (one band but under banded carry), each band's tiles in reverse order."""
     x, *tensors = ([ctx.image] if ctx.image is not None else []) + list(ctx.saved_tensors)
-    trunk, shape_plan, run = ctx.trunk, ctx.shape_plan, ctx.run
+    trunk, run = ctx.trunk, ctx.run
     values, params = tensors[: run.n_values], tensors[run.n_values :]
-    if run.level is not None:  # a statistics pass reads the output pass's stripes (passes.CallState)
-        ctx.store = run.call.store
-    if ctx.store is None and trunk.stripes(shape_plan) is None:
-        ctx.store = {}
-    if ctx.store is None:  # a second backward pass (retain_graph): rebuild the stripes, as in the forward
-        with ctx.autocast.restored():
-            ctx.store = _run_forward(ctx, x, values, None, advance=False, keep_store=True)[0]
-        if run.call is not None and run.level is None:
-            run.call.store = ctx.store
     want_x = ctx.needs_input_grad[0]
     needs = ctx.needs_input_grad[3:]
-    want_values = needs[: run.n_values]
     wanted = [p for p, need in zip(params, needs[run.n_values :]) if need]
-    grad_x = torch.zeros_like(x) if want_x else None
-    grads: list = [None] * len(wanted)
-    value_grads = [torch.zeros_like(v, dtype=torch.float64) if need else None for v, need in zip(values, want_values)]
-    members = run.members(trunk)
-    stripes = trunk.stripes(shape_plan)
-    store, pending = ctx.store, {}
-    device = trunk.compute_device(x)
+    value_sums = [torch.zeros_like(v, dtype=torch.float64) if need else None for v, need in zip(values, needs)]
+    sums = _Sums(torch.zeros_like(x) if want_x else None, [None] * len(wanted), {}, value_sums)
+    store, ctx.store = ctx.store, None
     kept, ctx.kept = ctx.kept, None
-    order = list(reversed(ctx.positions))
+    for band in reversed(ctx.bands):
+        if store is None and trunk.stripes(ctx.shape_plan) is not None:
+            # a band whose stripes the forward pass did not keep, a statistics pass, or a second
+            # backward pass (retain_graph): rebuild them with a no-grad carry over the band
+            with ctx.autocast.restored():
+                store = _run_forward(ctx, x, band, None, band, advance=False, assemble=False, values=values)[0]
+        _backward_band(ctx, x, band, store, kept, grad_outs, wanted, sums, values)
+        store = kept = None
+    value_grads = [g for g in sums.values if g is not None]
+    if trunk.tile_group is not None:  # each rank back-propagated its own tiles: sum them
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(sums.grads, wanted)]
+        trunk.tile_group.reduce(([sums.grad_x] if want_x else []) + grads + value_grads)
+        sums.grads = grads
+    result = iter(sums.grads)
+    param_grads = [next(result) if need else None for need in needs[run.n_values :]]
+    value_results = [g.to(v.dtype) if g is not None else None for g, v in zip(sums.values, values)]
+    return (sums.grad_x, None, None, *value_results, *param_grads)
+
+
+def _backward_band(
+    ctx, x, band: range, store, kept: _Kept | None, grad_outs: tuple, wanted: list, sums: _Sums, values=()
+):
+    """Recompute and back-propagate the tiles of ``band`` in reverse order (``kept``: the
+    last tile of the forward pass, with its graph), reading their stripes from ``store``."""
+    trunk, shape_plan, pass_ = ctx.trunk, ctx.shape_plan, ctx.run
+    want_x = ctx.needs_input_grad[0]
+    want_values = ctx.needs_input_grad[3 : 3 + pass_.n_values]
+    members = pass_.members(trunk)
+    device = trunk.compute_device(x)
+    order = list(reversed(band))
     skip = {kept.position} if kept is not None else set()
     loaded = trunk.tiles(x, shape_plan, device, "backward", order, skip)
+    following = dict(zip(order, order[1:]))  # the tile the backward pass runs after each one
+    if store is not None and order and order[0] not in skip:
+        store.prefetch(order[0])
     with Timer(device) as timer:
         for position, tile, crop in loaded:
+            if store is not None and position in following:
+                store.prefetch(following[position])  # host stripes: copied to the device while this tile computes
             with torch.enable_grad(), ctx.autocast.restored():
+                parts = sums.pending.pop(position, {})  # complete: every later tile has run
                 if kept is not None and position == kept.position:
-                    leaf, leaves, tile_run, blocks = kept.leaf, kept.leaves, kept.run, kept.blocks
+                    leaf, leaves, run, blocks = kept.leaf, kept.leaves, kept.run, kept.blocks
                     value_leaves = kept.values
                     kept = None
                 else:
@@ -249,63 +278,57 @@ def _backward(ctx, grad_outs: tuple):
                         leaf = crop.requires_grad_(want_x)
                         leaves = _leaves(tile, store, True, members)
                         value_leaves = _value_leaves(values, want_values)
-                        tile_run = TileRun(tile, trunk.node_dims, leaves)
-                        blocks = _run_tile(trunk, run, trunk.prepare(leaf), tile, tile_run, random, value_leaves)
-                if run.level is None:
+                        run = TileRun(tile, trunk.node_dims, leaves, keep=set(parts))
+                        blocks = _run_tile(trunk, pass_, trunk.prepare(leaf), tile, run, random, value_leaves)
+                if pass_.level is None:
                     outputs = list(blocks)
                     grad_outputs = [
                         crop_view(grad, dims, box).to(block.device)
                         for grad, dims, box, block in zip(grad_outs, trunk.outputs_dims, tile.blocks, blocks)
                     ]
                 else:  # a sum's cotangent reaches every tile's partial unchanged
-                    found = [(p, g) for i, (p, g) in enumerate(zip(blocks, grad_outs)) if i not in run.fixed]
-                    outputs = [p for p, g in found if p.requires_grad]
+                    found = [(p, g) for i, (p, g) in enumerate(zip(blocks, grad_outs)) if i not in pass_.fixed]
+                    outputs = [p for p, _ in found if p.requires_grad]
                     grad_outputs = [g.to(p.device) for p, g in found if p.requires_grad]
-                for name, grad in _pending_grads(pending.pop(position, {}), tile_run, trunk.node_dims):
-                    outputs.append(tile_run.fresh[name])
+                for edge, grad in _pending_grads(parts, run, trunk.node_dims):
+                    outputs.append(edge)
                     grad_outputs.append(grad)
                 keys = list(leaves)
-                given = [v for v in value_leaves if v is not None and v.requires_grad]
+                given = [v for v in value_leaves if v.requires_grad]
                 inputs = ([leaf] if want_x else []) + wanted + given + [leaves[k] for k in keys]
                 tile_grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
-            del blocks, outputs, grad_outputs, tile_run
+            del blocks, outputs, grad_outputs, run, parts
             if want_x:
-                crop_view(grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(grad_x.device))
+                crop_view(sums.grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(sums.grad_x.device))
             for i in range(len(wanted)):
                 tg = tile_grads[i]
                 if tg is not None:
-                    grads[i] = tg if grads[i] is None else grads[i].add_(tg)
+                    sums.grads[i] = tg if sums.grads[i] is None else sums.grads[i].add_(tg)
             tile_grads = tile_grads[len(wanted) :]
-            for acc in (a for a in value_grads if a is not None):  # the values' gradients: sums over tiles
+            for acc in (a for a in sums.values if a is not None):  # the values' gradients: sums over tiles
                 vg = tile_grads.pop(0)
                 if vg is not None:
                     acc.add_(vg.to(acc.device, torch.float64))
-            _send(pending, tile, keys, tile_grads)
-            if stripes:
-                _free(store, leaves, stripes.last_backward, position, run.frees)
-    ctx.store = None
-    if run.level == 1:  # the last pass backward of the call: the stripes are all read
-        run.call.store = None
+            _send(sums.pending, tile, keys, tile_grads)
+            if store is not None:
+                store.release(position, backward=True)
+            del tile_grads, leaves, leaf, crop, value_leaves  # not into the next tile's recomputation
     trunk.stats.record("backward", len(order), timer.seconds, device)
-    if trunk.tile_group is not None:  # each rank back-propagated its own tiles: sum them
-        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wanted)]
-        trunk.tile_group.reduce(([grad_x] if want_x else []) + grads + [g for g in value_grads if g is not None])
-    result = iter(grads)
-    param_grads = [next(result) if need else None for need in needs[run.n_values :]]
-    value_results = [g.to(v.dtype) if g is not None else None for g, v in zip(value_grads, values)]
-    return (grad_x, None, None, *value_results, *param_grads)
 
 
-def _run_forward(ctx, x, values, keep: int | None, advance: bool, keep_store: bool) -> tuple:
-    """Every tile in raster order, without autograd but for tile ``keep``: returns the stripe
-    store, the kept tile and the assembled outputs (a tuple); for a statistics pass, the
-    tiles' partial sums added in tile order (float64)."""
+def _run_forward(
+    ctx, x, positions: range, keep: int | None, kept: range | None, advance: bool, assemble=True, values=()
+):
+    """The tiles at ``positions`` in raster order, without autograd but for tile ``keep``.
+    Returns the stripe store (None unless ``kept``: the positions whose stripes the
+    backward pass reads from this pass), the kept tile and the assembled outputs (a tuple,
+    or None without ``assemble``: a rebuild of the stripes for the backward pass); for a
+    statistics pass, the tiles' partial sums added in tile order (float64)."""
     trunk, shape_plan, pass_ = ctx.trunk, ctx.shape_plan, ctx.run
     stripes = trunk.stripes(shape_plan)
     device = trunk.compute_device(x)
-    store: dict = {}
-    outs, kept = None, None
-    positions = ctx.positions
+    store = stripe_stores.store(ctx.placement, stripes, kept, device) if stripes else None
+    outs, kept_tile = None, None
     members = pass_.members(trunk)
     phase = "forward" if pass_.level is None else f"forward (statistics pass {pass_.level})"
     tiles = trunk.tiles(x, shape_plan, device, phase, positions)
@@ -319,12 +342,15 @@ def _run_forward(ctx, x, values, keep: int | None, advance: bool, keep_store: bo
                     leaves = _leaves(tile, store, grad, members)
                     value_leaves = _value_leaves(values, ctx.needs_input_grad[3:]) if grad else list(values)
                     saves = stripes.saves[position] if stripes else None
-                    run = TileRun(tile, trunk.node_dims, leaves, store, saves)
+                    read_later = set(saves or ()) if grad else ()  # the kept tile's cells that later tiles read
+                    run = TileRun(tile, trunk.node_dims, leaves, store, saves, read_later)
                     blocks = _run_tile(trunk, pass_, trunk.prepare(leaf), tile, run, random, value_leaves)
             if grad:
-                kept = _Kept(position, leaf, leaves, run, blocks, value_leaves)
-            if stripes and not keep_store:
-                _free(store, leaves, stripes.last_forward, position)
+                kept_tile = _Kept(position, leaf, leaves, run, blocks, value_leaves)
+            if store is not None:
+                store.release(position, backward=False)
+            if not assemble:
+                continue
             if pass_.level is not None:  # a statistics pass: add the partial sums, in tile order
                 outs = tuple(blocks) if outs is None else tuple(a + b for a, b in zip(outs, blocks))
                 continue
@@ -336,50 +362,21 @@ def _run_forward(ctx, x, values, keep: int | None, advance: bool, keep_store: bo
                 )
             for out, block, dims, box in zip(outs, blocks, trunk.outputs_dims, tile.blocks):
                 crop_view(out, dims, box).copy_(block.detach())
-    trunk.stats.record("forward", len(positions), timer.seconds, device)
-    return (store if keep_store else None), kept, outs
+    trunk.stats.record("forward" if assemble else "rebuild", len(positions), timer.seconds, device)
+    return (store if kept is not None else None), kept_tile, outs
 
 
-def _leaves(tile, store: dict, grad: bool, members: frozenset | None = None) -> dict:
+def _leaves(tile, store, grad: bool, members: frozenset | None = None) -> dict:
     """The stripes ``tile`` reads, as leaves (requiring grad when ``grad``); of ``members``
-    only, when given (a statistics pass)."""
+    only, when given (a statistics pass computes only the nodes of its pass)."""
     leaves = {}
     for name, _, pieces, _ in tile.carry:
         if members is not None and name not in members:
             continue
         for source, box in pieces:
             if source >= 0:
-                stored = store[(name, box)]
-                leaves[(name, box)] = stored.detach().requires_grad_(grad)
+                leaves[(name, box)] = store.get((name, box)).detach().requires_grad_(grad)
     return leaves
-
-
-def _send(pending: dict, tile, keys: list, grads: list) -> None:
-    """Add the gradients of a tile's stripe leaves to the pending gradients of their cells."""
-    sources = {(name, box): source for name, _, pieces, _ in tile.carry for source, box in pieces if source >= 0}
-    for key, grad in zip(keys, grads):
-        if grad is not None:
-            pending.setdefault(sources[key], {}).setdefault(key[0], []).append((key[1], grad))
-
-
-def _pending_grads(pending: dict, run: TileRun, node_dims: dict) -> Iterator:
-    """``(node, gradient of its cell)`` for every cell of this tile that later tiles read."""
-    for name, parts in pending.items():
-        fresh = run.fresh[name]
-        if not fresh.requires_grad:
-            continue
-        cell = run.specs[name][0]
-        grad = torch.zeros_like(fresh)
-        for box, part in parts:
-            rel = [(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)]
-            crop_view(grad, node_dims[name], rel).add_(part)
-        yield name, grad
-
-
-def _free(store: dict, leaves: dict, last: dict, position: int, frees=None) -> None:
-    for key in leaves:
-        if last.get(key) == position and (frees is None or frees(key[0])):
-            store.pop(key, None)
 
 
 def _run_tile(trunk, pass_: Pass, x, tile, run: TileRun, random, values) -> tuple:
@@ -392,6 +389,53 @@ def _run_tile(trunk, pass_: Pass, x, tile, run: TileRun, random, values) -> tupl
 def _value_leaves(values, needs) -> list:
     """The statistic values as one tile's leaves (requiring grad where wanted)."""
     return [v.detach().requires_grad_(bool(need)) for v, need in zip(values, needs)]
+
+
+def _send(pending: dict, tile, keys: list, grads: list) -> None:
+    """Add the gradients of a tile's stripe leaves to the pending gradients of their cells.
+
+    A stripe leaf's gradient is a view of the gradient of the region it was assembled into
+    (``torch.cat``'s backward narrows it): kept as is, it would hold that whole region's
+    gradient until the stripe's cell runs, a row of tiles later. Only its own pixels are kept."""
+    sources = {(name, box): source for name, _, pieces, _ in tile.carry for source, box in pieces if source >= 0}
+    for key, grad in zip(keys, grads):
+        if grad is not None:
+            pending.setdefault(sources[key], {}).setdefault(key[0], []).append((key[1], _owned(grad)))
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it is a view into a larger storage."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
+def _pending_grads(pending: dict, run: TileRun, node_dims: dict) -> Iterator:
+    """``(gradient edge of a cell, zero)`` for every cell of this tile that later tiles
+    read, to add to the outputs of ``autograd.grad``.
+
+    The pending parts are added by a hook when back-propagation reaches the cell, to its
+    gradient from this tile; the grad_output is a zero that takes no memory (a broadcast
+    scalar). A zero-filled cell per node, given as a grad_output, would live for the whole
+    backward pass of the tile, and so would the cell if it were the output."""
+    for name, parts in pending.items():
+        edge = run.edges.get(name)
+        if edge is None:  # the cell does not require grad
+            continue
+        cell = run.specs[name][0]
+        rel = [[(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)] for box, _ in parts]
+        add = functools.partial(_add_parts, edge.output_nr, [p for _, p in parts], rel, node_dims[name])
+        edge.node.register_prehook(add)
+        meta = edge.node._input_metadata[edge.output_nr]
+        yield edge, torch.zeros((), dtype=meta.dtype, device=meta.device).expand(meta.shape)
+
+
+def _add_parts(index: int, parts: list, boxes: list, dims: tuple, grads: tuple) -> tuple:
+    """The gradients flowing into a node, with the pending ``parts`` added at ``boxes`` to
+    its output ``index`` (a cell's gradient within its tile). A copy: the engine may pass
+    the same gradient tensor to other nodes."""
+    grad = grads[index].clone()
+    for part, box in zip(parts, boxes):
+        crop_view(grad, dims, box).add_(part)
+    return grads[:index] + (grad,) + grads[index + 1 :]
 
 
 @contextlib.contextmanager

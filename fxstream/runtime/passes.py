@@ -21,9 +21,10 @@ backward (plain autograd), then pass ``L``, ..., pass 1. No adjoint is written b
 
 A pass's statistics come back as float64 sums over the tiles' owned blocks;
 ``ops.statistics.finish`` turns them into exactly what the original op returns (its dtype
-included). Every pass of a call shares the tiling, the random draws (dropout between two
-levels draws the same masks in every pass) and, under carry, the output pass's stripe store
-(read by the statistics passes' backward: same cells, same values).
+included). Every pass of a call shares the tiling and the random draws (dropout between two
+levels draws the same masks in every pass). Under carry each pass keeps its own stripes: a
+statistics pass's backward rebuilds its stripes band by band with a no-grad carry (as a
+banded backward does), so the output pass's store is freed during its own backward.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedOpError, user_error
+from ..io import transfer
 from ..ops import statistics as st
 from .executor import Pass, StreamFunction
 
@@ -38,24 +40,18 @@ from .executor import Pass, StreamFunction
 class CallState:
     """What the passes of one call of the trunk share: the input, its tiling (one
     ``ShapePlan`` for every pass), the positions this process runs, the random draws, the
-    output pass's stripe store (carry) and, per carried node, the lowest pass whose backward
-    reads its stripes (``low``: the last to read them; ``None``, the output pass)."""
+    (each pass keeps its own stripes: a statistics pass's backward rebuilds them)."""
 
     def __init__(self, trunk, x):
         size = tuple(x.shape[d] for d in trunk.input_dims)
-        if trunk.tile_group is not None:  # before any other collective: every rank has the same shape
-            trunk.tile_group.check_shape(tuple(x.shape), trunk.compute_device(x))
+        if trunk.tile_group is not None:  # before any other collective: every rank has the same image
+            trunk.tile_group.check_shape(tuple(x.shape), trunk.compute_device(x), transfer.fingerprint(x))
         if not torch.is_grad_enabled() and isinstance(x, torch.Tensor):
             x = x.detach()  # inference: nothing to differentiate (and no graph to keep)
         self.trunk, self.x = trunk, x
         self.shape_plan = trunk.shape_plan(size)
         self.positions = trunk.positions(self.shape_plan)
         self.random = trunk.random_draws(x)
-        self.store: dict | None = None
-        self.low: dict = {}
-        for level, nodes in enumerate(trunk.geometry.passes, 1):
-            for name in nodes:
-                self.low.setdefault(name, level)
 
 
 def statistics(call: CallState, level: int, *values) -> tuple:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ class StreamStats:
     backward_tiles: int = 0
     forward_s: float = 0.0
     backward_s: float = 0.0
+    rebuild_tiles: int = 0  # banded carry (or a second backward pass): no-grad tiles that rebuild stripes
+    rebuild_s: float = 0.0
     peak_memory: int | None = None
     host_peak_rss: int = 0
 
@@ -39,6 +42,9 @@ class StreamStats:
             self.passes += 1
             self.forward_tiles += tiles
             self.forward_s += seconds
+        elif phase == "rebuild":
+            self.rebuild_tiles += tiles
+            self.rebuild_s += seconds
         else:
             self.backward_tiles += tiles
             self.backward_s += seconds
@@ -50,16 +56,29 @@ class StreamStats:
     def __str__(self) -> str:
         memory = f"peak GPU memory {self.peak_memory / 2**30:.2f} GiB" if self.peak_memory is not None else ""
         host = f"host peak RSS {self.host_peak_rss / 2**30:.2f} GiB"
+        rebuild = ""
+        if self.rebuild_tiles:
+            rebuild = f"{self.rebuild_tiles} tiles rebuilding stripes in {self.rebuild_s:.2f} s, "
         return (
             f"{self.passes} streamed passes: {self.forward_tiles} forward tiles in {self.forward_s:.2f} s, "
-            f"{self.backward_tiles} backward tiles in {self.backward_s:.2f} s; "
+            f"{rebuild}{self.backward_tiles} backward tiles in {self.backward_s:.2f} s; "
             + ", ".join(m for m in (memory, host) if m)
         )
 
 
+_BARS = threading.local()  # the bars open in this thread (see Timer)
+
+
+def _open_bars() -> list:
+    if not hasattr(_BARS, "open"):
+        _BARS.open = []
+    return _BARS.open
+
+
 def tiles_progress(tiles: Iterable, total: int, enabled: bool, desc: str) -> Iterator:
     """``tiles``, wrapped in a tqdm bar when ``enabled`` (tqdm is an optional dependency:
-    ``pip install 'fxstream[progress]'``)."""
+    ``pip install 'fxstream[progress]'``). A pass that fails closes its bar (see
+    :class:`Timer`), so the error is not printed after the bar on its line."""
     if not enabled:
         yield from tiles
         return
@@ -68,22 +87,37 @@ def tiles_progress(tiles: Iterable, total: int, enabled: bool, desc: str) -> Ite
     except ImportError as exc:
         raise ImportError("progress=True needs tqdm: pip install tqdm (or pip install 'fxstream[progress]')") from exc
     with tqdm(total=total, desc=desc, unit="tile", leave=False) as bar:
-        for item in tiles:
-            yield item
-            bar.update(1)
+        bars = _open_bars()
+        bars.append(bar)
+        try:
+            for item in tiles:
+                yield item
+                bar.update(1)
+        finally:
+            if bar in bars:
+                bars.remove(bar)
 
 
 class Timer:
-    """Wall time of a block; waits for the device's queued work on CUDA so the figure is real."""
+    """Wall time of a block (a streamed pass); waits for the device's queued work on CUDA so
+    the figure is real. A block that fails closes the progress bars opened inside it: the
+    bar's generator is only closed when the error (which references it) is gone, after the
+    error has been printed behind the bar."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()
+        self.bars = len(_open_bars())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
+        if kind is not None:
+            bars = _open_bars()
+            while len(bars) > self.bars:
+                bars.pop().close()
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds = time.perf_counter() - self.start
