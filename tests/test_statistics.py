@@ -181,6 +181,18 @@ def test_each_pass_runs_once_forward_and_once_backward():
     assert stats.rebuild_tiles == (4 * n if smodel.schedule.carries else 0)
 
 
+@pytest.mark.parametrize("stripes", ["host", "banded"])
+def test_every_stripe_placement(stripes):
+    """Host stripes (forced on CPU: clones) and banded carry (band by band; a statistics pass
+    rebuilds every band): exact, train-mode BatchNorm and four levels."""
+    if fxstream.planning.schedule.DEFAULT != "carry":
+        pytest.skip("carry's stripe placements")
+    schedule = fxstream.Schedule("carry", stripes=stripes, band_rows=1 if stripes == "banded" else None)
+    x = torch.randn(2, 3, 23, 19, generator=torch.Generator().manual_seed(1), dtype=F64)
+    check(randomise(Toy()), x, 12, schedule=schedule)
+    check(randomise(BNNet()).train(), x, 12, schedule=schedule)
+
+
 def test_one_tile_still_runs_every_pass():
     model = randomise(Toy())
     x = torch.randn(2, 3, 23, 19, generator=torch.Generator().manual_seed(1), dtype=F64)

@@ -3,8 +3,8 @@ random weights (nothing downloaded), small images, both schedules; the output, e
 gradient and the input gradient within 1e-10 of the plain model.
 
 * torchvision ``deeplabv3_resnet50``: ASPP's image pooling, one level;
-* smp FPN (GroupNorm in the segmentation blocks, three levels), PSPNet and UPerNet (pyramid
-  pooling, one level: the bins share it);
+* smp FPN (GroupNorm in the segmentation blocks, three levels; its merge stacks the levels),
+  PSPNet and UPerNet (pyramid pooling, one level: the bins share it);
 * MONAI ``BasicUNet`` with InstanceNorm: 18 levels, with ``max_levels=18``;
 * timm ``efficientnet_b0`` (SE, 16 levels) and ``convnextv2_atto`` (GRN, 12 levels), with
   ``max_levels`` raised, one schedule each.
@@ -98,23 +98,11 @@ def test_deeplabv3_resnet50(schedule):
 
 @pytest.mark.slow
 def test_smp_fpn(schedule):
-    """FPN with GroupNorm in its segmentation blocks (3 levels). Its default merge adds a
-    ``torch.stack``: see the next test; ``decoder_merge_policy='cat'`` concatenates instead."""
-    factory = lambda: smp.FPN("tu-resnet10t", encoder_depth=3, decoder_merge_policy="cat", **SMP)  # noqa: E731
+    """smp FPN, its default merge (``torch.stack(x).sum(0)``) and GroupNorm in its segmentation
+    blocks: three levels."""
+    factory = lambda: smp.FPN("tu-resnet10t", encoder_depth=3, **SMP)  # noqa: E731
     smodel = streams(factory, (64, 64), schedule, levels=3, tiles=4)
     assert {s[3] for s in smodel.plan.statistics} == {"global norm"}
-
-
-def test_smp_fpn_default_merge(schedule):
-    """The default FPN (``torch.stack(x).sum(0)``); torch.stack is an op-table row of its own."""
-    factory = lambda: smp.FPN("tu-resnet10t", encoder_depth=3, **SMP)  # noqa: E731
-    try:
-        fxstream.compile(factory().eval(), tile_size=4096)
-    except fxstream.UnsupportedOpError as err:
-        if "torch.stack" in str(err):
-            pytest.skip("torch.stack is not an op-table row yet (issue 20, second half)")
-        raise
-    streams(factory, (64, 64), schedule, levels=3, tiles=4)
 
 
 def test_smp_pspnet(schedule):
