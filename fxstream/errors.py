@@ -51,6 +51,21 @@ class UnsupportedOpError(FxStreamError):
         self.boundary = boundary
 
 
+class StatisticsError(UnsupportedOpError):
+    """Raised by ``compile`` when the trunk holds more dependent levels of global statistics
+    (GroupNorm, squeeze-excitation, pooling branches...) than ``max_levels=``: each level adds
+    a streamed pass forward and one backward. The message gives the level count, the first
+    and last statistic, the predicted step ratio and the fixes. Attributes: those of
+    :class:`UnsupportedOpError` (``boundary``: the largest prefix within ``max_levels``),
+    ``levels``, ``max_levels`` and ``predicted_step_ratio``."""
+
+    def __init__(self, message: str, *, levels: int = 0, max_levels: int = 0, predicted_step_ratio: float = 0.0, **kw):
+        super().__init__(message, **kw)
+        self.levels = levels
+        self.max_levels = max_levels
+        self.predicted_step_ratio = predicted_step_ratio
+
+
 class BoundaryError(FxStreamError):
     """Raised by ``compile`` when ``boundary=`` is not a string, names nothing
     streamable, or when the trunk would have several outputs used by the head."""

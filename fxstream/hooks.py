@@ -113,6 +113,7 @@ class HookRule:
     outputs: tuple[OutputModule, ...]  # outermost first
     inside: tuple[tuple[str, str], ...]  # (module path, first node name): hooks rejected
     traced_head: tuple[HeadModule, ...]  # head modules without a call: called for real while hooked, or rejected
+    decomposed: tuple[tuple[str, str, str], ...] = ()  # norms streamed as statistics: (path, op, node): rejected
 
 
 def hook_rule(analysis: Analysis) -> HookRule:
@@ -156,7 +157,8 @@ def hook_rule(analysis: Analysis) -> HookRule:
         else:
             inside.append((path, streamed[0].name))
     outputs.sort(key=lambda m: m.path.count("."))
-    return HookRule(tuple(outputs), tuple(inside), tuple(traced_head))
+    decomposed = tuple(d for d in analysis.decomposed if d[0] in nodes)  # module paths (not functional norms)
+    return HookRule(tuple(outputs), tuple(inside), tuple(traced_head), decomposed)
 
 
 def _reads_only_image(members: list[fx.Node], analysis: Analysis) -> bool:
@@ -289,6 +291,19 @@ def check(rule: HookRule, root: nn.Module, source: nn.Module) -> None:
             op="module hook",
             fix="register the hook on the compiled module returned by fxstream.compile",
         )
+    for path, op, node in rule.decomposed:
+        if _hooks(fetch(root, path)):
+            raise user_error(
+                UnsupportedOpError,
+                f"cannot stream the hooks of module '{path}': this {op} is streamed as global statistics (a sum over "
+                "the whole image, streamed in its own passes, then a pixelwise normalisation in every tile), so the "
+                "module is never called and its hooks would never fire",
+                node=node,
+                module_path=path,
+                op="module hook",
+                fix=f"pass boundary=... ending before '{path}' so that it runs on the whole feature map, or move the "
+                "hook to a module of the head (see docs/contract.md)",
+            )
     for path, node in rule.inside:
         if _hooks(fetch(root, path)):
             raise user_error(

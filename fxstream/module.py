@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import hooks
-from .analysis.analyze import Analysis
+from .analysis.analyze import MAX_LEVELS, Analysis
 from .distributed import TileGroup
 from .errors import ArgumentError, BoundaryError, BranchError, ContractError, TileSizeError, user_error
 from .frontend.tracecheck import probe_input
@@ -24,7 +24,15 @@ from .planning.plan import Plan
 from .planning.schedule import Schedule, as_schedule
 from .planning.trunk import TrunkGeometry
 from .runtime import live
-from .runtime.codegen import StreamedTrunk, graph_module, outer_graph, tile_graph
+from .runtime.codegen import (
+    StreamedTrunk,
+    driver_graph,
+    graph_module,
+    outer_graph,
+    pass_values,
+    tile_graph,
+    value_checks,
+)
 from .runtime.progress import StreamStats
 from .runtime.settings import StreamSettings
 
@@ -44,14 +52,28 @@ class Program:
     hooks: hooks.HookRule
     module: fx.GraphModule | None = None  # built on demand
     bindings: tuple = ()  # live.Binding of each GraphModule: keeps their members current
+    pass_graphs: tuple = ()  # global statistics: the tile graph of each statistics pass (levels 1..L)
+    driver_graph: fx.Graph | None = None  # and the driver that runs the passes and the statistic heads
 
 
 def build_program(
-    model: nn.Module, tile_size: TileSize, boundary: str | tuple[str, ...] | None, schedule=None, sample=None
+    model: nn.Module,
+    tile_size: TileSize,
+    boundary: str | tuple[str, ...] | None,
+    schedule=None,
+    max_levels: int | None = MAX_LEVELS,
+    sample=None,
 ) -> Program:
-    low = lower(model, tile_size, boundary, schedule, sample)  # trace -> analyse -> geometry -> plan
+    low = lower(model, tile_size, boundary, schedule, sample, max_levels)  # trace -> analyse -> geometry -> plan
     tiles, outer = tile_graph(low.analysis, low.geometry), outer_graph(low.analysis)  # -> fx.Graph, fx.Graph
-    return Program(low.analysis, low.geometry, low.plan, low.schedule, tiles, outer, hooks.hook_rule(low.analysis))
+    rule = hooks.hook_rule(low.analysis)
+    program = Program(low.analysis, low.geometry, low.plan, low.schedule, tiles, outer, rule)
+    if low.analysis.statistics:  # -> a tile graph per statistics pass, and the driver graph
+        program.pass_graphs = tuple(
+            tile_graph(low.analysis, low.geometry, j) for j in range(1, low.geometry.levels + 1)
+        )
+        program.driver_graph = driver_graph(low.analysis, low.geometry)
+    return program
 
 
 def validate_tile_size(tile_size: TileSize) -> None:
@@ -79,13 +101,19 @@ class StreamedModule(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, tile_size: TileSize, boundary: str | None = None, settings=None, schedule=None
+        self,
+        model: nn.Module,
+        tile_size: TileSize,
+        boundary: str | None = None,
+        settings=None,
+        schedule=None,
+        max_levels: int | None = MAX_LEVELS,
     ):
         super().__init__()
         self._share(model)
         # Plain attributes (not registered): the compiled programs are derived state.
         self.__dict__["_source"] = model
-        self.__dict__["_config"] = (tile_size, boundary, as_schedule(schedule))
+        self.__dict__["_config"] = (tile_size, boundary, as_schedule(schedule), max_levels)
         self.__dict__["settings"] = settings if settings is not None else StreamSettings()
         self._reset()
         self._current()  # compile now, so errors surface at compile time
@@ -148,9 +176,16 @@ class StreamedModule(nn.Module):
 
     @property
     def code(self) -> str:
-        """The generated code: the outer module, then the per-tile module."""
+        """The generated code: the outer module, then the per-tile module; with global
+        statistics, the driver and the per-tile module of each statistics pass in between."""
         gm = self._current()
-        return f"# outer module\n{gm.code}\n# per-tile module\n{gm.fxstream_trunk.tile.code}"
+        trunk = gm.fxstream_trunk
+        parts = [f"# outer module\n{gm.code}"]
+        if trunk.driver is not None:
+            parts.append(f"# driver: the statistics passes and their heads\n{trunk.driver.code}")
+            parts += [f"# per-tile module of statistics pass {j}\n{m.code}" for j, m in enumerate(trunk.pass_tiles, 1)]
+        parts.append(f"# per-tile module{' of the output pass' if trunk.driver is not None else ''}\n{trunk.tile.code}")
+        return "\n".join(parts)
 
     def shape_plan(self, *spatial_size: int):
         """The tiles that an input of this spatial size is cut into (with the batch, channels
@@ -180,7 +215,24 @@ class StreamedModule(nn.Module):
 
     def _build(self, program: Program) -> tuple[fx.GraphModule, tuple[live.Binding, ...]]:
         tile = graph_module(self, program.tile_graph, "StreamedTile")
-        trunk = StreamedTrunk(tile, program.geometry, program.plan, self.settings, program.schedule)
+        pass_tiles = tuple(graph_module(self, g, f"StreamedPass{j}") for j, g in enumerate(program.pass_graphs, 1))
+        driver = graph_module(self, program.driver_graph, "StreamedDriver") if program.driver_graph else None
+        trunk = StreamedTrunk(
+            tile,
+            program.geometry,
+            program.plan,
+            self.settings,
+            program.schedule,
+            passes=pass_tiles,
+            driver=driver,
+            checks=value_checks(program.analysis) if driver is not None else {},
+            pass_values={
+                level: pass_values(program.analysis, program.geometry, level)
+                for level in [None, *range(1, program.geometry.levels + 1)]
+            }
+            if driver is not None
+            else {},
+        )
         # The streaming call is opaque to torch.compile (it runs eagerly); the head is compiled.
         trunk.forward = torch.compiler.disable(hooks.around(trunk.forward, self, program.hooks))
         outer_graph = hooks.collapse_hooked_calls(program.outer_graph, program.hooks, self)  # hooked head modules
@@ -188,6 +240,8 @@ class StreamedModule(nn.Module):
         bindings = (
             live.Binding(tile, self, live.targets(program.tile_graph)),
             live.Binding(outer, self, live.targets(program.outer_graph, skip=("fxstream_trunk",))),
+            *(live.Binding(m, self, live.targets(g)) for m, g in zip(pass_tiles, program.pass_graphs)),
+            *([live.Binding(driver, self, live.targets(program.driver_graph))] if driver is not None else []),
         )
         return outer, bindings
 
@@ -255,7 +309,7 @@ class StreamedModule(nn.Module):
         return self.settings.stats
 
     def extra_repr(self) -> str:
-        tile_size, boundary, schedule = self._config
+        tile_size, boundary, schedule = self._config[:3]
         return f"tile_size={tile_size}, boundary={boundary!r}, schedule={schedule.kind!r}"
 
 
@@ -311,6 +365,7 @@ def compile(
     verbose: bool = False,
     schedule: str | Schedule | None = None,
     tile_group=None,
+    max_levels: int | None = MAX_LEVELS,
 ) -> StreamedModule:
     """Compile ``model`` so its local trunk runs tile by tile with exact gradients.
 
@@ -350,12 +405,18 @@ def compile(
             all receive the same image and split its tiles into bands of tile rows; the
             trunk output and the gradients are those of one process on every rank (see
             :mod:`fxstream.distributed`). Default None: this process runs every tile.
+        max_levels: the most dependent levels of global statistics to stream (GroupNorm,
+            InstanceNorm, train-mode BatchNorm, squeeze-excitation, pooling branches: each
+            level adds a streamed pass forward and one backward; see ``docs/ops.md``). More
+            raise :class:`StatisticsError` with the predicted cost and the fixes. None: no limit.
 
     After a call, ``smodel.last_stats`` summarises the streaming work (tiles, time,
     peak memory); ``fxstream.serial_backward`` resets it at the start of each step.
 
     Raises:
         UnsupportedOpError: a non-local or unknown op, or a module hook, inside the trunk.
+        StatisticsError: more than ``max_levels`` levels of global statistics (an
+            ``UnsupportedOpError``).
         TileSizeError: ``tile_size`` malformed or smaller than the receptive field.
         BoundaryError: ``boundary`` is not a string or a list of strings, or names nothing
             streamable.
@@ -372,6 +433,7 @@ def compile(
         torch.Size([1, 1000])
     """
     _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform)
+    _check_max_levels(max_levels)
     boundary = boundary if boundary is None or isinstance(boundary, str) else tuple(boundary)
     schedule = as_schedule(schedule)  # -> Schedule
     if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size, a boundary and a schedule
@@ -384,6 +446,7 @@ def compile(
             input_shape,
             schedule=schedule,
             output_device=None if device is None else device.type,
+            max_levels=max_levels,
         )
         tile_size, boundary, schedule = choice.tile_size, choice.boundary, choice.schedule
         if verbose:
@@ -395,7 +458,7 @@ def compile(
         progress=progress,
         tile_group=TileGroup(tile_group) if tile_group is not None else None,
     )
-    return StreamedModule(model, tile_size, boundary, settings, schedule)  # build_program: trace -> ... -> generate
+    return StreamedModule(model, tile_size, boundary, settings, schedule, max_levels)  # build_program: trace -> ...
 
 
 def _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform) -> None:
@@ -446,6 +509,16 @@ def _check_transform(transform: Callable) -> None:
             fix="take the tile and the trunk's floating dtype (e.g. lambda tile, dtype: tile.to(dtype) / 255), "
             "or pass fxstream.Normalize(mean, std, scale=...)",
         ) from None
+
+
+def _check_max_levels(max_levels) -> None:
+    if max_levels is not None and (not isinstance(max_levels, int) or isinstance(max_levels, bool) or max_levels < 0):
+        raise user_error(
+            ArgumentError,
+            f"max_levels must be a non-negative int or None, got {max_levels!r}",
+            fix="e.g. max_levels=4 (the default), max_levels=18 to stream a U-Net with a norm after every convolution, "
+            "or max_levels=0 to stream no global statistic",
+        )
 
 
 def _device(output_device: str | torch.device | None) -> torch.device | None:

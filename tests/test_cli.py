@@ -232,7 +232,10 @@ BAD = [
         ["resnet18", "--input-shape", "1,3,4096,4096", "--tile-size", "100", "--schedule", "carry"],
         "under the carry schedule",
     ),
-    (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "512", "--train"], "cannot stream BatchNorm2d"),
+    (
+        ["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "512", "--train"],
+        "cannot stream ResNet whole with max_levels=4",
+    ),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "512", "--boundary", "nowhere"], "names no node"),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "auto"], "need --memory-budget"),
     (["resnet18", "--input-shape", "1,3,64,64", "--tile-size", "512", "--memory-budget", "8XB"], "memory budget"),

@@ -66,17 +66,10 @@ class SpatialLayerNorm(nn.Module):
         return self.norm(x)
 
 
-def bn_train():
-    return nn.BatchNorm2d(4).train()
-
-
+# BatchNorm in training mode or without running statistics, GroupNorm, InstanceNorm and
+# squeeze-excitation stream as global statistics (issue 20; tests/test_statistics.py).
 REJECTED = {
-    "batchnorm_train": (bn_train, "model.eval()"),
-    "batchnorm_no_running_stats": (lambda: nn.BatchNorm2d(4, track_running_stats=False).eval(), "running"),
-    "groupnorm": (lambda: nn.GroupNorm(2, 4), "GroupNorm"),
-    "instancenorm": (lambda: nn.InstanceNorm2d(4), "InstanceNorm"),
     "layernorm_spatial": (SpatialLayerNorm, "spatial"),
-    "squeeze_excite": (SqueezeExcite, "squeeze-excitation"),
     "circular_conv": (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), "circular"),
     "circular_pad": (CircularPad, "circular"),
     "unknown_op": (Roll, "does not know"),
@@ -107,9 +100,10 @@ def test_rejected_op_names_module(name):
 
 
 def test_batchnorm_train_error_suggests_eval():
+    """Above max_levels, a train-mode BatchNorm's refusal suggests eval mode."""
     model = Net(nn.BatchNorm2d(4)).train()
-    with pytest.raises(fxstream.UnsupportedOpError, match=r"call model\.eval\(\)"):
-        fxstream.compile(model, tile_size=64)
+    with pytest.raises(fxstream.StatisticsError, match=r"call model\.eval\(\)"):
+        fxstream.compile(model, tile_size=64, max_levels=0)
 
 
 def test_boundary_before_rejected_op_streams_prefix_exactly():
@@ -130,12 +124,13 @@ def test_squeeze_excite_after_boundary_is_fine():
 
 
 def test_train_mode_switch_is_checked_on_forward():
-    """Compiled in eval mode, switched to train: the next call recompiles and rejects BN."""
+    """Compiled in eval mode, switched to train: the next call recompiles, and refuses the
+    train-mode BatchNorm's statistics beyond max_levels (within it, they stream)."""
     model = Net(nn.BatchNorm2d(4)).eval()
-    smodel = fxstream.compile(model, tile_size=16)
+    smodel = fxstream.compile(model, tile_size=16, max_levels=0)
     smodel(torch.randn(1, 3, 20, 20))
     smodel.train()
-    with pytest.raises(fxstream.UnsupportedOpError, match="BatchNorm"):
+    with pytest.raises(fxstream.StatisticsError, match="BatchNorm2d"):
         smodel(torch.randn(1, 3, 20, 20))
     smodel.eval()
     smodel(torch.randn(1, 3, 20, 20))

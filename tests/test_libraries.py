@@ -128,20 +128,15 @@ def test_flexible_unet_traces_and_streams_whole():
     assert smodel.plan.stride == (1, 1)
 
 
-# name -> (factory, category)
+# name -> (factory, category). Global statistics stream (issue 20, tests/test_statistics_libraries.py):
+# smp FPN, PAN and DeepLabV3Plus stream whole now; these hold more levels than max_levels=4
+# (StatisticsError: the category, the cost and the largest prefix within the limit), or attention.
 REJECTS = {
     "timm.efficientnet_b0": (tm("efficientnet_b0"), "squeeze-excitation"),
     "timm.mobilenetv3_small_050": (tm("mobilenetv3_small_050"), "squeeze-excitation"),
     "timm.regnety_002": (tm("regnety_002"), "squeeze-excitation"),
     "timm.convnextv2_atto": (tm("convnextv2_atto"), "global norm"),  # GRN's Tensor.norm
-    "smp.FPN": (lambda: smp.FPN("tu-resnet10t", **SMP), "global norm"),  # GroupNorm in the decoder
-    "smp.PAN": (lambda: smp.PAN("tu-resnet10t", encoder_weights=None, classes=2), "global pooling branch"),
     "smp.MAnet": (lambda: smp.MAnet("tu-resnet10t", decoder_channels=DECODER, **SMP), "attention"),
-    # ASPP's image pooling; the suggestion is the encoder, with its stride-4 skip as a second output
-    "smp.DeepLabV3Plus": (
-        lambda: smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=2),
-        "global pooling branch",
-    ),
 }
 
 

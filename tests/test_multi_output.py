@@ -134,9 +134,12 @@ def test_head_reading_several_outputs_streams_exactly(schedule):
 
 
 def test_decoder_with_global_branch_streams_its_encoder(schedule):
+    """The global branch streams as a statistic (issue 20); refused (max_levels=0), the largest
+    prefix is the encoder, with both outputs the decoder reads."""
     model = _eval(SkipDecoder())
-    with pytest.raises(fxstream.UnsupportedOpError) as info:
-        fxstream.compile(model, tile_size=20)
+    check_streamed(model, torch.randn(1, 3, 53, 70), 60, min_tiles=2)
+    with pytest.raises(fxstream.StatisticsError) as info:
+        fxstream.compile(model, tile_size=20, max_levels=0)
     assert info.value.boundary == "encoder"  # the largest prefix: both outputs the decoder reads
     assert "largest streamable prefix: boundary='encoder'" in str(info.value)
     for boundary in ("encoder", ["encoder.stem", "encoder.stage2"]):
@@ -282,13 +285,13 @@ def test_plan_shows_every_output(tmp_path, capsys):
 
 
 def test_auto_boundary_streams_the_prefix_with_its_outputs():
-    """boundary='auto' cuts within the largest prefix when a global branch sits in the trunk
-    (before, it raised): its candidates reach the encoder output, each with the outputs the
-    rest reads."""
+    """boundary='auto' with a global pooling branch in the trunk: the branch streams as a
+    statistic (issue 20), so the candidates reach the whole trunk; a cut at the encoder output
+    streams with the outputs the rest reads."""
     model = _eval(SkipDecoder())
     choice = fxstream.memory.auto.choose(model, "auto", "auto", "1GiB", (1, 3, 64, 64))
-    assert [c.boundary for c in choice.candidates][-1] == "encoder_stage2_2"
-    smodel = fxstream.compile(model, tile_size=20, boundary=choice.candidates[-1].boundary)
+    assert [c.boundary for c in choice.candidates][-1] == "cat"
+    smodel = fxstream.compile(model, tile_size=20, boundary="encoder")
     assert smodel.program().geometry.outputs == ("encoder_stem_2", "encoder_stage2_2")
     smodel = fxstream.compile(
         model, tile_size="auto", boundary="auto", memory_budget="1GiB", input_shape=(1, 3, 64, 64)

@@ -115,7 +115,15 @@ def write_slide(path: str, size: tuple[int, int] = (300, 233)) -> None:
         tif.write(image[::2, ::2].copy(), tile=(64, 64), photometric="rgb", subfiletype=1)
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+# The README's errors block shows GroupNorm rejected, which streams since issue 20: the lead
+# replaces it (proposed text: the statistics section of the README notes); strict, so these
+# marks go once it is replaced.
+STALE_ERRORS = pytest.mark.xfail(
+    strict=True, reason="README errors block: GroupNorm streams now (issue 20); replacement proposed for the lead"
+)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=STALE_ERRORS) if n == "errors" else n for n in sorted(SMALL)])
 def test_readme_block_runs(name, tmp_path, monkeypatch, capsys):
     code = readme_blocks()[name]
     for old, new in SMALL[name]:
@@ -134,6 +142,7 @@ def test_readme_block_runs(name, tmp_path, monkeypatch, capsys):
         assert "global norm" in message and "fix:" in message, message
 
 
+@STALE_ERRORS
 def test_readme_error_output_is_current(capsys):
     """The message shown under the errors block is what the block prints."""
     code = readme_blocks()["errors"]

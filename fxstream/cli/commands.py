@@ -4,7 +4,7 @@
                   [--dtype float32] [--format text|json|dot|code] [--png FILE]
                   [--memory-budget 8GiB] [--train] [--schedule carry|recompute]
                   [--stripes auto|device|host|banded] [--band-rows N]
-                  [--device cuda|cpu] [--output-device cpu]
+                  [--device cuda|cpu] [--output-device cpu] [--max-levels 4]
 
 MODEL is ``package.module:callable`` (keyword arguments in parentheses, as Python
 literals: ``'torchvision.models:resnet34(num_classes=10)'``), ``path/to/file.py:callable``,
@@ -138,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--train", action="store_true", help="keep the model in training mode (default: eval)")
     plan.add_argument(
+        "--max-levels",
+        type=int,
+        default=4,
+        metavar="N",
+        help="the most dependent levels of global statistics (GroupNorm, squeeze-excitation, pooling branches, "
+        "train-mode BatchNorm) to stream (default 4; each level adds a pass forward and backward)",
+    )
+    plan.add_argument(
         "--ranks", type=int, default=1, metavar="N", help="show the tile-parallel split over N ranks (tile_group)"
     )
     return parser
@@ -161,10 +169,26 @@ def plan_command(args: argparse.Namespace) -> int:
         if budget is None:
             raise UsageError("--tile-size auto and --boundary auto need --memory-budget (e.g. 8GiB)")
         choice = choose(
-            model, tile_size, boundary, budget, input_shape, dtype, schedule, args.device, args.output_device
+            model,
+            tile_size,
+            boundary,
+            budget,
+            input_shape,
+            dtype,
+            schedule,
+            args.device,
+            args.output_device,
+            max_levels=args.max_levels,
         )
         tile_size, boundary, reason, schedule = choice.tile_size, choice.boundary, choice.reason, choice.schedule
-    smodel = fx_compile(model, tile_size, boundary=boundary, schedule=schedule, output_device=args.output_device)
+    smodel = fx_compile(
+        model,
+        tile_size,
+        boundary=boundary,
+        schedule=schedule,
+        output_device=args.output_device,
+        max_levels=args.max_levels,
+    )
     program = smodel.program()
     if len(input_shape) - 2 != program.geometry.ndim:
         raise UsageError(

@@ -30,6 +30,7 @@ COLUMNS = (
     ("node", 24, "name", str),
     ("op", 14, "op", str),
     ("module", 20, "module_path", str),
+    ("lvl", 3, "level", str),
     ("kernel", 7, "kernel", _x),
     ("s", 5, "op_stride", _x),
     ("pad (lo,hi)", 11, "padding", _pairs),
@@ -49,13 +50,40 @@ def text(report: dict) -> str:
     for node in report["nodes"]:
         cells = []
         for _, width, key, fmt in COLUMNS:
-            cell = fmt(node[key]) if node[key] is not None or fmt is not str else "-"
+            value = node.get(key)
+            cell = fmt(value) if value is not None or fmt is not str else "-"
             cells.append(f"{cell[:width] if key in ('name', 'op', 'module_path') else cell:<{width}}")
         lines.append(" ".join(cells).rstrip())
     lines.append("")
     lines.append("region: pixels an interior tile computes per axis; act. bytes: that region's output, batch included")
+    lines.append("lvl: the highest level of global statistics the node depends on")
     lines.append("")
-    return "\n".join(lines + summary(report))
+    return "\n".join(lines + summary(report) + statistics_lines(report))
+
+
+def statistics_lines(report: dict) -> list[str]:
+    """The statistics passes: per level its share of the work and its statistics."""
+    section = report.get("statistics")
+    if not section or not section["levels"]:
+        return []
+    levels, passes = section["levels"], section["passes"]
+    lines = [
+        "",
+        f"statistics: {levels} level{'s' if levels > 1 else ''}, {passes} streamed passes ({passes // 2} forward, "
+        f"{passes // 2} backward), predicted training step {section['predicted_step_ratio']:.2f}x a plain step "
+        f"({report['schedule']})",
+        "  level  pass work  statistics",
+    ]
+    for entry in section["per_level"]:
+        named = "; ".join(
+            f"{s['category']}: '{s['node']}' ({s['module_path'] or '<top>'}, {s['op']}"
+            + (f", {_x(s['shape'])}" if s["shape"] else "")
+            + ")"
+            for s in entry["statistics"]
+        )
+        lines.append(f"  {entry['level']:<6} {entry['pass_work']:>8.1%}   {named}")
+    lines.append(f"  max_levels={section['max_levels']} (compile(..., max_levels=...), fxstream plan --max-levels)")
+    return lines
 
 
 def _outputs(report: dict) -> list[tuple[str, str]]:

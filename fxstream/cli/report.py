@@ -39,6 +39,16 @@ input is host-resident (or read lazily), the "host" placement keeps its stripe s
 host, and ``output_device='cpu'`` puts the trunk output, its gradient and the head there;
 each of the two peaks may fall in another phase than ``bytes``. On a CPU, ``device_bytes``
 equals ``bytes`` and ``host_bytes`` is 0. ``fits`` compares the budget with ``device_bytes``.
+
+Global statistics (issue 20): ``level`` in every node object (the highest level of the
+statistics it depends on), and ``statistics``: ``{"levels", "passes" (streamed passes, forward
+and backward together), "predicted_step_ratio" (the same as the top-level one),
+"max_levels", "per_level": [{"level", "pass_work" (the share of the trunk's FLOPs that the
+pass computes), "statistics": [{"node", "op", "module_path", "category", "shape" (at the
+probe's batch of 1)}]}]}``. With statistics, ``predicted_step_ratio`` is the schedule's
+ratio times ``1 + w sum_v F_v u_v / sum_v F_v``: a node that ``u`` statistics passes compute
+runs ``1 + u`` times forward and backward (``w``: a statistics pass's work relative to the
+output pass's, 5/4 under carry, whose statistics passes rebuild their stripes).
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import math
 
 import torch
 
-from ..memory.auto import trunk_flops
+from ..memory.auto import node_flops, pass_uses, statistics_pass_work, trunk_flops
 from ..memory.model import MemoryModel, parameter_bytes
 from ..memory.nodestats import measure
 from ..module import StreamedModule
@@ -111,6 +121,7 @@ def build(
     schedule = shape_plan.schedule
     bands = len(shape_plan.band_ranges(range(shape_plan.num_tiles))) if schedule.banded else 1
     flops = _flop_overhead(model, stats, spatial)  # FLOP-weighted halo overhead h
+    levels = statistics_section(smodel, model, stats, spatial, schedule.step_ratio(flops, bands))
     return {
         "schema": SCHEMA,
         "model": model_name,
@@ -144,9 +155,10 @@ def build(
         "bands": bands,
         "band_rows": (schedule.band_rows or DEFAULT_BAND_ROWS) if schedule.banded else None,
         "stripe_store_bytes": model.stripe_bytes(spatial),
-        "predicted_step_ratio": schedule.step_ratio(flops, bands),
+        "predicted_step_ratio": levels["predicted_step_ratio"],
         "redundant_compute_percent": (flops - 1) * 100,
         "nodes": _nodes(model, stats, analysis, input_shape[0]),
+        "statistics": levels,
         "memory": {
             **estimate.to_dict(),
             "budget": budget,
@@ -181,9 +193,50 @@ def _nodes(model: MemoryModel, stats, analysis, batch: int) -> list[dict]:
                 "interior_region": [int(v) for v in lengths[node.name]],
                 "activation_bytes": int(batch * by_name[node.name].bytes_per_pixel * int(regions[node.name])),
                 "saved": by_name[node.name].saved,
+                "level": node.level,
             }
         )
     return rows
+
+
+def statistics_section(smodel: StreamedModule, model: MemoryModel, stats, spatial: tuple[int, ...], ratio: float):
+    """The ``statistics`` object of the report: levels, passes, the predicted step ratio (the
+    schedule's ``ratio`` weighted by the passes each node runs in) and per level its share of
+    the work and its statistics."""
+    program = smodel.program()
+    geo = program.geometry
+    _, whole = node_flops(model, stats, spatial)
+    total = sum(whole.values()) or 1.0
+    u = pass_uses(geo)
+    relative = statistics_pass_work(program.schedule) / 4  # a statistics pass's work over the output pass's
+    weighted = 1 + relative * sum(f * u.get(n, 0) for n, f in whole.items()) / total
+    shapes = getattr(stats, "statistic_shapes", {}) or {}
+    per_level = [
+        {
+            "level": level,
+            "pass_work": sum(whole[n] for n in nodes) / total,
+            "statistics": [
+                {
+                    "node": s.name,
+                    "op": s.op,
+                    "module_path": s.module_path,
+                    "category": s.category,
+                    "shape": list(shapes.get(s.name, ())),
+                }
+                for s in geo.statistics
+                if s.level == level
+            ],
+        }
+        for level, nodes in enumerate(geo.passes, 1)
+    ]
+    config = smodel._config
+    return {
+        "levels": geo.levels,
+        "passes": 2 * (geo.levels + 1),
+        "predicted_step_ratio": ratio * weighted,
+        "max_levels": config[3] if len(config) > 3 else None,
+        "per_level": per_level,
+    }
 
 
 def _kernel(extent, dilation) -> list | None:

@@ -15,7 +15,17 @@
   whole-image trunk: the streamed part costs ``4 * h * F_prefix`` (each tile runs forward,
   then is recomputed and back-propagated: ``h + h + 2h``, with ``h`` the FLOP-weighted halo
   overhead of the schedule's tiles; ``h = 1`` under carry), the rest ``3 * F_rest``. The fastest candidate
-  whose predicted peak fits the budget wins.
+  whose predicted peak fits the budget wins; among candidates within 5% of the fastest
+  (``TIE``), the one that streams the most.
+* **Global statistics** (issue 20). A streamed node that ``u`` statistics passes compute
+  also runs in each of them: ``4 h F`` per pass under recompute, ``5 F`` under carry (a
+  statistics pass's backward rebuilds its stripes). Each cut is analysed again with
+  ``boundary=cut``: a statistic whose uses lie after the cut is a head reduction of the
+  prefix (its input becomes a prefix output), so the prefix runs fewer passes. The whole
+  model is a candidate when it holds at most ``max_levels`` levels; otherwise the candidates
+  are cuts of the largest prefix within ``max_levels``, and the whole model is listed as
+  excluded. For large images the plain rest of a prefix does not fit, and the whole model
+  wins; when it fits, a prefix before the statistics is faster and is chosen.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import TileSizeError, UnsupportedOpError
+from ..analysis.analyze import MAX_LEVELS
+from ..errors import StatisticsError, TileSizeError, UnsupportedOpError
 from ..planning.lower import Lowered, lower
 from ..planning.plan import build_plan, node_sizes, tile_tuple
 from ..planning.schedule import DEFAULT_BAND_ROWS, Schedule
@@ -35,6 +46,8 @@ from ..planning.trunk import Slot, TrunkGeometry
 from .model import MemoryModel, block_for, parameter_bytes
 from .nodestats import TrunkStats, measure
 from .units import format_bytes, parse_bytes
+
+TIE = 0.05  # candidates within this fraction of the fastest one's time count as equally fast
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,8 @@ class Candidate:
     cost: float  # predicted time, in whole-image trunk forward FLOPs (inf if it does not fit)
     stride: tuple
     schedule: Schedule | None = None  # with the stripe placement it was fitted with
+    levels: int = 0  # levels of global statistics the streamed part holds
+    excluded: str = ""  # why it was not considered (more levels than max_levels)
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ def choose(
     schedule=None,
     device: str | None = None,
     output_device: str | None = None,
+    max_levels: int | None = MAX_LEVELS,
 ) -> Choice:
     """Resolve ``tile_size="auto"`` and/or ``boundary="auto"`` (see the module docstring) for
     a compute device of type ``device`` (default: the model's) and the trunk output on
@@ -83,7 +99,7 @@ def choose(
         raise TileSizeError(f"memory_budget: {exc}") from None
     auto_tile = tile_size == "auto"
     probe_tile = (1 << 20) if auto_tile else tile_size
-    program = _program(model, probe_tile, boundary, schedule)
+    program, refused = _program(model, probe_tile, boundary, schedule, max_levels)
     schedule = program.schedule
     device = device or _model_device(model)
     geo = program.geometry
@@ -96,9 +112,9 @@ def choose(
     stats = measure(program.analysis, geo, input_shape[1], dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     cuts = cut_candidates(geo, program.plan) if boundary == "auto" else [geo.output]
-    candidates = []
+    candidates = [_excluded(refused, max_levels)] if refused is not None else []
     for cut in cuts:
-        part = prefix_geometry(geo, cut)
+        part = _cut_geometry(model, probe_tile, program, cut, schedule, max_levels)
         params = parameter_bytes(program.analysis, {s.name for s in part.steps}, itemsize)
 
         def model_for(tile, option, part=part, params=params):
@@ -115,11 +131,11 @@ def choose(
             )
 
         for option in stripe_options(schedule, device):  # the fastest placement first
-            fitted = _fit(model_for, option, stats, geo, spatial, probe_tile, auto_tile, budget, cut)
+            fitted = _fit(model_for, option, stats, geo, spatial, probe_tile, auto_tile, budget, cut_spec(geo, cut))
             if fitted.cost != float("inf"):
                 break
-        candidates.append(fitted)
-    fitting = [c for c in candidates if c.cost != float("inf")]
+        candidates.append(dataclasses.replace(fitted, levels=part.levels))
+    fitting = [c for c in candidates if c.cost != float("inf") and not c.excluded]
     if not fitting:
         best = min(candidates, key=lambda c: c.peak)
         tile = "the smallest tile" if auto_tile else f"tile_size={tile_size}"
@@ -128,7 +144,7 @@ def choose(
             f"prediction is {format_bytes(best.peak)} (streaming up to '{best.boundary}' with {tile}). "
             "Raise the budget, or train on smaller inputs."
         )
-    best = min(fitting, key=lambda c: c.cost)
+    best = pick(fitting)
     chosen_boundary = None if best.boundary == geo.output and boundary != "auto" else best.boundary
     if boundary is not None and boundary != "auto":
         chosen_boundary = boundary
@@ -181,17 +197,51 @@ def _fitted_tile(model_for, option, stats, geo, spatial, probe_tile, auto_tile: 
     return _candidate(model_for, option, stats, geo, spatial, tile, budget, cut)
 
 
-def _program(model: nn.Module, tile, boundary, schedule) -> Lowered:
-    """The trunk the choice cuts: with ``boundary="auto"``, the whole local trunk, or
-    where a non-local op sits inside it, its largest streamable prefix."""
+def pick(fitting: list[Candidate]) -> Candidate:
+    """The fastest candidate; among those within ``TIE`` of it, the one that streams the most
+    (candidates go from the smallest prefix to the whole trunk)."""
+    fastest = min(c.cost for c in fitting)
+    return [c for c in fitting if c.cost <= (1 + TIE) * fastest][-1]
+
+
+def _program(model: nn.Module, tile, boundary, schedule, max_levels: int | None = MAX_LEVELS) -> tuple:
+    """The trunk the choice cuts, and the error that refused the whole model for its levels
+    (or None): with ``boundary="auto"``, the whole trunk, or where a non-local op sits inside it
+    (or more than ``max_levels`` levels of global statistics), its largest streamable prefix."""
     if boundary != "auto":
-        return lower(model, tile, boundary, schedule)
+        return lower(model, tile, boundary, schedule, max_levels=max_levels), None
     try:
-        return lower(model, tile, None, schedule)
+        return lower(model, tile, None, schedule, max_levels=max_levels), None
     except UnsupportedOpError as err:
         if err.boundary is None:
             raise
-        return lower(model, tile, err.boundary, schedule)
+        refused = err if isinstance(err, StatisticsError) else None
+        return lower(model, tile, err.boundary, schedule, max_levels=max_levels), refused
+
+
+def _excluded(err: StatisticsError, max_levels: int) -> Candidate:
+    """The whole model, refused for its levels: listed, never chosen."""
+    why = f"{err.levels} levels > max_levels={max_levels}, predicted {err.predicted_step_ratio:.1f}x a plain step"
+    return Candidate("<whole model>", None, 0, float("inf"), (), None, err.levels, why)
+
+
+def _cut_geometry(model: nn.Module, tile, program: Lowered, cut: str, schedule, max_levels) -> TrunkGeometry:
+    """The streamed part of a cut: the trunk itself, or, analysed again with ``boundary=cut``,
+    its prefix (a statistic whose uses lie after the cut is a head reduction there); without
+    statistics, the prefix of the trunk's geometry."""
+    geo = program.geometry
+    if cut == geo.output:
+        return geo
+    if not geo.statistics:
+        return prefix_geometry(geo, cut)
+    return lower(model, tile, cut_spec(geo, cut), schedule, max_levels=max_levels).geometry
+
+
+def cut_spec(geo: TrunkGeometry, cut: str) -> str:
+    """``boundary=`` for the cut at node ``cut``: its name, or for a decomposed norm's
+    application (a node the traced model does not have) the norm's module path."""
+    step = geo.steps_by_name[cut]
+    return step.module_path if step.op == "normalize" and step.module_path else cut
 
 
 def _model_device(model: nn.Module) -> str:
@@ -253,13 +303,14 @@ def _device_stripes(memory: MemoryModel, spatial: tuple[int, ...]) -> int:
 
 
 def _candidate(model_for, option, stats: TrunkStats, geo, spatial, tile, budget, cut) -> Candidate:
+    """``cut``: its ``boundary=`` (a node name, or a decomposed norm's module path)."""
     if tile is None:
         memory = model_for(1 << 20, option)
         smallest = max(memory.plan.receptive_field)
-        stride = next(n.stride for n in memory.plan.nodes if n.name == cut)
+        stride = next(n.stride for n in memory.plan.nodes if n.name == memory.geo.output)
         return Candidate(cut, None, memory.training_peak(spatial, smallest), float("inf"), stride, option)
     memory = model_for(tile, option)
-    stride = next(n.stride for n in memory.plan.nodes if n.name == cut)
+    stride = next(n.stride for n in memory.plan.nodes if n.name == memory.geo.output)
     try:  # the exact tiles, as exact_fit checked them
         peak = memory.budgeted(memory.estimate(spatial).streamed_training)
     except TileSizeError:  # a banded tiling with more bands than this input has tile rows, or a too small tile
@@ -272,13 +323,48 @@ def predicted_cost(memory: MemoryModel, stats: TrunkStats, geo: TrunkGeometry, s
     """Predicted time of a training step in whole-image trunk forward FLOPs:
     ``4 * h * F_streamed + 3 * F_rest`` (see the module docstring), where ``h * F_streamed``
     is what the schedule's tiles compute (``h = 1`` under carry, more with band-start cones).
-    Banded carry rebuilds all bands but the last: ``(5 - 1/B) * h * F_streamed``."""
+    Banded carry rebuilds all bands but the last: ``(5 - 1/B) * h * F_streamed``. With global
+    statistics each node also runs in the ``u`` statistics passes that compute it
+    (:func:`pass_uses`): ``4 * h`` each under recompute, ``5`` under carry (its backward rebuilds
+    the pass's stripes)."""
     tiled, streamed, rest = trunk_flops(memory, stats, geo, spatial)
     passes = 4.0
     if memory.schedule.banded:
         shape = memory._shape_plan(spatial)
         passes += 1.0 - 1.0 / len(shape.band_ranges(range(shape.num_tiles)))
-    return (passes * tiled + 3 * rest) / (streamed + rest)
+    extra = 0.0
+    u = pass_uses(memory.geo)
+    if u:
+        per_node, _ = node_flops(memory, stats, spatial)
+        extra = statistics_pass_work(memory.schedule) * sum(f * u.get(n, 0) for n, f in per_node.items())
+    return (passes * tiled + extra + 3 * rest) / (streamed + rest)
+
+
+def statistics_pass_work(schedule: Schedule) -> float:
+    """Work of one statistics pass per unit of tiled forward FLOPs: forward, recomputation and
+    backward (``1 + 1 + 2``), and under carry the rebuild of its stripes (one more forward)."""
+    return 5.0 if schedule.carries else 4.0
+
+
+def pass_uses(geo: TrunkGeometry) -> dict:
+    """Trunk node -> ``u``: how many statistics passes compute it (each also runs it backward)."""
+    u: dict = {}
+    for nodes in geo.passes:
+        for name in nodes:
+            u[name] = u.get(name, 0) + 1
+    return u
+
+
+def node_flops(memory: MemoryModel, stats: TrunkStats, spatial: tuple[int, ...]) -> tuple[dict, dict]:
+    """Per streamed node, forward FLOPs over all tiles of one pass, and of one whole-image pass."""
+    flops = {s.name: s.flops_per_pixel for s in stats.nodes}
+    sizes = node_sizes(memory.trunk, spatial)
+    names = [s.name for s in memory.geo.steps]
+    tiled = dict.fromkeys(names, 0.0)
+    for shape in memory.tile_shapes(spatial):
+        for n in names:
+            tiled[n] += shape.count * flops[n] * shape.px[n]
+    return tiled, {n: flops[n] * math.prod(sizes[n]) for n in names}
 
 
 def trunk_flops(memory: MemoryModel, stats: TrunkStats, geo: TrunkGeometry, spatial: tuple[int, ...]) -> tuple:
@@ -317,7 +403,8 @@ def cut_candidates(geo: TrunkGeometry, plan) -> list[str]:
 
 def prefix_geometry(geo: TrunkGeometry, cut: str) -> TrunkGeometry:
     """The trunk up to the separating node ``cut``, as its own geometry: its outputs are
-    the trunk outputs before ``cut`` and ``cut`` itself."""
+    the trunk outputs before ``cut`` and ``cut`` itself (for a trunk without global
+    statistics: with them, :func:`_cut_geometry` analyses the cut again)."""
     if cut == geo.output:
         return geo
     names = [s.name for s in geo.steps]
@@ -326,7 +413,10 @@ def prefix_geometry(geo: TrunkGeometry, cut: str) -> TrunkGeometry:
     outputs = tuple(o for o in geo.outputs if o in kept and o != cut) + (cut,)
     slots = tuple(s for s in geo.slots if s.consumer in kept) + tuple(Slot("window", "", o) for o in outputs)
     dims = tuple((n, d) for n, d in geo.dims if n in kept or n == geo.image)
-    return dataclasses.replace(geo, output=cut, steps=steps, dims=dims, slots=slots, outputs=outputs)
+    size_nodes = tuple(s for s in geo.size_nodes if s.before < len(steps))  # those the prefix's steps read
+    return dataclasses.replace(
+        geo, output=cut, steps=steps, dims=dims, slots=slots, outputs=outputs, size_nodes=size_nodes
+    )
 
 
 def _reason(best: Candidate, candidates: list, budget: int, auto_tile: bool, auto_boundary: bool, schedule) -> str:
@@ -347,12 +437,16 @@ def _reason(best: Candidate, candidates: list, budget: int, auto_tile: bool, aut
     if auto_boundary and len(candidates) > 1:
         lines.append("  candidates (predicted time in whole-image forward passes of the trunk):")
         for c in candidates:
+            if c.excluded:
+                lines.append(f"    {c.boundary}: excluded ({c.excluded}; compile(..., max_levels=...))")
+                continue
             tile = "no tile fits" if c.tile is None else f"tile {c.tile}"
             cost = "-" if c.tile is None else "over the budget" if c.cost == float("inf") else f"{c.cost:.2f}"
             mark = "  <- fastest within the budget" if c is best else ""
             stripes = f", {c.schedule}" if c.schedule is not None and c.schedule.carries and c.tile is not None else ""
+            levels = f", {c.levels} levels of statistics" if c.levels else ""
             lines.append(
-                f"    up to {c.boundary!r} (stride {'x'.join(map(str, c.stride))}): {tile}{stripes}, "
+                f"    up to {c.boundary!r} (stride {'x'.join(map(str, c.stride))}{levels}): {tile}{stripes}, "
                 f"peak {format_bytes(c.peak)}, time {cost}{mark}"
             )
     elif auto_tile:

@@ -73,6 +73,7 @@ class TrunkStats:
     const_saved_bytes: int  # saved tensors computed from parameters alone (per tile)
     probe_size: tuple[int, ...]  # the spatial size of the tiny run
     head: HeadFit | None = None  # None: the head did not run at the probe sizes (not counted)
+    statistic_shapes: dict = dataclasses.field(default_factory=dict)  # statistic -> its value's shape (batch 1)
 
     def by_name(self) -> dict:
         return {n.name: n for n in self.nodes}
@@ -182,7 +183,7 @@ class _Run:
 
     def execute(self, image: torch.Tensor) -> None:
         analysis = self.analysis
-        wanted = set(analysis.trunk) | set(analysis.constants)
+        wanted = set(analysis.trunk) | set(analysis.constants) | _statistic_nodes(analysis)
         sizes = set(analysis.size_nodes or ())  # pad amounts etc. of size-dependent windows (x.size(2) // 2)
         env = self.interp.env
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
@@ -242,9 +243,11 @@ class _Run:
             owners.setdefault(_ptr(env[node]), node)
         extra: dict = {}
         const_saved = 0
+        inputs = {s.node: s.input for s in analysis.statistics}  # a reducer's float64 copy: its input's
         for ptr, (nbytes, node) in self.saved.items():
             if ptr in owners:
                 continue
+            node = inputs.get(node, node)
             if node in index:
                 extra[node] = extra.get(node, 0) + nbytes
             else:
@@ -272,11 +275,35 @@ class _Run:
                     shape=tuple(value.shape),
                 )
             )
-        return TrunkStats(tuple(result), self.itemsize, const_saved, size)
+        shapes = {}
+        for stat in analysis.statistics:
+            value = env.get(stat.node)
+            value = value[0] if isinstance(value, tuple) else value
+            if isinstance(value, torch.Tensor):
+                shapes[stat.node.name] = tuple(value.shape)
+        return TrunkStats(tuple(result), self.itemsize, const_saved, size, statistic_shapes=shapes)
 
     def _itemsize_of(self, tensor: torch.Tensor) -> int:
         """Floating tensors take the target dtype; others (indices, masks) keep theirs."""
         return self.itemsize if tensor.is_floating_point() else tensor.element_size()
+
+
+def _statistic_nodes(analysis: Analysis) -> set:
+    """The statistics' reducers, their heads, and the parameters and literals those read: the
+    trunk's nodes read them (issue 20), so the probe run computes them (on the whole probe)."""
+    trunk = set(analysis.trunk) | {analysis.image}
+    found: set = set()
+    stack = [s.node for s in analysis.statistics] + list(analysis.heads)
+    for node in analysis.trunk:  # the size arguments of broadcast-backs (interpolate(grid, size=x.shape[2:]))
+        if getattr(analysis.verdicts[node], "kind", None) == "broadcast":
+            stack += [n for n in node.all_input_nodes if n not in trunk]
+    while stack:
+        node = stack.pop()
+        if node in found or node in trunk or node.op == "placeholder":
+            continue
+        found.add(node)
+        stack.extend(node.all_input_nodes)
+    return found
 
 
 def _ptr(tensor: torch.Tensor) -> int:

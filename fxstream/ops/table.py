@@ -8,6 +8,11 @@ Each entry classifies one FX node, given the layouts of its spatial inputs, as
                        (convolution, pooling, padding);
 * :class:`Reduction` - the output depends on the whole image (global/adaptive pooling,
                        flatten): a valid trunk boundary, never inside the trunk;
+* ``statistics.Statistic`` - a reduction over every pixel that streams as per-tile partial
+                       sums (mean, sum, var, norm, adaptive average pooling): a trunk
+                       boundary, or a statistic read back by the trunk (``ops/statistics.py``);
+* ``statistics.Decompose`` - a norm (GroupNorm, InstanceNorm, train-mode BatchNorm) that the
+                       analysis rewrites into a statistic and a local application;
 * :class:`Rejected`  - not streamable here, with the reason and the fix (:class:`Unknown`:
                        an op the table does not know).
 
@@ -31,7 +36,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import channel_ops
+from . import channel_ops, statistics
 from .geometry import Resample, Shuffle, Stencil, Transposed
 
 Layout = tuple[int | None, ...]
@@ -903,6 +908,9 @@ _POINTWISE_FUNCTIONS = [
     operator.isub,
     operator.imul,
     operator.itruediv,
+    torch.addcmul,
+    torch.addcdiv,
+    statistics.normalize,  # a decomposed norm's application (ops/statistics.py)
 ]
 FUNCTIONS: dict[Any, Callable[[OpContext], Verdict]] = {f: pointwise for f in _POINTWISE_FUNCTIONS}
 FUNCTIONS.update({op.function: pointwise for op in ACTIVATIONS})
@@ -1036,6 +1044,8 @@ _POINTWISE_METHODS = [
     "exp_",
     "neg_",
     "detach",
+    "addcmul",
+    "addcdiv",
 ]
 METHODS: dict[str, Callable[[OpContext], Verdict]] = {m: pointwise for m in _POINTWISE_METHODS}
 METHODS.update(
@@ -1170,8 +1180,28 @@ VIEW_FUNCTIONS = {
 }
 
 
+def statistics_verdict(ctx: OpContext) -> Verdict | None:
+    """Global statistics (``ops/statistics.py``): a reducer (``Statistic``), a norm to rewrite
+    (``Decompose``), a refusal, or None when the rows below decide."""
+    node = ctx.node
+    if node.op == "call_function" and node.target is statistics.moments:
+        return statistics.moments_verdict(node)
+    if not ctx.spatial_inputs():
+        return None
+    found = statistics.classify(node, ctx.module, ctx.layout, ctx.ndim, ctx.arg)
+    if isinstance(found, statistics.Refused):
+        return Rejected(found.reason, found.fix)
+    return found
+
+
 def classify(ctx: OpContext) -> Verdict:
     """Look the node up in the table; unknown ops are rejected."""
+    found = statistics_verdict(ctx)
+    return found if found is not None else classify_rows(ctx)
+
+
+def classify_rows(ctx: OpContext) -> Verdict:
+    """The table's rows alone, without the global statistics of ``ops/statistics.py``."""
     node = ctx.node
     if node.op == "call_module":
         rule = MODULES.get(type(ctx.module))

@@ -2,7 +2,8 @@
 
 A trunk node that reads a window of its input (``ops.Window``) has a kind: 'conv',
 'max_pool', 'avg_pool', 'pad', 'slice', 'conv_transpose', 'shuffle', 'unshuffle',
-'space_to_depth' or 'resample'.
+'space_to_depth', 'resample' or 'broadcast' (a global statistic's grid resampled to the size
+of its input, which it never reads).
 Its :class:`WindowKind` says
 
 * which extra geometry slots a tile passes it (``slots``: 'counts' for the divisors of an
@@ -62,6 +63,7 @@ class WindowKind:
     saves_input: bool = False
     contiguous_input: bool = False
     trims: bool = False  # yields more than the node's region on its window (a 'trim' slot)
+    reads_input: bool = True  # False: the input only gives the node its size (no window is cut)
 
     def slots(self, divisor: int | None) -> tuple[str, ...]:
         """Extra slot kinds of a node of this kind (``divisor``: avg_pool's divisor_override)."""
@@ -123,6 +125,22 @@ class Resample(WindowKind):
         return e.result(e.helpers.resample, (e.window, e.slot("resample")))
 
 
+class Broadcast(WindowKind):
+    """``interpolate(grid, size=x.shape[2:])`` of a statistic grid (issue 20): the tile's part of
+    the upsampled grid, from the node's position in the whole map (``'position'``); its input
+    ``x`` gives only its size."""
+
+    reads_input = False
+
+    def slots(self, divisor: int | None) -> tuple[str, ...]:
+        return ("position",)
+
+    def emit(self, e: Emit) -> fx.Node:
+        p = e.params
+        args = (e.value(p["grid"]), e.slot("position"), p["mode"], p["align_corners"])
+        return e.result(e.helpers.broadcast, args)
+
+
 class MaxPool(WindowKind):
     def emit(self, e: Emit) -> fx.Node:
         p = e.params
@@ -152,6 +170,7 @@ WINDOWS: dict[str, WindowKind] = {
         PixelUnshuffle("unshuffle"),
         SpaceToDepth("space_to_depth"),
         Resample("resample"),
+        Broadcast("broadcast", reads_input=False),
         MaxPool("max_pool", copies_window=True, saves_input=True),
         AvgPool("avg_pool", copies_window=True),
     )

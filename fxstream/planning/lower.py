@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..analysis.analyze import Analysis, analyze
+from ..analysis.analyze import MAX_LEVELS, Analysis, analyze
 from ..frontend.trace import trace
 from .plan import Plan, build_plan, tile_tuple
 from .schedule import Schedule, as_schedule
@@ -29,18 +29,24 @@ class Lowered:
     schedule: Schedule
 
 
+# Global statistics (issue 20) stream; False rejects them all, as fxstream 0.1 did.
+STATISTICS = True
+
+
 def lower(
     model: nn.Module,
     tile_size: int | tuple[int, ...],
     boundary: str | tuple[str, ...] | None,
     schedule=None,
     sample: torch.Tensor | None = None,
+    max_levels: int | None = MAX_LEVELS,
 ) -> Lowered:
     """``sample``: the input the tracer answers Python's size questions on (default: the
-    64-pixel probe); a meta-device tensor of a real input's shape traces that size's branch."""
+    64-pixel probe); a meta-device tensor of a real input's shape traces that size's branch.
+    ``max_levels``: more levels of global statistics raise ``StatisticsError``."""
     gm = trace(model, sample)  # nn.Module -> fx.GraphModule (checked against the eager model)
     ndim = len(tile_size) if isinstance(tile_size, tuple) else None
-    analysis = analyze(gm, boundary, ndim)  # -> Analysis: trunk, boundary, layouts
+    analysis = analyze(gm, boundary, ndim, max_levels, STATISTICS)  # -> Analysis: trunk, statistics, layouts
     geometry = build_geometry(analysis)  # -> TrunkGeometry: plain data
     schedule = as_schedule(schedule)  # -> Schedule: how the tiles run
     plan = build_plan(geometry, tile_tuple(tile_size, analysis.ndim), schedule.carries)  # -> Plan (sympy)

@@ -35,10 +35,11 @@ def aligned(bound: int, primary: int, size: int) -> int:
 
 
 def output_blocks(geo: TrunkGeometry, sizes: dict, axis: int, block: Pair) -> dict:
-    """Output name -> its block along ``axis`` in the tile whose primary block is ``block``."""
+    """Blocked node (an output, or a statistic's input) -> its block along ``axis`` in the tile
+    whose primary block is ``block``."""
     n = sizes[geo.output][axis]
     lo, hi = block
-    return {o: g.Interval(aligned(lo, n, sizes[o][axis]), aligned(hi, n, sizes[o][axis])) for o in geo.outputs}
+    return {o: g.Interval(aligned(lo, n, sizes[o][axis]), aligned(hi, n, sizes[o][axis])) for o in geo.blocked}
 
 
 # Dynamic steps get their compile-time stencils from this input size (per axis): large enough
@@ -72,6 +73,7 @@ class NodePlan:
     stride: tuple[int | float, ...]  # cumulative, image pixels per pixel of this node (0.5 after a 2x upsampling)
     receptive_field: tuple[int, ...]  # exact, or an upper bound once the path upsamples
     halo: tuple[Pair, ...]  # (left, right) image pixels beyond the node's own footprint
+    level: int = 0  # its depth: the highest level of global statistics it depends on
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,16 @@ class Plan:
     # block then come from affine bounds; the tiles of each input size fit their exact regions.
     exact: bool = True
     outputs: tuple[str, ...] = ()  # every trunk output (``boundary`` is the primary one, the last)
+    # global statistics (issue 20): (name, op, level, category, input) each, and per level the
+    # nodes of its pass (``TrunkGeometry.passes``)
+    statistics: tuple[tuple[str, str, int, str, str], ...] = ()
+    passes: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def levels(self) -> int:
+        """The highest level of a global statistic (0: none): the trunk runs ``levels + 1``
+        streamed passes forward and as many backward."""
+        return max((s[2] for s in self.statistics), default=0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,6 +131,11 @@ class Plan:
             f"receptive field: {_fmt(self.receptive_field)}, stride: {_fmt(self.stride)}, "
             f"halo (left,right): {self.halo}",
         ]
+        if self.statistics:
+            lines.append(
+                f"global statistics: {len(self.statistics)} in {self.levels} levels, {self.levels + 1} streamed passes "
+                "forward and backward (`fxstream plan` shows their cost)"
+            )
         if not self.exact:
             lines.append(
                 "(the trunk upsamples: receptive field, halo and block are upper bounds; each input size "
@@ -174,7 +191,21 @@ def build_plan(geo: TrunkGeometry, tile_size: tuple[int, ...], carries: bool = F
             f"{_fmt(tuple(4 * r for r in receptive_field))}) to keep the halo overhead small.",
             minimum=receptive_field,
         )
-    return Plan(geo.ndim, tile_size, block, stride, receptive_field, halo, geo.output, tuple(nodes), exact, geo.outputs)
+    statistics = tuple((st.name, st.op, st.level, st.category, st.input) for st in geo.statistics)
+    return Plan(
+        geo.ndim,
+        tile_size,
+        block,
+        stride,
+        receptive_field,
+        halo,
+        geo.output,
+        tuple(nodes),
+        exact,
+        geo.outputs,
+        statistics,
+        geo.passes,
+    )
 
 
 def _check_same_stride(step: Step, inputs: list) -> None:
@@ -206,6 +237,7 @@ def _node_plan(step: Step, axes: list) -> NodePlan:
         tuple(g.as_number(a.stride, f"stride of {step.name}") for a in axes),
         tuple(g.ceil_int(a.receptive_field, f"receptive field of {step.name}") for a in axes),
         tuple(tuple(g.ceil_int(h, f"halo of {step.name}") for h in a.halo) for a in axes),
+        step.depth,
     )
 
 
@@ -348,9 +380,9 @@ def _regions(geo: TrunkGeometry, sizes: dict, block: tuple) -> tuple[dict, dict]
     and the other outputs' aligned blocks: the region every node computes, and for every
     edge the raw interval its consumer reads (padding included; ``("", output)``: the block)."""
     per_axis = [output_blocks(geo, sizes, axis, b) for axis, b in enumerate(block)]
-    blocks = {o: [axis[o] for axis in per_axis] for o in geo.outputs}
+    blocks = {o: [axis[o] for axis in per_axis] for o in geo.blocked}
     need: dict = dict(blocks)
-    raw: dict = {("", o): b for o, b in blocks.items()}
+    raw: dict = {("", o): blocks[o] for o in geo.outputs}
     for step in reversed(geo.steps):
         region = need.get(step.name)
         if region is None:

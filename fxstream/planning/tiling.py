@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from ..errors import TileSizeError, user_error
 from ..ops import geometry as g
+from ..ops.statistics import Position
 from . import plan as planner
 from . import widths
 from .plan import (
@@ -79,7 +80,7 @@ class AxisTile:
     # carry only: node -> ((cell index j, (lo, hi)), ...) covering the region, ascending j;
     # the last segment is the node's own cell
     pieces: tuple[tuple[str, tuple[tuple[int, Pair], ...]], ...] = ()
-    blocks: tuple[Pair, ...] = ()  # the block of every trunk output (TrunkGeometry.outputs)
+    blocks: tuple[Pair, ...] = ()  # the block of every trunk output (TrunkGeometry.outputs; statistics: slots)
 
 
 @dataclass(frozen=True)
@@ -300,8 +301,13 @@ def _axis_tile(geo, sizes, axis, block, blocks, computed, region, raw, pieces=()
             )
         elif slot.kind == "counts":
             entries.append(step.stencils[axis].window_counts(computed[step.name], n, step.include_pad))
-        else:
-            edge = raw[(slot.consumer, slot.producer)] if slot.consumer else blocks[slot.producer]
+        elif slot.kind == "position":  # a broadcast's computed interval, or a statistic's owned block
+            node, part = (
+                (step.name, computed[step.name]) if step is not None else (slot.producer, blocks[slot.producer])
+            )
+            entries.append(Position(geo.axis_dims(node)[axis], int(part.lo), int(part.hi), sizes[node][axis]))
+        else:  # the window of an edge, or the final crop of a blocked node (an output, a statistic's input)
+            edge = raw[(slot.consumer, slot.producer)] if step is not None else blocks[slot.producer]
             fill = step.fill if step is not None else "constant"
             dims = (geo.axis_dims(slot.producer)[axis],)
             entries.append(_window_entry([edge], [region[slot.producer]], [n], dims, fill)[0])
@@ -332,7 +338,7 @@ def cell_boundaries(geo: TrunkGeometry, sizes: dict, axis: int, out_bounds: list
             if b <= 0 or b >= n_out:
                 result.append(0 if b <= 0 else n)
                 continue
-            hi = planner.aligned(b, n_out, n) if name in geo.outputs else 0
+            hi = planner.aligned(b, n_out, n) if name in geo.blocked else 0
             for w in consumers.get(name, ()):
                 bw = bounds[w.name][k]
                 if bw <= 0:
@@ -430,8 +436,8 @@ def _carry_regions(geo: TrunkGeometry, sizes: dict, axis: int, bounds: dict, k: 
             src = g.source_interval(edge, n, step.fill)
             if not src.is_empty():
                 region[producer] = _hull(src, region[producer])
-    if region[geo.image].is_empty():
-        region[geo.image] = cells[geo.image]
+    if region[geo.image].is_empty() or geo.image in geo.blocked:  # a statistic of the image reads its cell
+        region[geo.image] = _hull(cells[geo.image], region[geo.image])
     return cells, region, raw
 
 
@@ -455,7 +461,7 @@ def _carry_axis(
         computed[geo.image] = region[geo.image]  # the image is read from the input, not carried
         pieces = tuple((name, _segments(local[name], region[name], k, first)) for name in _carried(geo))
         # an output's block is its cell in the whole tiling (a band's first cells overlap the previous band's)
-        blocks = {o: g.Interval(bounds[o][k], bounds[o][k + 1]) for o in geo.outputs}
+        blocks = {o: g.Interval(bounds[o][k], bounds[o][k + 1]) for o in geo.blocked}
         block = (out_bounds[k], out_bounds[k + 1])
         tiles.append(_axis_tile(geo, sizes, axis, block, blocks, computed, region, raw, pieces))
     return tiles

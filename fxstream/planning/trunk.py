@@ -12,10 +12,12 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..analysis.analyze import Analysis
+from ..analysis import levels
+from ..analysis.analyze import Analysis, to_networkx
 from ..errors import module_path, source_line
 from ..ops import shapes
 from ..ops import table as ops
+from ..ops.statistics import ReductionSpec
 from ..ops.windows import WINDOWS
 
 Pair = tuple[int, int]
@@ -24,8 +26,10 @@ Pair = tuple[int, int]
 @dataclass(frozen=True)
 class Step:
     """One trunk node. ``kind`` is 'local' or a window kind ('conv', 'max_pool', 'avg_pool', 'pad',
-    'conv_transpose', 'shuffle', 'unshuffle', 'resample'); ``stencils`` holds one axis op per
-    spatial axis (``geometry.Stencil``, ``Transposed``, ``Shuffle`` or ``Resample``)."""
+    'conv_transpose', 'shuffle', 'unshuffle', 'resample', 'broadcast'); ``stencils`` holds one axis
+    op per spatial axis (``geometry.Stencil``, ``Transposed``, ``Shuffle`` or ``Resample``). A
+    'broadcast' step (a statistic grid resampled to its input's size) reads its input through
+    identity stencils: the input gives it its size and is never read in the tile code."""
 
     name: str
     kind: str
@@ -37,6 +41,7 @@ class Step:
     include_pad: bool = True
     divisor: int | None = None
     source: str = ""  # the user's source line, for error messages
+    depth: int = 0  # the highest level of global statistics it depends on (its passes: levels above it)
     # dynamic steps (window set by sizes, e.g. F.pad(x, [dx // 2, ...])): stencils per input size
     resolve: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -50,8 +55,10 @@ class Step:
 class Slot:
     """One entry of a tile's geometry tuple: the crop/pad of an edge ('window'), the
     divisors of an average pooling ('counts'), the crop of an op's result to the node's
-    region ('trim'), or the taps of a resampling ('resample'). ``consumer`` is '' for
-    the final crop of the trunk output."""
+    region ('trim'), the taps of a resampling ('resample'), or where the tile's block lies in
+    the whole map ('position': ``ops.statistics.Position`` per axis, for adaptive pooling bins
+    and broadcast-back taps). ``consumer`` is '' for the final crop of a trunk output, and a
+    statistic's name for the crop of its owned block of the statistic's input."""
 
     kind: str
     consumer: str
@@ -68,10 +75,30 @@ class SizeNode:
 
 
 @dataclass(frozen=True)
+class StatisticStep:
+    """One global statistic (issue 20): the reducer ``name``, its ``spec``, its spatial
+    ``input`` (a trunk node or the image), its ``level``, and for messages its category, op
+    and module path. Pass ``level`` sums the tiles' partials over their owned blocks of ``input``."""
+
+    name: str
+    spec: ReductionSpec
+    input: str
+    level: int
+    category: str = ""
+    op: str = ""
+    module_path: str = ""
+
+
+@dataclass(frozen=True)
 class TrunkGeometry:
     """``outputs``: the trunk outputs in topological order; ``output``, the last, is the
     *primary* output, whose blocks define the tiles. Tile ``k`` computes the block of every
-    other output aligned with the primary's (:func:`aligned`)."""
+    other output aligned with the primary's (:func:`aligned`).
+
+    Global statistics: ``statistics`` (one :class:`StatisticStep` each), ``values`` (the
+    statistic values the trunk reads, with their levels) and ``passes`` (per level ``j``, the
+    nodes of ``A_j``, in step order). :attr:`blocked` are the nodes each tile owns a block of:
+    the outputs, then the statistics' inputs."""
 
     ndim: int
     image: str
@@ -81,10 +108,22 @@ class TrunkGeometry:
     slots: tuple[Slot, ...]
     size_nodes: tuple[SizeNode, ...] = ()
     outputs: tuple[str, ...] = ()
+    statistics: tuple[StatisticStep, ...] = ()
+    values: tuple[tuple[str, int], ...] = ()
+    passes: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.outputs:
             object.__setattr__(self, "outputs", (self.output,))
+
+    @functools.cached_property
+    def blocked(self) -> tuple[str, ...]:
+        """The trunk outputs, then the statistics' inputs: their blocks partition each of them."""
+        return tuple(dict.fromkeys(self.outputs + tuple(s.input for s in self.statistics)))
+
+    @property
+    def levels(self) -> int:
+        return max((s.level for s in self.statistics), default=0)
 
     @functools.cached_property
     def steps_by_name(self) -> dict:
@@ -111,7 +150,16 @@ def build_geometry(analysis: Analysis) -> TrunkGeometry:
     for node in analysis.trunk:
         verdict = analysis.verdicts[node]
         inputs = tuple(dict.fromkeys(n.name for n in node.all_input_nodes if n in analysis.layouts))
-        step = Step(node.name, "local", _op_name(analysis, node), module_path(node), inputs, source=source_line(node))
+        depth = analysis.depth.get(node, 0)
+        step = Step(
+            node.name,
+            "local",
+            _op_name(analysis, node),
+            module_path(node),
+            inputs,
+            source=source_line(node),
+            depth=depth,
+        )
         if isinstance(verdict, ops.Window):
             step = Step(
                 node.name,
@@ -124,6 +172,7 @@ def build_geometry(analysis: Analysis) -> TrunkGeometry:
                 verdict.params.get("include_pad", True),
                 verdict.params.get("divisor"),
                 step.source,
+                depth,
             )
         if node in analysis.dynamic:
             module = analysis.gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -133,11 +182,33 @@ def build_geometry(analysis: Analysis) -> TrunkGeometry:
         slots += [Slot("window", node.name, producer) for producer in step.inputs]
         slots += [Slot(kind, node.name, step.inputs[0]) for kind in step.extra_slots]
     slots += [Slot("window", "", output.name) for output in analysis.outputs]
+    statistics = tuple(
+        StatisticStep(s.node.name, s.spec, s.input.name, s.level, s.category, s.op, module_path(s.node))
+        for s in analysis.statistics
+    )
+    for stat in statistics:  # the crop of its owned block, and where the block lies (adaptive pooling's bins)
+        slots.append(Slot("window", stat.name, stat.input))
+        if stat.spec.kind == "adaptive_avg_pool":
+            slots.append(Slot("position", stat.name, stat.input))
     nodes = [analysis.image] + analysis.trunk
     dims = tuple((n.name, tuple(analysis.layouts[n].index(a) for a in range(analysis.ndim))) for n in nodes)
     outputs = tuple(n.name for n in analysis.outputs)
+    passes = ()
+    if statistics:
+        found = levels.pass_nodes(analysis.trunk, analysis.statistics, to_networkx(analysis.gm.graph))
+        passes = tuple(tuple(n.name for n in analysis.trunk if n in found[j]) for j in range(1, analysis.levels + 1))
     return TrunkGeometry(
-        analysis.ndim, analysis.image.name, outputs[-1], tuple(steps), dims, tuple(slots), size_nodes, outputs
+        analysis.ndim,
+        analysis.image.name,
+        outputs[-1],
+        tuple(steps),
+        dims,
+        tuple(slots),
+        size_nodes,
+        outputs,
+        statistics,
+        tuple((v.name, level) for v, level in analysis.values),
+        passes,
     )
 
 

@@ -165,9 +165,10 @@ def _hull(old: tuple[Form, Form] | None, new: tuple[Form, Form]) -> tuple[Form, 
 
 
 def _outputs(geo: TrunkGeometry, sizes: dict, axis: int) -> tuple[str, ...] | None:
-    """The trunk outputs, or None unless all have the primary output's size along ``axis``:
-    only then is every output's block (``plan.aligned``) the primary block itself."""
-    outputs = getattr(geo, "outputs", None) or (geo.output,)
+    """The blocked nodes (trunk outputs, statistics' inputs), or None unless all have the
+    primary output's size along ``axis``: only then is every one's block (``plan.aligned``)
+    the primary block itself."""
+    outputs = getattr(geo, "blocked", None) or (geo.output,)
     n_out = sizes[geo.output][axis]
     return outputs if all(sizes[o][axis] == n_out for o in outputs) else None
 
@@ -271,7 +272,7 @@ def axis_key(kind: str, geo: TrunkGeometry, sizes: dict, axis: int) -> Hashable:
         (s.name, s.kind, s.inputs, s.fill, s.stencils[axis] if s.stencils else None, s.resolve is None)
         for s in geo.steps
     )
-    outputs = getattr(geo, "outputs", None) or (geo.output,)
+    outputs = getattr(geo, "blocked", None) or (geo.output,)
     sized = tuple((name, size[axis]) for name, size in sizes.items())
     return kind, geo.image, geo.output, outputs, geo.slots, steps, sized
 

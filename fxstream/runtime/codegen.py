@@ -36,74 +36,179 @@ import torch.nn as nn
 from ..analysis.analyze import Analysis, head_nodes
 from ..errors import InputShapeError
 from ..io import arrays, transfer
+from ..ops import statistics
 from ..ops import table as ops
 from ..ops.windows import WINDOWS, Emit, slot_getter
 from ..planning.plan import Plan
 from ..planning.schedule import as_schedule
 from ..planning.tiling import ShapePlan, plan_shape
 from ..planning.trunk import TrunkGeometry
-from . import channels, kernels, progress, rng
+from . import channels, kernels, passes, progress, rng
 from .executor import StreamFunction
 from .settings import StreamSettings, check_block
 from .stripes import Stripes
 
 # The run-time functions that window kinds emit calls to (see ``ops.windows.Emit``).
-HELPERS = types.SimpleNamespace(window=kernels.window, avg_pool=kernels.avg_pool, resample=kernels.resample)
+HELPERS = types.SimpleNamespace(
+    window=kernels.window, avg_pool=kernels.avg_pool, resample=kernels.resample, broadcast=kernels.broadcast
+)
 
 
-def tile_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
+def tile_graph(analysis: Analysis, geo: TrunkGeometry, level: int | None = None) -> fx.Graph:
+    """The tile code of the output pass (``level`` None), or of statistics pass ``level``: the
+    nodes of ``A_level`` only, returning per level-``level`` statistic its partial sums over the
+    tile's owned block (``ops.statistics.partial``). With global statistics the code takes a
+    fourth input, ``values``: the statistic values the pass reads (:func:`pass_values`), as
+    constants."""
     graph = fx.Graph()
     x = graph.placeholder("x")
     geometry = graph.placeholder("geometry")
     carry = graph.placeholder("carry")
+    values = graph.placeholder("values") if geo.statistics else None
     env: dict = {analysis.image: x}
+    index = {name: i for i, name in enumerate(pass_values(analysis, geo, level))}
+    members = None if level is None else set(geo.passes[level - 1])
     producers = {p for step in geo.steps for p in step.inputs}
     by_name = {n.name: n for n in [analysis.image] + analysis.trunk}
     steps = dict(zip(analysis.trunk, geo.steps))
     constants = set(analysis.constants)
+    if members is not None:  # a pass copies the constants its nodes read
+        constants = _read_constants([n for n in analysis.trunk if n.name in members], constants)
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in env and n.name in index:  # a statistic value: a constant of this pass
+            env[n] = graph.create_node("call_function", operator.getitem, (values, index[n.name]), name=n.name)
+        return env[n]
+
     for node in analysis.gm.graph.nodes:
         if node in constants:  # parameters, literals, batch/channel size queries
-            env[node] = graph.node_copy(node, lambda n: env[n])
+            env[node] = graph.node_copy(node, lookup)
             continue
-        if node not in steps:
+        if node not in steps or (members is not None and node.name not in members):
             continue
         step = steps[node]
         verdict = analysis.verdicts[node]
         windows = {}
-        for producer in step.inputs:
+        reads = not isinstance(verdict, ops.Window) or WINDOWS[verdict.kind].reads_input
+        for producer in step.inputs if reads else ():
             spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", step.name, producer)))
             args = (env[by_name[producer]], spec)
             if isinstance(verdict, ops.Window) and verdict.value != 0.0:
                 args += (verdict.value,)
             windows[by_name[producer]] = graph.call_function(kernels.window, args)
         if isinstance(verdict, ops.Local):
-            env[node] = graph.node_copy(node, lambda n, windows=windows: windows.get(n, env.get(n)))
+            env[node] = graph.node_copy(node, lambda n, windows=windows: windows[n] if n in windows else lookup(n))
         else:
-            env[node] = _emit_window(graph, node, verdict, windows[verdict.input], env, geometry, geo)
+            env[node] = _emit_window(graph, node, verdict, windows.get(verdict.input), lookup, geometry, geo)
         if node.name in producers:  # its region: its cell, and under carry the stripes of earlier tiles
             env[node] = graph.call_method("region", (carry, node.name, env[node]))
-    blocks = []
-    for output in analysis.outputs:  # each output cropped to its block
-        spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", "", output.name)))
-        blocks.append(graph.call_function(kernels.window, (env[output], spec)))
-    graph.output(blocks[0] if len(blocks) == 1 else tuple(blocks))
+    if level is None:
+        blocks = []
+        for output in analysis.outputs:  # each output cropped to its block
+            spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", "", output.name)))
+            blocks.append(graph.call_function(kernels.window, (env[output], spec)))
+        graph.output(blocks[0] if len(blocks) == 1 else tuple(blocks))
+    else:
+        graph.output(
+            tuple(_partial(graph, geo, stat, env, by_name, geometry) for stat in geo.statistics if stat.level == level)
+        )
     graph.lint()
     return graph
 
 
-def _emit_window(graph: fx.Graph, node: fx.Node, verdict: ops.Window, win: fx.Node, env, geometry, geo) -> fx.Node:
+def _read_constants(nodes: list, constants: set) -> set:
+    """The constants among the inputs of ``nodes``, and the constants those read."""
+    found: set = set()
+    stack = [i for n in nodes for i in n.all_input_nodes if i in constants]
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(i for i in node.all_input_nodes if i in constants)
+    return found
+
+
+def _partial(graph: fx.Graph, geo: TrunkGeometry, stat, env: dict, by_name: dict, geometry: fx.Node) -> fx.Node:
+    """A statistic's partial sums over the tile's owned block of its input (float64)."""
+    spec = graph.call_function(operator.getitem, (geometry, geo.slot("window", stat.name, stat.input)))
+    block = graph.call_function(kernels.window, (env[by_name[stat.input]], spec))
+    position = None
+    if stat.spec.kind == "adaptive_avg_pool":
+        position = graph.call_function(operator.getitem, (geometry, geo.slot("position", stat.name, stat.input)))
+    return graph.create_node("call_function", statistics.partial, (block, stat.spec, position), name=stat.name)
+
+
+def pass_values(analysis: Analysis, geo: TrunkGeometry, level: int | None) -> tuple[str, ...]:
+    """The statistic values that the nodes of pass ``level`` (None: the output pass) read, in
+    ``geo.values`` order: the inputs of its ``StreamFunction`` and its tile code's ``values``."""
+    members = {n.name for n in analysis.trunk} if level is None else set(geo.passes[level - 1])
+    read = {i.name for n in analysis.trunk if n.name in members for i in n.all_input_nodes}
+    return tuple(name for name, _ in geo.values if name in read)
+
+
+def driver_graph(analysis: Analysis, geo: TrunkGeometry) -> fx.Graph:
+    """The statistics passes and their heads, for a trunk with global statistics: per level
+    ``j``, pass ``j`` (``passes.statistics``: the finished value of each level-``j`` statistic,
+    given the values it reads), then the statistic head's nodes of level ``j``, copied from the
+    traced graph (the model's own modules: their hooks fire once per call); last the output
+    pass (``passes.stream``). ``forward(call)`` takes the call's :class:`passes.CallState`."""
+    graph = fx.Graph()
+    call = graph.placeholder("call")
+    env: dict = {}
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in env:  # a constant of the head (parameters, literals), copied where first read
+            env[n] = graph.node_copy(n, lookup)
+        return env[n]
+
+    nodes = {v.name: v for v, _ in analysis.values}
+    for level in range(1, geo.levels + 1):
+        reads = [lookup(nodes[name]) for name in pass_values(analysis, geo, level)]
+        result = graph.create_node(
+            "call_function", passes.statistics, (call, level, *reads), name=f"statistics_{level}"
+        )
+        for k, stat in enumerate(s for s in analysis.statistics if s.level == level):
+            env[stat.node] = graph.create_node("call_function", operator.getitem, (result, k), name=stat.node.name)
+        for head in analysis.heads:
+            if analysis.level[head] == level:
+                env[head] = graph.node_copy(head, lookup)
+    reads = [lookup(nodes[name]) for name in pass_values(analysis, geo, None)]
+    graph.output(graph.create_node("call_function", passes.stream, (call, *reads), name="stream"))
+    graph.lint()
+    return graph
+
+
+def value_checks(analysis: Analysis) -> dict:
+    """Statistic value -> ``(rank, spatial dims)`` of each trunk node that reads it pointwise:
+    there the value must have size 1 along those dims (aligned from the right, as broadcasting
+    aligns them); checked per call (``passes.check_values``)."""
+    checks: dict = {}
+    values = {v for v, _ in analysis.values}
+    for node in analysis.trunk:
+        verdict = analysis.verdicts[node]
+        if not isinstance(verdict, ops.Local) or node.target is statistics.normalize:
+            continue
+        for inp in node.all_input_nodes:
+            if inp in values:
+                layout = verdict.layout
+                dims = tuple(d for d, axis in enumerate(layout) if axis is not None)
+                checks.setdefault(inp.name, []).append((len(layout), dims, node.name))
+    return {name: tuple(found) for name, found in checks.items()}
+
+
+def _emit_window(graph: fx.Graph, node: fx.Node, verdict: ops.Window, win, lookup, geometry, geo) -> fx.Node:
     """The node computed from its window, as its kind emits it (see ``fxstream.ops.windows``)."""
     slot = slot_getter(graph, geometry, geo, node, verdict.input.name)
-    emit = Emit(graph, node, win, verdict.params, lambda v: _value(graph, v, env), slot, geo.ndim, HELPERS)
+    emit = Emit(graph, node, win, verdict.params, lambda v: _value(graph, v, lookup), slot, geo.ndim, HELPERS)
     return WINDOWS[verdict.kind].emit(emit)
 
 
-def _value(graph: fx.Graph, value: Any, env: dict) -> Any:
-    """A conv weight/bias: a module attribute path, a traced node, or a literal."""
+def _value(graph: fx.Graph, value: Any, lookup) -> Any:
+    """A conv weight/bias or a statistic grid: a module attribute path, a traced node, or a literal."""
     if isinstance(value, str):
         return graph.get_attr(value)
     if isinstance(value, fx.Node):
-        return env[value]
+        return lookup(value)
     return value
 
 
@@ -198,9 +303,25 @@ class StreamedTrunk(nn.Module):
 
     CACHE_SIZE = 8
 
-    def __init__(self, tile: fx.GraphModule, geometry: TrunkGeometry, plan: Plan, settings=None, schedule=None):
+    def __init__(
+        self,
+        tile: fx.GraphModule,
+        geometry: TrunkGeometry,
+        plan: Plan,
+        settings=None,
+        schedule=None,
+        passes: tuple = (),
+        driver: fx.GraphModule | None = None,
+        checks: dict | None = None,
+        pass_values: dict | None = None,
+    ):
         super().__init__()
-        self.tile = tile
+        self.tile = tile  # the output pass's tile code
+        # global statistics: the tile code of each statistics pass, and the driver that runs them
+        self.pass_tiles = nn.ModuleList(passes)
+        self.driver = driver
+        self.value_checks = checks or {}  # value -> where it must have size 1 (codegen.value_checks)
+        self.pass_values = pass_values or {}  # level (None: the output pass) -> the values it reads
         self.geometry = geometry
         self.plan = plan
         self.schedule = as_schedule(schedule)
@@ -209,6 +330,8 @@ class StreamedTrunk(nn.Module):
         self.outputs_dims = tuple(geometry.axis_dims(o) for o in geometry.outputs)
         self.node_dims = {name: dims for name, dims in geometry.dims}
         self.random_ops = rng.rewrite_random(tile, geometry)
+        # a statistics pass's keyed draws are a subset of the output pass's (the call's draws serve all)
+        self._keyed = {id(m): bool(rng.rewrite_random(m, geometry).keyed) for m in self.pass_tiles}
         self._shape_plans: OrderedDict = OrderedDict()
         self._stripes: OrderedDict = OrderedDict()
 
@@ -258,7 +381,10 @@ class StreamedTrunk(nn.Module):
         return self.stream(x)
 
     def stream(self, x: torch.Tensor) -> torch.Tensor:
-        """The streamed trunk output for ``x`` (a differentiable autograd.Function)."""
+        """The streamed trunk output for ``x`` (a differentiable autograd.Function). With global
+        statistics the generated driver runs the passes (``runtime.passes``)."""
+        if self.driver is not None:
+            return self.driver(passes.CallState(self, x))
         size = tuple(x.shape[d] for d in self.input_dims)
         if self.tile_group is not None:  # before any other collective: every rank has the same image
             self.tile_group.check_shape(tuple(x.shape), self.compute_device(x), transfer.fingerprint(x))
@@ -319,12 +445,17 @@ class StreamedTrunk(nn.Module):
         """Whether the trunk has several outputs (returned as a tuple, in ``geometry.outputs`` order)."""
         return len(self.geometry.outputs) > 1
 
-    def run_tile(self, x: torch.Tensor, tile, run, random=None) -> tuple[torch.Tensor, ...]:
-        """The tile's block of every trunk output (a tuple, in ``geometry.outputs`` order)."""
-        if self.random_ops.keyed:
-            blocks = self.tile(x, tile.geometry, run, random)
-        else:
-            blocks = self.tile(x, tile.geometry, run)
+    def run_tile(self, x: torch.Tensor, tile, run, random=None, module=None, values=None) -> tuple[torch.Tensor, ...]:
+        """The tile's block of every trunk output (a tuple, in ``geometry.outputs`` order).
+        With global statistics, ``module`` (a statistics pass's tile code; None: the output
+        pass) reads the statistic ``values``; a statistics pass returns its partial sums, one
+        flat tuple."""
+        module = module if module is not None else self.tile
+        args = (x, tile.geometry, run) + ((tuple(values or ()),) if self.driver is not None else ())
+        keyed = self.random_ops.keyed if module is self.tile else self._keyed[id(module)]
+        blocks = module(*args, random) if keyed else module(*args)
+        if module is not self.tile:
+            return tuple(t for partial in blocks for t in partial)
         blocks = blocks if self.multi_output else (blocks,)
         for block, dims, box in zip(blocks, self.outputs_dims, tile.blocks):
             check_block(block, dims, box)

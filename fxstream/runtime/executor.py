@@ -36,6 +36,16 @@ compute device (``Schedule.placement``):
 A second backward pass (``retain_graph=True``) finds no store and rebuilds it the same way,
 band by band.
 
+**Global statistics** (issue 20, :mod:`fxstream.runtime.passes`). A trunk with statistics
+runs several applications of this function per call, one per pass (:class:`Pass`): a
+*statistics pass* computes the nodes of its pass only and returns its statistics' partial
+sums added over the tiles in float64 (the tiles' owned blocks partition each map); its
+backward back-propagates the same cotangent through every tile, rebuilding its stripes
+band by band as a banded backward does (it keeps no store from its forward pass). The
+*output pass* is the ordinary one. Both read the statistic values of lower levels as
+constant inputs: in the backward pass each tile takes them as leaves, and their gradients
+are added over tiles in float64.
+
 The recomputation re-enters the forward pass's autocast state and replays its random
 draws, so it computes exactly what the forward pass computed. The order of the backward
 pass is fixed, so repeated backward passes are bit-identical.
@@ -47,6 +57,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -117,11 +128,35 @@ class _Kept:
     leaves: dict
     run: TileRun
     blocks: tuple
+    values: list = ()  # the statistic values' leaves
+
+
+@dataclass
+class Pass:
+    """What one application of :class:`StreamFunction` runs (global statistics, issue 20):
+    the tiles of ``shape_plan`` through ``module`` (None: the trunk's tile code); ``level``,
+    the statistics pass (None: the output pass); ``n_values``, how many of the tensors after
+    ``run`` are statistic values (constants of the pass); ``call``, the call's shared state
+    (``passes.CallState``: random draws, positions); ``fixed``, the indices of a statistics
+    pass's outputs that are not differentiable (counts, dtype probes)."""
+
+    shape_plan: Any
+    module: Any = None
+    level: int | None = None
+    n_values: int = 0
+    call: Any = None
+    fixed: frozenset = frozenset()
+
+    def members(self, trunk) -> frozenset | None:
+        """The nodes a statistics pass computes (None: all)."""
+        return None if self.level is None else frozenset(trunk.geometry.passes[self.level - 1])
 
 
 class StreamFunction(torch.autograd.Function):
     """Runs a trunk tile by tile. ``apply(x, trunk, shape_plan, *params)``: the trunk output,
-    or a tuple of them when the trunk has several (``trunk.geometry.outputs``).
+    or a tuple of them when the trunk has several (``trunk.geometry.outputs``). With global
+    statistics ``apply(x, trunk, run, *values, *params)`` with a :class:`Pass` ``run``: the
+    output pass, or a statistics pass (a tuple of float64 sums).
 
     ``x`` may live on another device than the trunk (a host-resident image): tiles are
     copied to the trunk's device one at a time, input gradients are assembled next to
@@ -129,22 +164,33 @@ class StreamFunction(torch.autograd.Function):
     device)."""
 
     @staticmethod
-    def forward(ctx, x, trunk, shape_plan, *params):
-        ctx.trunk, ctx.shape_plan = trunk, shape_plan
+    def forward(ctx, x, trunk, run, *tensors):
+        run = run if isinstance(run, Pass) else Pass(run)
+        shape_plan = run.shape_plan
+        ctx.trunk, ctx.run, ctx.shape_plan = trunk, run, shape_plan
         ctx.image = None if isinstance(x, torch.Tensor) else x  # an array-like: kept as is, no input gradient
-        ctx.save_for_backward(*([x] if ctx.image is None else []), *params)
+        ctx.save_for_backward(*([x] if ctx.image is None else []), *tensors)
         ctx.autocast = AutocastState()
-        ctx.random = trunk.random_draws(x)  # None, or the draws every tile replays
-        ctx.members = live.snapshot(trunk.tile)  # backward recomputes with these (see live.restored)
+        call = run.call  # with statistics, the draws and positions are the call's
+        ctx.random = call.random if call is not None else trunk.random_draws(x)  # None, or the draws tiles replay
+        # backward recomputes with these (see live.restored)
+        ctx.members = live.snapshot(run.module if run.module is not None else trunk.tile)
         wants_grad = any(ctx.needs_input_grad)
-        ctx.positions = trunk.positions(shape_plan)  # all tiles, or this rank's bands
+        ctx.positions = call.positions if call is not None else trunk.positions(shape_plan)  # or a rank's bands
         schedule = shape_plan.schedule
         ctx.placement = schedule.placement(trunk.compute_device(x).type)  # where the stripes live
         # banded carry back-propagates band by band; the other placements keep every stripe
         ctx.bands = shape_plan.band_ranges(ctx.positions) if schedule.banded else [ctx.positions]
-        keep = ctx.positions[-1] if wants_grad else None
-        kept = ctx.bands[-1] if wants_grad else None  # the tiles whose stripes the backward pass reads from this pass
-        ctx.store, ctx.kept, outs = _run_forward(ctx, x, ctx.positions, keep, kept, advance=True)
+        output = run.level is None  # a statistics pass keeps no tile and no store: its backward rebuilds them
+        keep = ctx.positions[-1] if wants_grad and output else None
+        kept = ctx.bands[-1] if wants_grad and output else None  # the tiles whose stripes the backward reads
+        values = tensors[: run.n_values]
+        ctx.store, ctx.kept, outs = _run_forward(ctx, x, ctx.positions, keep, kept, advance=output, values=values)
+        if not output:  # a statistics pass: its sums (float64), summed over the ranks of a tile group
+            if trunk.tile_group is not None:
+                trunk.tile_group.reduce(list(outs))
+            ctx.mark_non_differentiable(*(outs[i] for i in run.fixed))
+            return outs
         if trunk.tile_group is not None:  # each rank wrote its blocks into zeros: sum them
             outs = tuple(trunk.tile_group.assemble(out) for out in outs)
         return outs if trunk.multi_output else outs[0]
@@ -160,45 +206,56 @@ class StreamFunction(torch.autograd.Function):
 @dataclass
 class _Sums:
     """What the backward pass accumulates over the tiles: the input gradient, the wanted
-    parameters' gradients, and the pending gradients of cells whose tiles run later."""
+    parameters' gradients, the pending gradients of cells whose tiles run later, and the
+    wanted statistic values' gradients (float64; None where not wanted)."""
 
     grad_x: torch.Tensor | None
     grads: list
     pending: dict
+    values: list = ()
 
 
 def _backward(ctx, grad_outs: tuple):
     """The backward pass of :class:`StreamFunction` (see the module docstring): the bands in
     reverse order (one band but under banded carry), each band's tiles in reverse order."""
-    x, *params = ([ctx.image] if ctx.image is not None else []) + list(ctx.saved_tensors)
-    trunk = ctx.trunk
+    x, *tensors = ([ctx.image] if ctx.image is not None else []) + list(ctx.saved_tensors)
+    trunk, run = ctx.trunk, ctx.run
+    values, params = tensors[: run.n_values], tensors[run.n_values :]
     want_x = ctx.needs_input_grad[0]
-    wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
-    sums = _Sums(torch.zeros_like(x) if want_x else None, [None] * len(wanted), {})
+    needs = ctx.needs_input_grad[3:]
+    wanted = [p for p, need in zip(params, needs[run.n_values :]) if need]
+    value_sums = [torch.zeros_like(v, dtype=torch.float64) if need else None for v, need in zip(values, needs)]
+    sums = _Sums(torch.zeros_like(x) if want_x else None, [None] * len(wanted), {}, value_sums)
     store, ctx.store = ctx.store, None
     kept, ctx.kept = ctx.kept, None
     for band in reversed(ctx.bands):
         if store is None and trunk.stripes(ctx.shape_plan) is not None:
-            # a band whose stripes the forward pass did not keep, or a second backward pass
-            # (retain_graph): rebuild them with a no-grad carry over the band
+            # a band whose stripes the forward pass did not keep, a statistics pass, or a second
+            # backward pass (retain_graph): rebuild them with a no-grad carry over the band
             with ctx.autocast.restored():
-                store = _run_forward(ctx, x, band, None, band, advance=False, assemble=False)[0]
-        _backward_band(ctx, x, band, store, kept, grad_outs, wanted, sums)
+                store = _run_forward(ctx, x, band, None, band, advance=False, assemble=False, values=values)[0]
+        _backward_band(ctx, x, band, store, kept, grad_outs, wanted, sums, values)
         store = kept = None
+    value_grads = [g for g in sums.values if g is not None]
     if trunk.tile_group is not None:  # each rank back-propagated its own tiles: sum them
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(sums.grads, wanted)]
-        trunk.tile_group.reduce(([sums.grad_x] if want_x else []) + grads)
+        trunk.tile_group.reduce(([sums.grad_x] if want_x else []) + grads + value_grads)
         sums.grads = grads
     result = iter(sums.grads)
-    param_grads = [next(result) if need else None for need in ctx.needs_input_grad[3:]]
-    return (sums.grad_x, None, None, *param_grads)
+    param_grads = [next(result) if need else None for need in needs[run.n_values :]]
+    value_results = [g.to(v.dtype) if g is not None else None for g, v in zip(sums.values, values)]
+    return (sums.grad_x, None, None, *value_results, *param_grads)
 
 
-def _backward_band(ctx, x, band: range, store, kept: _Kept | None, grad_outs: tuple, wanted: list, sums: _Sums):
+def _backward_band(
+    ctx, x, band: range, store, kept: _Kept | None, grad_outs: tuple, wanted: list, sums: _Sums, values=()
+):
     """Recompute and back-propagate the tiles of ``band`` in reverse order (``kept``: the
     last tile of the forward pass, with its graph), reading their stripes from ``store``."""
-    trunk, shape_plan = ctx.trunk, ctx.shape_plan
+    trunk, shape_plan, pass_ = ctx.trunk, ctx.shape_plan, ctx.run
     want_x = ctx.needs_input_grad[0]
+    want_values = ctx.needs_input_grad[3 : 3 + pass_.n_values]
+    members = pass_.members(trunk)
     device = trunk.compute_device(x)
     order = list(reversed(band))
     skip = {kept.position} if kept is not None else set()
@@ -214,23 +271,31 @@ def _backward_band(ctx, x, band: range, store, kept: _Kept | None, grad_outs: tu
                 parts = sums.pending.pop(position, {})  # complete: every later tile has run
                 if kept is not None and position == kept.position:
                     leaf, leaves, run, blocks = kept.leaf, kept.leaves, kept.run, kept.blocks
+                    value_leaves = kept.values
                     kept = None
                 else:
                     with _random_tile(ctx.random, shape_plan, position, advance=False) as random:
                         leaf = crop.requires_grad_(want_x)
-                        leaves = _leaves(tile, store, True)
+                        leaves = _leaves(tile, store, True, members)
+                        value_leaves = _value_leaves(values, want_values)
                         run = TileRun(tile, trunk.node_dims, leaves, keep=set(parts))
-                        blocks = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
-                outputs = list(blocks)
-                grad_outputs = [
-                    crop_view(grad, dims, box).to(block.device)
-                    for grad, dims, box, block in zip(grad_outs, trunk.outputs_dims, tile.blocks, blocks)
-                ]
+                        blocks = _run_tile(trunk, pass_, trunk.prepare(leaf), tile, run, random, value_leaves)
+                if pass_.level is None:
+                    outputs = list(blocks)
+                    grad_outputs = [
+                        crop_view(grad, dims, box).to(block.device)
+                        for grad, dims, box, block in zip(grad_outs, trunk.outputs_dims, tile.blocks, blocks)
+                    ]
+                else:  # a sum's cotangent reaches every tile's partial unchanged
+                    found = [(p, g) for i, (p, g) in enumerate(zip(blocks, grad_outs)) if i not in pass_.fixed]
+                    outputs = [p for p, _ in found if p.requires_grad]
+                    grad_outputs = [g.to(p.device) for p, g in found if p.requires_grad]
                 for edge, grad in _pending_grads(parts, run, trunk.node_dims):
                     outputs.append(edge)
                     grad_outputs.append(grad)
                 keys = list(leaves)
-                inputs = ([leaf] if want_x else []) + wanted + [leaves[k] for k in keys]
+                given = [v for v in value_leaves if v.requires_grad]
+                inputs = ([leaf] if want_x else []) + wanted + given + [leaves[k] for k in keys]
                 tile_grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
             del blocks, outputs, grad_outputs, run, parts
             if want_x:
@@ -239,24 +304,34 @@ def _backward_band(ctx, x, band: range, store, kept: _Kept | None, grad_outs: tu
                 tg = tile_grads[i]
                 if tg is not None:
                     sums.grads[i] = tg if sums.grads[i] is None else sums.grads[i].add_(tg)
-            _send(sums.pending, tile, keys, tile_grads[len(wanted) :])
+            tile_grads = tile_grads[len(wanted) :]
+            for acc in (a for a in sums.values if a is not None):  # the values' gradients: sums over tiles
+                vg = tile_grads.pop(0)
+                if vg is not None:
+                    acc.add_(vg.to(acc.device, torch.float64))
+            _send(sums.pending, tile, keys, tile_grads)
             if store is not None:
                 store.release(position, backward=True)
-            del tile_grads, leaves, leaf, crop  # not into the next tile's recomputation
+            del tile_grads, leaves, leaf, crop, value_leaves  # not into the next tile's recomputation
     trunk.stats.record("backward", len(order), timer.seconds, device)
 
 
-def _run_forward(ctx, x, positions: range, keep: int | None, kept: range | None, advance: bool, assemble=True):
+def _run_forward(
+    ctx, x, positions: range, keep: int | None, kept: range | None, advance: bool, assemble=True, values=()
+):
     """The tiles at ``positions`` in raster order, without autograd but for tile ``keep``.
     Returns the stripe store (None unless ``kept``: the positions whose stripes the
     backward pass reads from this pass), the kept tile and the assembled outputs (a tuple,
-    or None without ``assemble``: a rebuild of the stripes for the backward pass)."""
-    trunk, shape_plan = ctx.trunk, ctx.shape_plan
+    or None without ``assemble``: a rebuild of the stripes for the backward pass); for a
+    statistics pass, the tiles' partial sums added in tile order (float64)."""
+    trunk, shape_plan, pass_ = ctx.trunk, ctx.shape_plan, ctx.run
     stripes = trunk.stripes(shape_plan)
     device = trunk.compute_device(x)
     store = stripe_stores.store(ctx.placement, stripes, kept, device) if stripes else None
     outs, kept_tile = None, None
-    tiles = trunk.tiles(x, shape_plan, device, "forward", positions)
+    members = pass_.members(trunk)
+    phase = "forward" if pass_.level is None else f"forward (statistics pass {pass_.level})"
+    tiles = trunk.tiles(x, shape_plan, device, phase, positions)
     with torch.no_grad(), Timer(device) as timer:
         for position, tile, crop in tiles:
             grad = position == keep
@@ -264,16 +339,20 @@ def _run_forward(ctx, x, positions: range, keep: int | None, kept: range | None,
                 first = position == positions[0]
                 with _random_tile(ctx.random, shape_plan, position, advance=advance and first) as random:
                     leaf = crop.requires_grad_(ctx.needs_input_grad[0]) if grad else crop
-                    leaves = _leaves(tile, store, grad)
+                    leaves = _leaves(tile, store, grad, members)
+                    value_leaves = _value_leaves(values, ctx.needs_input_grad[3:]) if grad else list(values)
                     saves = stripes.saves[position] if stripes else None
                     read_later = set(saves or ()) if grad else ()  # the kept tile's cells that later tiles read
                     run = TileRun(tile, trunk.node_dims, leaves, store, saves, read_later)
-                    blocks = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
+                    blocks = _run_tile(trunk, pass_, trunk.prepare(leaf), tile, run, random, value_leaves)
             if grad:
-                kept_tile = _Kept(position, leaf, leaves, run, blocks)
+                kept_tile = _Kept(position, leaf, leaves, run, blocks, value_leaves)
             if store is not None:
                 store.release(position, backward=False)
             if not assemble:
+                continue
+            if pass_.level is not None:  # a statistics pass: add the partial sums, in tile order
+                outs = tuple(blocks) if outs is None else tuple(a + b for a, b in zip(outs, blocks))
                 continue
             if outs is None:  # zeros where other ranks' blocks go
                 partial = len(positions) < shape_plan.num_tiles
@@ -287,14 +366,29 @@ def _run_forward(ctx, x, positions: range, keep: int | None, kept: range | None,
     return (store if kept is not None else None), kept_tile, outs
 
 
-def _leaves(tile, store, grad: bool) -> dict:
-    """The stripes ``tile`` reads, as leaves (requiring grad when ``grad``)."""
+def _leaves(tile, store, grad: bool, members: frozenset | None = None) -> dict:
+    """The stripes ``tile`` reads, as leaves (requiring grad when ``grad``); of ``members``
+    only, when given (a statistics pass computes only the nodes of its pass)."""
     leaves = {}
     for name, _, pieces, _ in tile.carry:
+        if members is not None and name not in members:
+            continue
         for source, box in pieces:
             if source >= 0:
                 leaves[(name, box)] = store.get((name, box)).detach().requires_grad_(grad)
     return leaves
+
+
+def _run_tile(trunk, pass_: Pass, x, tile, run: TileRun, random, values) -> tuple:
+    """``trunk.run_tile``; with global statistics, through the pass's module with its values."""
+    if pass_.call is None:
+        return trunk.run_tile(x, tile, run, random)
+    return trunk.run_tile(x, tile, run, random, pass_.module, values)
+
+
+def _value_leaves(values, needs) -> list:
+    """The statistic values as one tile's leaves (requiring grad where wanted)."""
+    return [v.detach().requires_grad_(bool(need)) for v, need in zip(values, needs)]
 
 
 def _send(pending: dict, tile, keys: list, grads: list) -> None:

@@ -1,7 +1,8 @@
 """What the generated tile code calls besides torch: tile windows (crop, pad at the image
-border, gather for reflect/replicate padding), tiled average pooling, and separable
+border, gather for reflect/replicate padding), tiled average pooling, separable
 resampling with explicit taps (the exact global interpolation weights of ``F.interpolate``),
-which torch has no padding-free form of."""
+which torch has no padding-free form of, and the broadcast-back of a global statistic's grid
+(the tile's rows of ``F.interpolate(grid, size=whole map)``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..ops import geometry as g
 from ..planning.plan import Gather
 
 
@@ -33,6 +35,34 @@ def resample(x: torch.Tensor, spec: tuple) -> torch.Tensor:
         out = None
         for ix, w in zip(taps, entry.weight):
             term = x.index_select(entry.dim, ix) * torch.tensor(w, dtype=x.dtype, device=x.device).view(shape)
+            out = term if out is None else out + term
+        x = out
+    return x.to(dtype)
+
+
+def broadcast(grid: torch.Tensor, position: tuple, mode: str, align_corners: bool) -> torch.Tensor:
+    """The tile's part of ``F.interpolate(grid, size=<the whole map>, mode=...)``: along each
+    axis (``ops.statistics.Position``: the tile's output pixels ``[lo, hi)`` of ``size``), the
+    taps of those outputs into the whole grid. ``nearest`` from a grid of size 1 is
+    ``grid.expand_as``. Half precision is interpolated in float32 and rounded once."""
+    dtype = grid.dtype
+    x = grid.float() if dtype in (torch.float16, torch.bfloat16) else grid
+    for entry in position:
+        bins = x.shape[entry.dim]
+        index, weight = g.resample_taps(g.Resample(mode, entry.size / bins, entry.size, align_corners), bins)
+        rows = slice(entry.lo, entry.hi)
+        taps = [
+            torch.tensor([ix[k] for ix in index[rows]], dtype=torch.long, device=x.device) for k in range(len(index[0]))
+        ]
+        if weight is None:
+            x = x.index_select(entry.dim, taps[0])
+            continue
+        shape = [1] * x.dim()
+        shape[entry.dim] = -1
+        out = None
+        for k, ix in enumerate(taps):
+            w = torch.tensor([wt[k] for wt in weight[rows]], dtype=x.dtype, device=x.device).view(shape)
+            term = x.index_select(entry.dim, ix) * w
             out = term if out is None else out + term
         x = out
     return x.to(dtype)

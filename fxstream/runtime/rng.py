@@ -251,6 +251,12 @@ class GeneratorStates:
         self.cpu_state = torch.get_rng_state()
         self.cuda_state = torch.cuda.get_rng_state(self.cuda) if self.cuda else None
 
+    def start(self) -> None:
+        """Set the generators to the captured states (and leave them there)."""
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda:
+            torch.cuda.set_rng_state(self.cuda_state, self.cuda)
+
     @contextlib.contextmanager
     def replayed(self) -> Iterator[None]:
         saved = torch.get_rng_state(), torch.cuda.get_rng_state(self.cuda) if self.cuda else None
@@ -280,10 +286,16 @@ class Draws:
 
     @contextlib.contextmanager
     def tile(self, shape_plan, index: int, advance: bool) -> Iterator[TileRandom]:
-        """Run one tile: with ``advance`` the generators advance as in a whole-image pass
-        (the first forward tile); otherwise their state is restored afterwards."""
+        """Run one tile: with ``advance`` the generators start from the call's state and advance
+        as in a whole-image pass (the first forward tile of the output pass: a trunk with global
+        statistics runs its statistics passes and heads before it); otherwise their state is
+        restored afterwards."""
         random = TileRandom(self.seed, self.origins(shape_plan, index))
-        if self.states is None or advance:
+        if self.states is None:
+            yield random
+            return
+        if advance:
+            self.states.start()
             yield random
             return
         with self.states.replayed():
