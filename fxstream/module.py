@@ -385,7 +385,7 @@ def compile(
             scale=1/255)`` to feed a host-resident ``uint8`` image.
         output_device: where the trunk output and its gradient are assembled (default:
             the trunk's device); ``"cpu"`` for dense outputs as large as the image.
-        progress: show a tqdm bar over the tiles of every pass (needs tqdm).
+        progress: show a progress bar over the tiles of every pass (tqdm if installed, else a text line on stderr).
         memory_budget, input_shape: with ``tile_size="auto"``, the largest square tile
             whose predicted training peak for inputs of ``input_shape`` (N, C, *spatial)
             fits ``memory_budget`` (bytes or e.g. ``"8GiB"``) on the model's device; with

@@ -1,7 +1,8 @@
 """Image files that never sit whole in memory: one level of a slide as a lazy (1, C, H, W) array.
 
 :func:`open_image` opens tiled and pyramidal TIFF, BigTIFF, OME-TIFF and SVS files through
-tifffile's zarr store (``pip install 'fxstream[slides]'``), and the formats OpenSlide reads
+tifffile's zarr store (``pip install tifffile zarr imagecodecs``, or the ``slides``
+extra), and the formats OpenSlide reads
 when ``openslide-python`` and ``openslide-bin`` are installed. The result,
 :class:`SlideArray`, is an array-like: pass it wherever fxstream takes an image tensor,
 and each tile's region is read from the file when the schedule needs it::
@@ -252,7 +253,7 @@ def _open_reader(path: str, level: int, backend: str, cache_bytes: int):
             ) from None
     raise ImageFileError(
         f"{path} is not an image fxstream can read ({'; '.join(failures)}). Supported: tiled or pyramidal "
-        f"TIFF, BigTIFF, OME-TIFF and SVS (pip install 'fxstream[slides]'), and what OpenSlide reads "
+        f"TIFF, BigTIFF, OME-TIFF and SVS (pip install tifffile zarr imagecodecs), and what OpenSlide reads "
         f"(pip install openslide-python openslide-bin).",
         path=path,
     )
@@ -283,7 +284,7 @@ class _TiffReader:
             import tifffile
             import zarr
         except ImportError as e:
-            raise _NotMine(f"not installed ({e.name}); pip install 'fxstream[slides]'") from None
+            raise _NotMine(f"not installed ({e.name}); pip install tifffile zarr imagecodecs") from None
         try:
             self._file = tifffile.TiffFile(path, mode="rb")
         except (tifffile.TiffFileError, ValueError) as e:

@@ -76,16 +76,17 @@ def _open_bars() -> list:
 
 
 def tiles_progress(tiles: Iterable, total: int, enabled: bool, desc: str) -> Iterator:
-    """``tiles``, wrapped in a tqdm bar when ``enabled`` (tqdm is an optional dependency:
-    ``pip install 'fxstream[progress]'``). A pass that fails closes its bar (see
-    :class:`Timer`), so the error is not printed after the bar on its line."""
+    """``tiles``, wrapped in a tqdm bar when ``enabled``; without tqdm (an optional
+    dependency: ``pip install tqdm``) a plain counter line on stderr instead. A pass that
+    fails closes its bar (see :class:`Timer`), so the error is not printed after the bar
+    on its line."""
     if not enabled:
         yield from tiles
         return
     try:
         from tqdm.auto import tqdm
-    except ImportError as exc:
-        raise ImportError("progress=True needs tqdm: pip install tqdm (or pip install 'fxstream[progress]')") from exc
+    except ImportError:
+        tqdm = TextBar
     with tqdm(total=total, desc=desc, unit="tile", leave=False) as bar:
         bars = _open_bars()
         bars.append(bar)
@@ -96,6 +97,42 @@ def tiles_progress(tiles: Iterable, total: int, enabled: bool, desc: str) -> Ite
         finally:
             if bar in bars:
                 bars.remove(bar)
+
+
+class TextBar:
+    """The progress line of ``progress=True`` where tqdm is not installed: ``desc: i/n
+    tiles, s`` rewritten in place on stderr (at most a few times a second), cleared at the
+    end like tqdm's ``leave=False``."""
+
+    def __init__(self, total: int, desc: str, unit: str = "tile", leave: bool = False, stream=None):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.n, self.start, self.shown, self.width = 0, time.perf_counter(), 0.0, 0
+
+    def __enter__(self) -> TextBar:
+        self._show()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n >= self.total or time.perf_counter() - self.shown >= 0.2:
+            self._show()
+
+    def _show(self) -> None:
+        now = time.perf_counter()
+        line = f"{self.desc}: {self.n}/{self.total} {self.unit}s, {now - self.start:.1f} s"
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+        self.width, self.shown = len(line), now
+
+    def close(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
 
 
 class Timer:
