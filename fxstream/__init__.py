@@ -42,7 +42,7 @@ from .runtime import progress as _progress
 from .runtime.progress import StreamStats
 from .training import serial_backward, train_step
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Module paths of 0.1.0 (a flat package) that its pickles and public classes name: a
 # StreamedModule saved by 0.1.0 names fxstream.schedule.Schedule, fxstream.transfer.Normalize

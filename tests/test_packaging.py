@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -162,3 +163,13 @@ def test_installed_wheel_runs_the_command(built, tmp_path):
     assert plan.returncode == 0, plan.stdout + plan.stderr
     report = json.loads(plan.stdout)
     assert report["schema"] == "fxstream.plan/1" and report["num_tiles"] > 1, plan.stdout  # really tiled
+
+
+def test_version_is_the_same_everywhere():
+    """The package version, CITATION.cff's and the CHANGELOG's newest section agree (a
+    release bumps all three)."""
+    with open(os.path.join(ROOT, "CITATION.cff")) as f:
+        cff = re.search(r"^version: (\S+)$", f.read(), re.M).group(1)
+    with open(os.path.join(ROOT, "CHANGELOG.md")) as f:
+        newest = re.search(r"^## (\S+)", f.read(), re.M).group(1)
+    assert cff == newest == fxstream.__version__
