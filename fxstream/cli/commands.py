@@ -204,7 +204,7 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.png:
         shape = smodel.shape_plan(*input_shape[2:])
         image = io.BytesIO()
-        render.png(shape, program.plan, image, title=args.model)
+        render.png(shape, program.plan, image, title=args.model, report=data)
         _write(args.png, image.getvalue())
     sys.stdout.write(_render(args.format, data, smodel, reason))
     return 0

@@ -2,16 +2,20 @@
 
 * :func:`text` - one row per trunk node and a summary;
 * :func:`dot`  - the traced graph with the trunk and the head coloured and the boundary marked;
-* :func:`png`  - the tile grid over the image extent, each tile's block and halo (matplotlib).
+* :func:`png`  - the tile grid over the image, one tile's block and the input it reads, a legend,
+  the predicted peaks and a caption (matplotlib; :func:`figure`, :func:`highlight`).
 """
 
 from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
 
 import torch.fx as fx
 
 from ..memory.units import format_bytes
 from ..planning.plan import Plan
-from ..planning.tiling import ShapePlan
+from ..planning.tiling import Pair, ShapePlan
 
 
 def _x(values) -> str:
@@ -235,32 +239,137 @@ def _esc(text: str) -> str:
 
 # --- png ---------------------------------------------------------------------------------
 
-PLOT_HINT = "--png needs matplotlib: pip install 'fxstream[plot]' (or pip install matplotlib)"
+PLOT_HINT = "--png needs matplotlib: pip install matplotlib (or, in a clone of fxstream, pip install -e '.[plot]')"
 
 
 # Above this many tiles the grid is drawn per axis (block boundaries as lines, one tile's
 # read region): a picture of 1,000,000 x 1,000,000 pixels has less than 2 pixels per tile.
 MAX_DRAWN_TILES = 4096
 
+RED = "#c0392b"
 
-def png(shape: ShapePlan, plan: Plan, path: str, title: str = "") -> None:
-    """Draw the tile grid over the image: every tile's block (its output pixels mapped to
-    the image, solid) and the region it reads (halo included, shaded); one interior
-    tile is highlighted. Two spatial dims only. Built from the per-axis blocks and
-    regions (``shape.axes``); beyond ``MAX_DRAWN_TILES`` tiles the blocks are grid lines
-    and no region is shaded but the highlighted tile's."""
+
+def caption(schedule) -> str:
+    """The picture's caption for a :class:`~fxstream.planning.schedule.Schedule`: what the
+    tile size bounds, and cells and stripes (carry) or the halo (recompute)."""
+    bound = "The tile size bounds the input one tile reads, per axis (halo included)"
+    if schedule.banded:
+        bound += ", except in the first tile row of a band, which reads the whole halo above its block"
+    if not schedule.carries:
+        return (
+            f"{bound}. Recompute schedule: a tile reads and computes the whole receptive field of its block "
+            "(the block and its halo), overlapping its neighbours: the redundant work is the halo overhead h."
+        )
+    return (
+        f"{bound}. Carry schedule: every node's output is cut into cells, one per tile. A tile computes its own "
+        "cells once and stores their right and bottom edges (stripes) for the tiles after it, so it reads from the "
+        "input only its input cell (plus the first op's halo), skewed right of and below its block by about the "
+        "halo. The rest of the block's receptive field reaches it as stripes stored by earlier tiles."
+    )
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle of image pixels, ``[y0, y1) x [x0, x1)``."""
+
+    y: Pair
+    x: Pair
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.y[1] - self.y[0], self.x[1] - self.x[0])
+
+    def contains(self, other: Box) -> bool:
+        return all(a[0] <= b[0] and b[1] <= a[1] for a, b in ((self.y, other.y), (self.x, other.x)))
+
+
+@dataclass(frozen=True)
+class Highlight:
+    """What the picture draws for one tile, in image pixels.
+
+    * ``block``: the tile's output block (primary trunk output) at image scale, ``[S*lo, S*hi)``;
+    * ``region``: the image pixels the tile reads from the input. Under recompute the whole
+      receptive field of its block (block and halo); under carry its input cell and the
+      first op's halo into the previous cell, skewed right and down of the block (along the
+      rows, a tile in the first row of a band reads the receptive field: ``band_start``);
+    * ``field``: the block's receptive field, the block widened by the halo (``None`` when the
+      trunk upsamples and has no single halo). Under carry the part outside ``region`` comes
+      from stripes that earlier tiles stored.
+    """
+
+    index: tuple[int, int]
+    block: Box
+    region: Box
+    field: Box | None
+    band_start: bool = False
+
+
+def highlight(shape: ShapePlan, plan: Plan, index: tuple[int, int] | None = None) -> Highlight:
+    """The rectangles of tile ``index``. By default the middle tile (away from the border if
+    there is one), under banded carry the row after it if the middle row starts a band."""
+    starts = set(shape.schedule.band_starts(shape.grid[0])) - {0} if shape.schedule.carries else set()
+    if index is None:
+        row, col = (n // 2 for n in shape.grid)
+        if row in starts and row + 1 < shape.grid[0] and row + 1 not in starts:
+            row += 1
+        index = (row, col)
+    blocks = _footprints(shape, plan)
+    block = Box(*(blocks[axis][k] for axis, k in enumerate(index)))
+    region = Box(*(dict(shape.axes[axis][k].computed)[""] for axis, k in enumerate(index)))
+    field = None
+    if plan.exact and plan.halo is not None:
+        field = Box(
+            *(
+                (max(lo - left, 0), min(hi + right, n))
+                for (lo, hi), (left, right), n in zip((block.y, block.x), plan.halo, shape.input_size)
+            )
+        )
+    return Highlight(tuple(index), block, region, field, index[0] in starts)
+
+
+def _read_label(kind: str, tile: Highlight) -> str:
+    """The legend entry of the highlighted tile's input region."""
+    if kind != "carry":
+        return "highlighted tile: the input it reads (its block + halo)"
+    if tile.band_start:
+        return "highlighted tile: the input it reads (first row of a band: block + halo along y, input cell along x)"
+    return "highlighted tile: the input it reads (its input cell + the first op's halo)"
+
+
+def png(shape: ShapePlan, plan: Plan, path, title: str = "", report: dict | None = None) -> None:
+    """Write :func:`figure` to ``path`` (a file name or a binary file object) as a PNG."""
+    fig = figure(shape, plan, title, report)
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+INFO = 2.7  # inches below the picture: legend (top), predicted peaks, caption
+
+
+def figure(shape: ShapePlan, plan: Plan, title: str = "", report: dict | None = None):
+    """The tile grid over the image: every tile's block (its output pixels mapped to the image,
+    outlined) and the input region it reads (shaded); one tile highlighted (:func:`highlight`)
+    with its extent labelled against the tile size asked for; a legend, the predicted peaks of
+    ``report`` (:func:`fxstream.cli.report.build`, the numbers the text report prints) and a
+    caption on cells and stripes (carry) or halos (recompute). Two spatial dims only; beyond
+    ``MAX_DRAWN_TILES`` tiles the blocks are grid lines and no region is shaded. Returns the
+    matplotlib figure (open: close it)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch, Rectangle
     except ImportError as exc:
         raise ImportError(PLOT_HINT) from exc
     if len(shape.input_size) != 2:
         raise ValueError(f"--png draws 2 spatial dims, the input has {len(shape.input_size)}")
     height, width = shape.input_size
-    fig, ax = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 0.6))
+    kind = shape.schedule.kind
+    fig, ax = _layout(plt, height / max(width, 1))
     ax.add_patch(Rectangle((0, 0), width, height, fill=False, edgecolor="black", linewidth=1.5))
     blocks, regions = _footprints(shape, plan), [[dict(p.computed)[""] for p in axis] for axis in shape.axes]
     many = shape.num_tiles > MAX_DRAWN_TILES
@@ -268,26 +377,106 @@ def png(shape: ShapePlan, plan: Plan, path: str, title: str = "") -> None:
         _grid_lines(ax, blocks, width, height)
     else:
         _tiles(ax, blocks, regions)
-    (i, j) = (n // 2 for n in shape.grid)  # a tile away from the border if there is one
-    (y0, y1), (x0, x1) = regions[0][i], regions[1][j]
-    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="#c0392b", linewidth=2, linestyle="--"))
-    (by0, by1), (bx0, bx1) = blocks[0][i], blocks[1][j]
-    ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, facecolor="#c0392b", alpha=0.35, edgecolor="#c0392b"))
+    handles = [
+        Line2D(
+            [],
+            [],
+            color="#1f77b4",
+            linewidth=0.8,
+            label="tile blocks (alternating colours): each tile's output pixels at image scale",
+        )
+    ]
+    if not many:
+        handles.append(Patch(facecolor="#1f77b4", alpha=0.15, label="input region each tile reads (shaded)"))
+    handles += _draw_highlight(ax, highlight(shape, plan), kind, plan.tile_size)
     margin = 0.02 * max(height, width)
     ax.set_xlim(-margin, width + margin)
     ax.set_ylim(height + margin, -margin)
     ax.set_aspect("equal")
     ax.set_xlabel("x (pixels)")
     ax.set_ylabel("y (pixels)")
-    drawn = "block boundaries (lines)" if many else "blocks (solid), read regions (shaded)"
     ax.set_title(
-        (title + "\n" if title else "") + f"{width}x{height} image, tile {_x(plan.tile_size)}: {_x(shape.grid)} tiles; "
-        f"{drawn},\none tile's block (red) and its region with halo (dashed red)",
+        (title + "\n" if title else "")
+        + f"{height}x{width} image, tile size {_x(plan.tile_size)}: {_x(shape.grid)} = {shape.num_tiles} tiles, "
+        f"{kind} schedule",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    inch = 1 / fig.get_figheight()  # the band below the axes, from the top down, in figure fractions
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.04, INFO * inch), fontsize=8, frameon=False)
+    lines = peak_lines(report) if report else []
+    fig.text(0.05, (INFO - 1.15) * inch, "\n".join(lines), fontsize=8, va="top", family="monospace")
+    fig.text(0.05, (INFO - 1.55) * inch, textwrap.fill(caption(shape.schedule), 125), fontsize=7.5, va="top")
+    return fig
+
+
+def _layout(plt, aspect: float):
+    """A figure 8 inches wide with the image axes above a band of ``INFO`` inches (no
+    tight_layout: the same picture size for every run of the same command)."""
+    axes_w = 6.2
+    axes_h = min(max(axes_w * aspect, 1.5), 10.0)
+    top, below = 0.6, 0.55  # the title; the x axis label
+    height = top + axes_h + below + INFO
+    fig = plt.figure(figsize=(8, height))
+    ax = fig.add_axes([1.1 / 8, (INFO + below) / height, axes_w / 8, axes_h / height])
+    return fig, ax
+
+
+def _draw_highlight(ax, tile: Highlight, kind: str, tile_size: tuple[int, ...]) -> list:
+    """The highlighted tile's rectangles and extent label; returns the legend handles."""
+    handles = [
+        _box(ax, tile.block, facecolor=RED, alpha=0.35, edgecolor=RED, label="highlighted tile: its block"),
+        _box(ax, tile.region, fill=False, edgecolor=RED, linewidth=2, linestyle="--", label=_read_label(kind, tile)),
+    ]
+    if kind == "carry" and tile.field is not None:
+        label = "its block's receptive field (block + halo): the rest arrives as stripes"
+        handles.append(_box(ax, tile.field, fill=False, edgecolor="black", linewidth=1.2, linestyle=":", label=label))
+    _extent(ax, tile.region, tile_size)
+    return handles
+
+
+def peak_lines(report: dict) -> list[str]:
+    """The predicted peaks of the report, as the text report prints them."""
+    memory, device = report["memory"], report.get("device", "cpu")
+    streamed, plain = memory["streamed"], memory["plain"]
+    lines = []
+    for step in ("training", "inference"):
+        line = (
+            f"predicted peak, {step + ':':<10} streamed {format_bytes(streamed[step]['bytes'])}, "
+            f"plain {format_bytes(plain[step]['bytes'])}"
+        )
+        if step == "training" and device != "cpu":
+            line += (
+                f" ({device} device {format_bytes(streamed[step]['device_bytes'])}, "
+                f"host {format_bytes(streamed[step]['host_bytes'])})"
+            )
+        lines.append(line)
+    return lines
+
+
+def _box(ax, box: Box, **style):
+    """Add ``box`` to ``ax`` as a rectangle; returns the patch (a legend handle)."""
+    from matplotlib.patches import Rectangle
+
+    (y0, y1), (x0, x1) = box.y, box.x
+    return ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, **style))
+
+
+def _extent(ax, region: Box, tile_size: tuple[int, ...]) -> None:
+    """A dimension line across the top of the highlighted tile's region, labelled with its
+    extent (height x width, as ``--tile-size``) and the tile size asked for (:func:`caption`)."""
+    (y0, _), (x0, x1) = region.y, region.x
+    ax.annotate("", xy=(x0, y0), xytext=(x1, y0), arrowprops={"arrowstyle": "<->", "color": RED, "linewidth": 1.2})
+    ax.annotate(
+        f"reads {_x(region.size)} px (tile size {_x(tile_size)})",
+        xy=((x0 + x1) / 2, y0),
+        xytext=(0, 4),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=8,
+        color=RED,
+        bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+    )
 
 
 def _tiles(ax, blocks: list, regions: list) -> None:
