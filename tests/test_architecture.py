@@ -8,6 +8,8 @@ branches, inside functions or under ``TYPE_CHECKING``.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -141,3 +143,10 @@ def test_a_module_saved_by_0_1_0_loads_and_computes_the_same():
     assert torch.equal(out.detach(), saved["output"])
     out.sum().backward()  # the loaded module trains
     assert all(p.grad is not None for p in smodel.parameters())
+
+
+def test_import_does_not_load_torchvision():
+    """torchvision is optional: importing fxstream must not import it (its stochastic depth
+    is recognised by name when a model brings it)."""
+    code = "import sys, fxstream; sys.exit('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, timeout=120).returncode == 0

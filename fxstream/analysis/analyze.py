@@ -668,7 +668,7 @@ def _pointwise(ctx) -> bool:
     """Whether the table classifies the node as a pointwise op (its non-spatial inputs broadcast)."""
     node = ctx.node
     if node.op == "call_function":
-        rule = ops.FUNCTIONS.get(node.target)
+        rule = ops.function_rule(node.target)
     elif node.op == "call_method":
         rule = ops.METHODS.get(node.target)
     else:

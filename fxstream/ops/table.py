@@ -741,7 +741,7 @@ def needs_sizes(ctx: OpContext) -> bool:
 
 def pools_whole_map(ctx: OpContext) -> bool:
     """``F.avg_pool2d(x, x.shape[2:])`` and the like: a global pooling spelled with sizes."""
-    return FUNCTIONS.get(ctx.node.target) in (avg_pool, max_pool) and isinstance(ctx.arg(1, "kernel_size"), fx.Node)
+    return function_rule(ctx.node.target) in (avg_pool, max_pool) and isinstance(ctx.arg(1, "kernel_size"), fx.Node)
 
 
 def accepts_sizes(ctx: OpContext) -> bool:
@@ -1000,12 +1000,24 @@ for _name in ["max_pool1d", "max_pool2d", "max_pool3d"]:
     FUNCTIONS[getattr(torch, _name)] = max_pool
 for _name in ["avg_pool1d"]:
     FUNCTIONS[getattr(torch, _name)] = avg_pool
-try:  # torchvision's stochastic depth is wrapped for FX: identity when not training.
-    from torchvision.ops import stochastic_depth as _stochastic_depth
+# torchvision's stochastic depth is wrapped for FX (identity when not training). It is known
+# by name, so that importing fxstream does not import torchvision (an optional dependency).
+STOCHASTIC_DEPTH = dropout(3, 1)
 
-    FUNCTIONS[_stochastic_depth] = dropout(3, 1)
-except ImportError:  # torchvision is optional
-    pass
+
+def is_torchvision_stochastic_depth(target) -> bool:
+    return (
+        getattr(target, "__module__", None) == "torchvision.ops.stochastic_depth"
+        and getattr(target, "__name__", None) == "stochastic_depth"
+    )
+
+
+def function_rule(target):
+    """The op-table rule of a ``call_function`` target, or None."""
+    rule = FUNCTIONS.get(target)
+    if rule is None and is_torchvision_stochastic_depth(target):
+        return STOCHASTIC_DEPTH
+    return rule
 
 _POINTWISE_METHODS = [
     "relu",
@@ -1207,7 +1219,7 @@ def classify_rows(ctx: OpContext) -> Verdict:
         rule = MODULES.get(type(ctx.module))
         name = f"module {type(ctx.module).__name__}"
     elif node.op == "call_function":
-        rule = FUNCTIONS.get(node.target)
+        rule = function_rule(node.target)
         name = f"function {getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', node.target)}"
     elif node.op == "call_method":
         rule = METHODS.get(node.target)

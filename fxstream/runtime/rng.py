@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PlannerError
+from ..ops.table import is_torchvision_stochastic_depth
 
 MASK32 = 0xFFFFFFFF
 
@@ -42,12 +43,6 @@ MASK32 = 0xFFFFFFFF
 # 'row': one per sample; 'batch': one per call.
 KEYED_MODULES = {nn.Dropout: "element", nn.Dropout1d: "feature", nn.Dropout2d: "feature", nn.Dropout3d: "feature"}
 KEYED_FUNCTIONS = {F.dropout: "element", F.dropout1d: "feature", F.dropout2d: "feature", F.dropout3d: "feature"}
-try:
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-
-    KEYED_FUNCTIONS[_stochastic_depth] = "stochastic_depth"
-except ImportError:  # torchvision is optional
-    _stochastic_depth = None
 
 # Draws from torch's default generator whose amount does not depend on the tile.
 GENERATOR_FUNCTIONS = {
@@ -211,9 +206,13 @@ def _keyed_op(tile: fx.GraphModule, node: fx.Node):
         if mode is None or not module.training or module.p == 0:
             return None
         return node.args[0], float(module.p), mode
-    if node.op != "call_function" or node.target not in KEYED_FUNCTIONS:
+    if node.op != "call_function":
         return None
-    mode = KEYED_FUNCTIONS[node.target]
+    mode = KEYED_FUNCTIONS.get(node.target)
+    if mode is None and is_torchvision_stochastic_depth(node.target):
+        mode = "stochastic_depth"
+    if mode is None:
+        return None
     arg = lambda i, name, default: node.args[i] if i < len(node.args) else node.kwargs.get(name, default)  # noqa: E731
     if mode == "stochastic_depth":
         p, mode, training = arg(1, "p", None), arg(2, "mode", None), arg(3, "training", True)
