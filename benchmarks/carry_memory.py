@@ -77,14 +77,18 @@ def phase_marks(owners: list):
         "pending_grads": executor._pending_grads,
         "forward": executor.StreamFunction.forward,
         "backward": executor._backward,
-        "run_tile": fxstream.codegen.StreamedTrunk.run_tile,
+        "run_tile": fxstream.runtime.codegen.StreamedTrunk.run_tile,
     }
 
     def nbytes(d, nested=False):
-        """Bytes of the storages the tensors of ``d`` hold alive (a view pins its whole base)."""
+        """Bytes of the storages the tensors of ``d`` (the pending gradients, or a stripe store:
+        its device window and host copies) hold alive (a view pins its whole base)."""
         if d is None:
             return 0
-        tensors = [g for parts in d.values() for ps in parts.values() for _, g in ps] if nested else d.values()
+        if nested:
+            tensors = [g for parts in d.values() for ps in parts.values() for _, g in ps]
+        else:
+            tensors = [*d.live.values(), *getattr(d, "host", {}).values()]
         return memtruth.resident_bytes(tensors)
 
     def mark(label):
@@ -134,14 +138,14 @@ def phase_marks(owners: list):
     executor._leaves, executor._send, executor._pending_grads = leaves, send, pending_grads
     executor._backward = backward
     executor.StreamFunction.forward = staticmethod(forward)
-    fxstream.codegen.StreamedTrunk.run_tile = run_tile
+    fxstream.runtime.codegen.StreamedTrunk.run_tile = run_tile
     try:
         yield
     finally:
         executor._leaves, executor._send = saved["leaves"], saved["send"]
         executor._pending_grads, executor._backward = saved["pending_grads"], saved["backward"]
         executor.StreamFunction.forward = staticmethod(saved["forward"])
-        fxstream.codegen.StreamedTrunk.run_tile = saved["run_tile"]
+        fxstream.runtime.codegen.StreamedTrunk.run_tile = saved["run_tile"]
 
 
 def classify(a: memtruth.Allocation) -> str:

@@ -11,6 +11,7 @@ import sys as _sys
 from .errors import (
     ArgumentError,
     BoundaryError,
+    BranchError,
     ChannelError,
     ContractError,
     FxStreamError,
@@ -80,6 +81,7 @@ __all__ = [
     "TileGroupError",
     "BoundaryError",
     "InputShapeError",
+    "BranchError",
     "PlannerError",
     "PerformanceWarning",
     "ArgumentError",

@@ -196,6 +196,20 @@ def _batched(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and any(check is not None and check(t) for check in checks)
 
 
+class BranchError(InputShapeError):
+    """Raised before any tile runs when an input size makes the model take another branch
+    than the traced one (Python control flow on sizes, answered from the trace's sample).
+    Attributes: ``where`` (the model's source line), ``value`` (this size's answer) and
+    ``expected`` (the traced one). Tracing again at that size (``fxstream.trace(model,
+    sample)`` with a meta-device sample of the input's shape) gives that size's branch."""
+
+    def __init__(self, message: str, *, where: str = "", value: Any = None, expected: Any = None):
+        super().__init__(message)
+        self.where = where
+        self.value = value
+        self.expected = expected
+
+
 class ChannelError(InputShapeError):
     """Raised on the forward pass, before any pixel is read, when the input's channel
     count does not match what the trunk's first convolutions (or a per-channel

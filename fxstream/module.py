@@ -14,7 +14,9 @@ import torch.nn as nn
 from . import hooks
 from .analysis.analyze import Analysis
 from .distributed import TileGroup
-from .errors import ArgumentError, BoundaryError, ContractError, TileSizeError, user_error
+from .errors import ArgumentError, BoundaryError, BranchError, ContractError, TileSizeError, user_error
+from .frontend.tracecheck import probe_input
+from .io import arrays
 from .io.transfer import Normalize
 from .memory.auto import choose
 from .planning.lower import lower
@@ -45,9 +47,9 @@ class Program:
 
 
 def build_program(
-    model: nn.Module, tile_size: TileSize, boundary: str | tuple[str, ...] | None, schedule=None
+    model: nn.Module, tile_size: TileSize, boundary: str | tuple[str, ...] | None, schedule=None, sample=None
 ) -> Program:
-    low = lower(model, tile_size, boundary, schedule)  # trace -> analyse -> geometry -> plan
+    low = lower(model, tile_size, boundary, schedule, sample)  # trace -> analyse -> geometry -> plan
     tiles, outer = tile_graph(low.analysis, low.geometry), outer_graph(low.analysis)  # -> fx.Graph, fx.Graph
     return Program(low.analysis, low.geometry, low.plan, low.schedule, tiles, outer, hooks.hook_rule(low.analysis))
 
@@ -110,6 +112,9 @@ class StreamedModule(nn.Module):
     def _reset(self) -> None:
         self.__dict__["_programs"] = {}
         self.__dict__["_structure"] = None
+        self.__dict__.setdefault("_sample", None)  # (shape, dtype) of the input traced at; None: the probe
+        self.__dict__.setdefault("_branched", set())  # input keys that branch otherwise than the probe
+        self.__dict__.setdefault("_last_key", None)  # the (shape, dtype) of the last call
 
     def _mode_key(self) -> tuple:
         return tuple(m.training for m in self.modules())
@@ -120,9 +125,10 @@ class StreamedModule(nn.Module):
         if tree != self._structure:  # a submodule replaced, added or removed: trace again
             self.__dict__["_programs"] = {}
             self.__dict__["_structure"] = tree
-        key = self._mode_key()
+        key = (self._mode_key(), self._sample)
         if key not in self._programs:
-            self._programs[key] = build_program(self._source, *self._config)
+            sample = self._sample and torch.empty(self._sample[0], dtype=self._sample[1], device="meta")
+            self._programs[key] = build_program(self._source, *self._config, sample=sample)
         return self._programs[key]
 
     @property
@@ -132,7 +138,7 @@ class StreamedModule(nn.Module):
 
     @property
     def schedule(self) -> Schedule:
-        """How the tiles run: ``Schedule('carry')`` or ``Schedule('recompute')``."""
+        """How the tiles run: ``Schedule('carry', stripes=...)`` or ``Schedule('recompute')``."""
         return self.program().schedule
 
     @property
@@ -147,8 +153,17 @@ class StreamedModule(nn.Module):
         return f"# outer module\n{gm.code}\n# per-tile module\n{gm.fxstream_trunk.tile.code}"
 
     def shape_plan(self, *spatial_size: int):
-        """The tiles that an input of this spatial size is cut into."""
-        return self.streamed_trunk.shape_plan(tuple(spatial_size))
+        """The tiles that an input of this spatial size is cut into (with the batch, channels
+        and dtype of the last call, or of the probe input)."""
+        size = tuple(spatial_size)
+        return self._at_sample(self._key_at(size), lambda: self.streamed_trunk.shape_plan(size))
+
+    def _key_at(self, size: tuple[int, ...]) -> tuple | None:
+        last = self._last_key
+        if last is None:
+            probe = probe_input(self._source)
+            last = None if probe is None else (tuple(probe.shape), probe.dtype)
+        return None if last is None else ((*last[0][:2], *size), last[1])
 
     @torch.compiler.disable
     def _current(self) -> fx.GraphModule:
@@ -177,7 +192,43 @@ class StreamedModule(nn.Module):
         return outer, bindings
 
     def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
+        key = _input_key(args[0] if args else None)
+        self.__dict__["_last_key"] = key
+
+        def run():
+            module = self._current()  # compiling may touch buffers (the trace check restores them)
+            versions = [(b, b._version) for b in self.buffers()]
+            try:
+                return module(*args, **kwargs)
+            except BranchError:
+                if key not in self._branched and any(b._version != v for b, v in versions):
+                    raise user_error(
+                        ContractError,
+                        f"the first call at input size {key[0]} took another branch than the traced one after the "
+                        "model had updated its buffers (e.g. a training-mode BatchNorm in the head): running it "
+                        "again at this size would update them twice",
+                        fix="call the compiled module once at this size in eval mode (model.eval()), then train",
+                    ) from None
+                raise
+
+        return self._at_sample(key, run)
+
+    def _at_sample(self, key: tuple | None, run: Callable):
+        """``run()`` with the program traced for inputs like ``key`` (shape, dtype). Traced
+        on the probe, a model whose Python branches on sizes can take another branch at
+        ``key`` (:class:`BranchError`, raised before the branch's result is used): then it
+        is traced again at that size, and ``run`` retried from the same random state."""
+        self.__dict__["_sample"] = key if key in self._branched else None
+        rng = _RandomState()
+        try:
+            return run()
+        except BranchError:
+            if key is None or key in self._branched:
+                raise
+            rng.restore()  # the retry draws what the first attempt drew
+            self._branched.add(key)
+            self.__dict__["_sample"] = key
+            return run()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -213,6 +264,27 @@ class StreamedModule(nn.Module):
 # user's own) are the caller's to allow (torch.serialization.safe_globals; docs/contract.md).
 if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
     torch.serialization.add_safe_globals([StreamedModule, Schedule, StreamSettings, StreamStats, Normalize])
+
+
+def _input_key(x) -> tuple | None:
+    """``(shape, torch dtype)`` of a tensor or array-like input, or None."""
+    if not arrays.is_image(x):
+        return None
+    dtype = x.dtype if isinstance(x.dtype, torch.dtype) else arrays.torch_dtype(x.dtype)
+    return tuple(int(n) for n in x.shape), dtype
+
+
+class _RandomState:
+    """The CPU generator's state, and the current CUDA device's where CUDA is in use."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
 
 
 def _check_transforms() -> None:
@@ -261,13 +333,19 @@ def compile(
         progress: show a tqdm bar over the tiles of every pass (needs tqdm).
         memory_budget, input_shape: with ``tile_size="auto"``, the largest square tile
             whose predicted training peak for inputs of ``input_shape`` (N, C, *spatial)
-            fits ``memory_budget`` (bytes or e.g. ``"8GiB"``); with ``boundary="auto"``,
-            the streamed prefix predicted fastest within the budget (see ``fxstream.memory.auto``).
+            fits ``memory_budget`` (bytes or e.g. ``"8GiB"``) on the model's device; with
+            ``boundary="auto"``, the streamed prefix predicted fastest within the budget;
+            under carry with ``stripes="auto"``, also where the stripes live: on the device
+            if they fit, else in host memory (an accelerator) or banded (see
+            ``fxstream.memory.auto``).
         verbose: print the automatic choice and the reason.
         schedule: how the tiles run (see :mod:`fxstream.planning.schedule`): ``"carry"`` (the
             default) computes every activation once and carries thin stripes between
             neighbouring tiles; ``"recompute"`` makes tiles independent by recomputing
-            each tile's halo. Both are exact.
+            each tile's halo. Both are exact. ``fxstream.Schedule("carry", stripes=...)``
+            says where carry keeps its stripes for the backward pass: ``"auto"`` (the
+            default: in host memory on an accelerator, on the device on a CPU),
+            ``"device"``, ``"host"`` or ``"banded"`` (rebuilt band by band; ``band_rows=``).
         tile_group: a ``torch.distributed`` ProcessGroup (or a 1-D DeviceMesh) whose ranks
             all receive the same image and split its tiles into bands of tile rows; the
             trunk output and the gradients are those of one process on every rank (see
@@ -296,9 +374,18 @@ def compile(
     _check_arguments(model, tile_size, boundary, memory_budget, input_shape, input_transform)
     boundary = boundary if boundary is None or isinstance(boundary, str) else tuple(boundary)
     schedule = as_schedule(schedule)  # -> Schedule
-    if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size and a boundary, from the memory model
-        choice = choose(model, tile_size, boundary, memory_budget, input_shape, schedule=schedule)
-        tile_size, boundary = choice.tile_size, choice.boundary
+    if tile_size == "auto" or boundary == "auto":  # -> Choice: a tile size, a boundary and a schedule
+        device = _device(output_device)
+        choice = choose(
+            model,
+            tile_size,
+            boundary,
+            memory_budget,
+            input_shape,
+            schedule=schedule,
+            output_device=None if device is None else device.type,
+        )
+        tile_size, boundary, schedule = choice.tile_size, choice.boundary, choice.schedule
         if verbose:
             print(choice.reason)
     validate_tile_size(tile_size)

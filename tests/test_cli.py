@@ -145,7 +145,7 @@ def test_carry_schedule_in_the_report(capsys):
     code, out, _ = run(
         capsys, "resnet18", "--input-shape", "1,3,2048,2048", "--tile-size", "512", "--schedule", "carry"
     )
-    assert "carry: predicted step time 1.33x plain" in out
+    assert "carry (stripes in host memory, prefetched to the device): predicted step time 1.33x plain" in out
 
 
 def test_plan_of_a_unet_with_size_dependent_pads(capsys):
@@ -285,3 +285,80 @@ def test_malformed_command_line_is_one_line(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--input-shape" in err
+
+
+def _plan_json(capsys, *args) -> dict:
+    code, out, err = run(capsys, *args, "--format", "json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_plan_splits_the_peak_into_device_and_host(capsys):
+    """On an accelerator (the default --device cuda) the input is host-resident and carry's
+    stripes live in host memory (stripes auto); --output-device cpu moves the trunk output,
+    its gradient and the head there too. On a CPU everything is one memory."""
+    args = ("resnet18", "--input-shape", "1,3,2048,2048", "--tile-size", "512", "--schedule", "carry")
+    data = _plan_json(capsys, *args)
+    training = data["memory"]["streamed"]["training"]
+    assert data["device"] == "cuda" and data["stripes"] == "host" and data["output_device"] is None
+    for where in ("device", "host"):
+        assert training[f"{where}_bytes"] == sum(training[f"{where}_parts"].values()) > 0
+    assert "input" in training["host_parts"] and "stripe store (host)" in training["host_parts"]
+    assert not any(k in training["device_parts"] for k in ("input", "stripe store (host)", "stripe store"))
+    assert max(training["device_bytes"], training["host_bytes"]) <= training["bytes"]
+    assert training["bytes"] <= training["device_bytes"] + training["host_bytes"]
+
+    on_host = _plan_json(capsys, *args, "--output-device", "cpu")["memory"]["streamed"]["training"]
+    assert on_host["device_bytes"] < training["device_bytes"] and on_host["bytes"] == training["bytes"]
+    assert "trunk output grad" in on_host["host_parts"] and "trunk output grad" not in on_host["device_parts"]
+
+    cpu = _plan_json(capsys, *args, "--device", "cpu")
+    assert cpu["stripes"] == "device" and cpu["device"] == "cpu"
+    cpu_training = cpu["memory"]["streamed"]["training"]
+    assert cpu_training["device_bytes"] == cpu_training["bytes"] and cpu_training["host_bytes"] == 0
+    assert cpu_training["parts"]["stripe store"] == cpu["stripe_store_bytes"] > 0
+
+    code, out, _ = run(capsys, *args, "--output-device", "cpu")
+    assert code == 0 and "cuda device / host" in out and "trunk output and head on the host" in out
+
+
+def test_plan_shows_banded_stripes_and_their_cost(capsys):
+    args = ("resnet18", "--input-shape", "1,3,4096,2048", "--tile-size", "512", "--schedule", "carry")
+    banded = _plan_json(capsys, *args, "--stripes", "banded", "--band-rows", "2")
+    rows = banded["grid"][0]
+    assert banded["stripes"] == "banded" and banded["band_rows"] == 2 and banded["bands"] == -(-rows // 2)
+    assert banded["halo_overhead"] > 1.0  # band starts recompute their cones
+    assert 4 / 3 < banded["predicted_step_ratio"] < 5 / 3 * banded["halo_overhead"]
+    device = _plan_json(capsys, *args, "--stripes", "device")
+    assert "stripe store" in device["memory"]["streamed"]["training"]["device_parts"]
+    band = banded["memory"]["streamed"]["training"]["device_parts"]["stripe store (one band)"]
+    assert 0 < band < device["stripe_store_bytes"] / 2
+    code, out, _ = run(capsys, *args, "--stripes", "banded", "--band-rows", "2")
+    assert code == 0 and f"banded: 2 tile rows per band, {banded['bands']} bands" in out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--schedule", "recompute", "--stripes", "host"], "for the carry schedule"),
+        (["--schedule", "carry", "--band-rows", "2"], "add --stripes banded"),
+        (["--schedule", "carry", "--stripes", "banded", "--band-rows", "0"], "band_rows=0"),
+    ],
+)
+def test_plan_bad_stripe_options(capsys, extra, message):
+    code, _, err = run(capsys, "resnet18", "--input-shape", "1,3,512,512", "--tile-size", "256", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_gigapixel_resnet34_fits_8_gib_on_the_device(capsys):
+    """The target of issue 18: ResNet-34 on a 100,000² image at tile 2048, trunk output on the
+    host: the device holds at most 8 GiB, whatever the image (a plan only: seconds)."""
+    data = _plan_json(
+        capsys, "resnet34", "--input-shape", "1,3,100000,100000", "--tile-size", "2048", "--output-device", "cpu",
+        "--schedule", "carry",
+    )  # fmt: skip
+    training = data["memory"]["streamed"]["training"]
+    assert data["grid"] == [50, 50] and data["stripes"] == "host"
+    assert training["device_bytes"] <= 8 * 2**30
+    assert training["host_parts"]["stripe store (host)"] == data["stripe_store_bytes"] > 30 * 2**30
+    assert training["host_parts"]["input"] == 3 * 100_000**2 * 4

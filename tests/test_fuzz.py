@@ -486,9 +486,11 @@ def test_random_local_network_streams_exactly(data):
     # tile = minimum + S*(block-1) + jitter gives `block` output pixels per tile (jitter < S
     # makes the tile ragged inside one stride); keep at most MAX_TILES_PER_DIM tiles per dim.
     # Under carry a tile also reads the left halo of its cell from the image, which is not
-    # carried: a one-pixel block away from the border reads up to receptive field + S - 1.
+    # carried: the planner states the exact smallest tile for this input size.
     schedule = data.draw(st.sampled_from(["carry", "recompute"]), label="schedule")
     event(f"schedule: {schedule}")
+    if schedule == "carry":
+        minimum = tuple(max(a, b) for a, b in zip(minimum, _carry_minimum(model, (h, w))))
     tile = []
     for axis, (m, s, n) in enumerate(zip(minimum, out_stride, out.shape[2:])):
         s = math.ceil(s)  # after upsampling the stride is a fraction; the tile stays an int
@@ -497,8 +499,7 @@ def test_random_local_network_streams_exactly(data):
             continue
         lo = max(1, math.ceil(n / MAX_TILES_PER_DIM))
         block = data.draw(st.integers(lo, max(lo, min(n, lo + 4))), label=f"block {axis}")
-        carry_margin = s - 1 if schedule == "carry" else 0
-        tile.append(m + s * (block - 1) + carry_margin + data.draw(st.integers(0, s - 1), label=f"jitter {axis}"))
+        tile.append(m + s * (block - 1) + data.draw(st.integers(0, s - 1), label=f"jitter {axis}"))
     tile_size = tile[0] if tile[0] == tile[1] and data.draw(st.booleans(), label="int tile") else tuple(tile)
     note(f"tile_size = {tile_size!r} (minimum {minimum})")
 
@@ -508,6 +509,16 @@ def test_random_local_network_streams_exactly(data):
     n_tiles = len(smodel.shape_plan(h, w).tiles)
     event(f"tiles: {'1' if n_tiles == 1 else '2-4' if n_tiles <= 4 else '5-12' if n_tiles <= 12 else '13+'}")
     event(f"worst error: {'0' if max(errors.values()) == 0 else f'1e{math.floor(math.log10(max(errors.values())))}'}")
+
+
+def _carry_minimum(model: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+    """The smallest carry tile for an input of ``size`` (TileSizeError.minimum of a one-pixel tile)."""
+    try:
+        fxstream.compile(model, tile_size=1, schedule="carry").shape_plan(*size)
+    except fxstream.TileSizeError as exc:
+        assert exc.minimum is not None and len(exc.minimum) == 2, exc
+        return tuple(exc.minimum)
+    return (1, 1)
 
 
 # --- Regressions found by the fuzzer --------------------------------------------------------
@@ -563,3 +574,57 @@ def test_read_after_inplace_op():
     ]).double().eval()
     x = torch.randn(1, 1, 30, 30, dtype=torch.float64)
     check_streamed(model, x, tile_size=10, min_tiles=4)
+
+
+def test_carry_tile_of_the_stated_minimum_works():
+    """Found by the fuzzer: stride 18 x 6 and receptive field 1 x 4 at 50 x 9; the carry error
+    stated 19, the smallest working tile is 28 (the cell of a one-pixel block reads 10 pixels
+    of the image beyond its stride). The stated minimum must compile and stream exactly."""
+    model = (
+        FuzzNet(
+            1,
+            [
+                ("fmaxpool", (0,), {"kernel": (1, 1), "stride": 3, "padding": (0, 0), "ceil": False, "dilation": 1}),
+                ("act", (0,), {"name": "relu", "module": False, "inplace": False, "form": 0}),
+                (
+                    "favgpool",
+                    (1,),
+                    {
+                        "kernel": (1, 2),
+                        "stride": (3, 1),
+                        "padding": (0, 1),
+                        "ceil": False,
+                        "include_pad": False,
+                        "divisor": None,
+                    },
+                ),
+                (
+                    "conv",
+                    (3,),
+                    {
+                        "cin": 1,
+                        "cout": 1,
+                        "kernel": (1, 1),
+                        "stride": (1, 1),
+                        "padding": "valid",
+                        "dilation": (1, 1),
+                        "groups": 1,
+                        "bias": False,
+                        "mode": "zeros",
+                    },
+                ),
+                ("fmaxpool", (4,), {"kernel": (1, 1), "stride": 2, "padding": (0, 0), "ceil": False, "dilation": 1}),
+            ],
+            None,
+            0,
+        )
+        .double()
+        .eval()
+    )
+    minimum = _carry_minimum(model, (50, 9))
+    below = (minimum[0] - 1, max(minimum[1], 16))
+    with pytest.raises(fxstream.TileSizeError):
+        fxstream.compile(model, below, schedule="carry").shape_plan(50, 9)
+    tile = (minimum[0], max(minimum[1], 16))
+    x = torch.randn(1, 1, 50, 9, dtype=torch.float64)
+    check_streamed(model, x, tile, streamed=fxstream.compile(model, tile, schedule="carry"))

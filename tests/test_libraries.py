@@ -160,20 +160,19 @@ def test_family_rejected_with_category_and_boundary(name):
     assert smodel.plan.stride == (int(found.group(2)),) * 2
 
 
-def test_basic_unet_refuses_sizes_that_branch_differently():
+def test_basic_unet_streams_sizes_that_branch_otherwise():
     """BasicUNet pads its up-sampled maps only at odd sizes; traced at a multiple of 16, the
-    compiled module refuses other sizes instead of computing something else."""
-    model = BasicUNet(2, 3, 2, features=(4, 4, 4, 4, 4, 4), norm=("batch", {})).eval()
-    smodel = fxstream.compile(model, tile_size=256)
-    with pytest.raises(fxstream.InputShapeError, match="basic_unet.py"):
-        smodel(torch.randn(1, 3, 66, 50))
+    compiled module traces again at the first odd size and streams it exactly."""
+    torch.manual_seed(0)
+    model = BasicUNet(2, 3, 2, features=(4, 4, 4, 4, 4, 4), norm=("batch", {})).double().eval()
+    smodel = fxstream.compile(model, tile_size=128)
+    check_streamed(model, torch.randn(1, 3, 66, 50, dtype=torch.float64), 128, streamed=smodel)
 
 
-def test_vgg_head_refuses_sizes_that_branch_differently():
+def test_vgg_head_streams_sizes_that_branch_otherwise():
     """timm's vgg head pools to 7x7 only when the feature map is smaller; traced on a small
-    sample, the compiled module refuses inputs whose feature map is larger (the guard is in
-    the head, after the trunk) instead of returning another model's output."""
-    model = tm("vgg11", mlp_ratio=1 / 64)().eval()
-    smodel = fxstream.compile(model, tile_size=160)
-    with pytest.raises(fxstream.InputShapeError, match="vgg.py"):
-        smodel(torch.randn(1, 3, 256, 256))
+    sample, the compiled module traces again at a larger size (the guard is in the head,
+    after the trunk) and returns the model's output there."""
+    model = tm("vgg11", mlp_ratio=1 / 64)().double().eval()
+    smodel = fxstream.compile(model, tile_size=320)  # at 256 pixels the head's 7x7 conv streams too
+    check_streamed(model, torch.randn(1, 3, 256, 256, dtype=torch.float64), 320, streamed=smodel)

@@ -5,9 +5,18 @@ The peak is measured allocator-independently (benchmarks/memtruth.py: the profil
 allocation events, summed in time order) and counts the parameters, buffers, the input and
 the target as the prediction's "resident" part. Every case is small (a few seconds) but has
 what the large cases have: residual blocks, a streamed prefix with a plain head that
-downsamples further, a U-Net's lagging skips and transposed convolutions, a 3-D net and a
-trunk with several outputs. Their activations outweigh the parameters and the input, so the
-comparison is about the tiles, the stripes, the trunk output and the head.
+downsamples further, a U-Net's lagging skips and transposed convolutions, a 3-D net, a
+trunk with several outputs, and a net whose stripe store outweighs its tile (wide 7x7
+convolutions at full resolution, many small tiles). Their activations outweigh the
+parameters and the input, so the comparison is about the tiles, the stripes, the trunk
+output and the head.
+
+Every placement of the carry schedule's stripes (``Schedule.stripes``) is measured too. On a
+CPU the host *is* the device: the "host" store keeps its copies as CPU clones, so the
+measured peak is the sum of the window, the host copies and the fetched stripes, and the
+model predicts exactly that sum for a CPU compute device (``bytes``, which equals
+``device_bytes``; ``host_bytes`` is 0 there). The split between device and host memory is
+measured on CUDA (tests/test_cuda_stripes.py, benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from dense_zoo import UNet, randomise
 from torchvision.models.resnet import BasicBlock
 
 import fxstream
+from fxstream import Schedule
 from fxstream.cli.report import memory_model
 from fxstream.memory import truth as memtruth
 
@@ -67,6 +77,23 @@ class Pyramid(nn.Module):
         return self.fc(torch.cat([f1.mean((2, 3)), f2.amax((2, 3)), f3.mean((2, 3))], 1))
 
 
+class StripeNet(nn.Module):
+    """Four 7x7 convolutions of 24 channels at full resolution, then a stride-4 max pool and a
+    pooled linear head: 6-pixel stripes of 24 channels at every layer, so at tile 64 the
+    stripe store is about three times the largest tile's backward pass."""
+
+    def __init__(self, channels: int = 24, layers: int = 4):
+        super().__init__()
+        body: list = [nn.Conv2d(3, channels, 7, padding=3), nn.ReLU()]
+        for _ in range(layers - 1):
+            body += [nn.Conv2d(channels, channels, 7, padding=3), nn.ReLU()]
+        self.trunk = nn.Sequential(*body, nn.MaxPool2d(4))
+        self.fc = nn.Linear(channels, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.trunk(x), 1), 1))
+
+
 class DenseLoss(nn.Module):
     """A dense network with its loss in the model: cross-entropy against class 0 at every
     pixel. A loss outside the model is invisible to the memory model, and on a dense output
@@ -97,6 +124,12 @@ CASES = {
         36,
     ),
     "pyramid": (Pyramid, {}, (1, 3, 384, 320), 96),
+    "stripes": (StripeNet, {}, (1, 3, 512, 384), 64),
+}
+PLACEMENTS = {
+    "device": Schedule("carry", stripes="device"),
+    "host": Schedule("carry", stripes="host"),
+    "banded": Schedule("carry", stripes="banded", band_rows=1),
 }
 
 
@@ -105,7 +138,7 @@ def _build(name: str) -> nn.Module:
     return randomise(CASES[name][0]().eval())
 
 
-def measure_step(name: str, schedule: str | None) -> tuple[memtruth.Truth, object]:
+def measure_step(name: str, schedule: str | Schedule | None) -> tuple[memtruth.Truth, object]:
     """The measured peak of one training step of case ``name`` (``schedule`` None: plain
     autograd) and the memory model's estimate (None for plain). The loss is a label's
     cross-entropy for a classifier, the model's own output for a dense net."""
@@ -156,3 +189,27 @@ def test_plain_prediction_counts_no_stripes():
     assert streamed.parts["stripe store"] > 0 and "pending grads" in streamed.parts
     assert not any("stripe" in k or "pending" in k for k in plain.parts)
     assert not any("stripe" in k or "pending" in k for k in estimate.plain_inference.parts)
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+@pytest.mark.parametrize("name", ["stripes", "unet2d", "unet3d", "pyramid"])
+def test_measured_peak_is_predicted_for_each_placement(name, placement):
+    truth, estimate = measure_step(name, PLACEMENTS[placement])
+    predicted = estimate.streamed_training
+    ratio = truth.total / predicted.total
+    detail = f"{name} {placement}: measured {truth.total} in {truth.phase}, predicted {predicted.to_dict()}"
+    assert LOW <= ratio <= HIGH, detail
+    # on a CPU every part is on the one device
+    assert predicted.device.total == predicted.total and predicted.host.total == 0, detail
+
+
+def test_banded_stripes_hold_one_band():
+    """Where the stripe store dominates, banded carry holds one band of it: measured, the
+    step's peak falls by most of the store, as predicted."""
+    device, device_estimate = measure_step("stripes", PLACEMENTS["device"])
+    banded, banded_estimate = measure_step("stripes", PLACEMENTS["banded"])
+    store = device_estimate.streamed_training.parts["stripe store"]
+    assert store > 0.4 * device.total  # the case is about the stripes
+    band = banded_estimate.streamed_training.parts["stripe store (one band)"]
+    assert band < 0.15 * store
+    assert device.total - banded.total > 0.7 * (store - band), (device.total, banded.total, store, band)

@@ -238,13 +238,99 @@ class OddPad(nn.Module):
     def forward(self, x):
         y = self.a(x)
         if y.shape[-1] % 2 == 1:
-            y = F.pad(y, [0, 1], mode="replicate")
+            y = F.pad(y, [0, 1, 0, 0], mode="replicate")
         return self.b(F.max_pool2d(y, 2))
 
 
-def test_size_guard_refuses_sizes_that_branch_differently():
+def test_a_size_that_branches_otherwise_is_traced_again_at_that_size():
+    """Traced at an even width, the compiled module meets an odd one: the size guard stops
+    the first attempt, the model is traced again at that size, and both sizes stream exactly
+    (each with its own program, without tracing a third time)."""
     model = build(OddPad())
     smodel = fxstream.compile(model, tile_size=16)
     check_streamed(model, torch.randn(1, 3, 33, 40, dtype=torch.float64), 16, streamed=smodel, min_tiles=4)
-    with pytest.raises(fxstream.InputShapeError, match=r"another branch.*\n?.*test_tracing.py.*% 2 == 1"):
-        smodel(torch.randn(1, 3, 33, 41, dtype=torch.float64))
+    check_streamed(model, torch.randn(1, 3, 33, 41, dtype=torch.float64), 16, streamed=smodel, min_tiles=4)
+    programs = len(smodel._programs)
+    check_streamed(model, torch.randn(1, 3, 33, 40, dtype=torch.float64), 16, streamed=smodel, min_tiles=4)
+    check_streamed(model, torch.randn(1, 3, 33, 41, dtype=torch.float64), 16, streamed=smodel, min_tiles=4)
+    assert len(smodel._programs) == programs == 2
+
+
+class DropoutThenBranch(nn.Module):
+    """Dropout in the trunk, then a branch on the size in the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop = conv(3, 4), nn.Dropout(0.5)
+
+    def forward(self, x):
+        y = self.drop(self.a(x))
+        if y.shape[-1] % 2 == 1:
+            y = y * 2
+        return y.mean((2, 3))
+
+
+def test_the_retry_at_a_new_branch_draws_what_the_first_attempt_drew():
+    """The first attempt drew dropout masks before it stopped at the branch; the retry starts
+    from the same generator state: the call gives what a call without a retry gives."""
+    model = build(DropoutThenBranch()).train()
+    smodel = fxstream.compile(model, tile_size=16)
+    x = torch.randn(1, 3, 20, 21, dtype=torch.float64)
+    outputs, states = [], []
+    for _ in range(2):  # the first call at this size retries, the second does not
+        torch.manual_seed(3)
+        outputs.append(smodel(x))
+        states.append(torch.random.get_rng_state())
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(states[0], states[1])
+
+
+class HeadNormThenBranch(nn.Module):
+    """A training-mode BatchNorm in the head runs before a branch on the batch size (which
+    the planner does not know: the head checks it on every call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm = conv(3, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.a(x)
+        v = self.norm(y.mean((2, 3)))
+        return v * 2 if y.shape[0] > 2 else v
+
+
+def test_a_new_branch_after_a_buffer_update_is_refused_not_run_twice():
+    model = build(HeadNormThenBranch())
+    smodel = fxstream.compile(model, tile_size=16)  # traced with the head in eval mode
+    model.norm.train()
+    before = model.norm.running_mean.clone()
+    x = torch.randn(3, 3, 20, 20, dtype=torch.float64)  # traced at batch 1: the other branch
+    with pytest.raises(fxstream.ContractError, match="update them twice"):
+        smodel(x)
+    assert not torch.equal(before, model.norm.running_mean)  # updated once, by the attempt
+    model.norm.eval()
+    smodel(x)  # the fix the message gives: once in eval mode
+    check_streamed(model, x, 16, streamed=smodel)
+    model.norm.train()
+    with torch.no_grad():  # (gradients of conv biases before a training-mode norm are zero up to rounding)
+        torch.testing.assert_close(smodel(x), model(x), rtol=1e-12, atol=1e-14)
+
+
+class BatchBranchInTrunk(nn.Module):
+    """A branch on the batch size of a map inside the trunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv(3, 4), conv(4, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.shape[0] > 2:
+            y = y * 2
+        return self.b(y)
+
+
+def test_a_branch_on_the_batch_size_inside_the_trunk_is_rejected():
+    """The planner plans spatial sizes only, and the head does not have the map: a guard that
+    nothing checks would let a batch of 3 run the traced batch-1 branch silently."""
+    with pytest.raises(fxstream.UnsupportedOpError, match="Python branch on .*y.shape\\[0\\] > 2"):
+        fxstream.compile(build(BatchBranchInTrunk()), tile_size=16)

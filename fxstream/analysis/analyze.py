@@ -22,6 +22,7 @@ any op the op table rejects or does not know.
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..errors import BoundaryError, UnsupportedOpError, describe, module_path
+from ..errors import BoundaryError, FxStreamError, UnsupportedOpError, describe, module_path, user_error
 from ..frontend.functionalize import functionalize
 from ..frontend.tracecheck import check_inplace_state, size_guard
 from ..ops import channel_ops
@@ -60,6 +61,7 @@ class Analysis:
     ndim: int
     dynamic: frozenset = frozenset()  # trunk nodes whose window depends on spatial sizes
     size_nodes: list = None  # shape/size fx.Nodes the dynamic nodes and size guards need, in graph order
+    head_guards: tuple = ()  # size guards the head checks on every call (the planner cannot evaluate them)
 
     @property
     def output(self) -> fx.Node:
@@ -90,6 +92,7 @@ def analyze(
     image = placeholders[0]
     functionalize(gm, image, dag)
     channel_ops.fuse_pieces(gm)
+    channel_ops.fuse_space_to_depth(gm)
     dag = to_networkx(graph)
     ndim = infer_ndim(gm, image, dag) or ndim_hint or 2
     scope = None
@@ -101,12 +104,22 @@ def analyze(
     _record_constant_shapes(gm, dag)
     states: dict = {}
     verdicts: dict = {}
+    unknown: list = []  # the first unknown op: (its error, states and verdicts before it)
     try:
-        layouts, dynamic = _walk(gm, image, ndim, scope, states, verdicts)
+        layouts, dynamic = _walk(gm, image, ndim, scope, states, verdicts, unknown)
+        later = None
     except UnsupportedOpError as err:
+        if not unknown:
+            if boundary is not None:
+                raise
+            raise _with_prefix(err, gm, states, verdicts, image, ndim) from None
+        later = err
+    if unknown:  # looked past it: name a non-local op further on too
+        err, states, verdicts = unknown[0]
+        err = _with_later(err, later)
         if boundary is not None:
-            raise
-        raise _with_prefix(err, gm, states, verdicts, image) from None
+            raise err
+        raise _with_prefix(err, gm, states, verdicts, image, ndim) from None
     dag = to_networkx(graph)  # channel-only views were rewritten without their size arguments
     trunk_nodes = {n for n, s in states.items() if s == SPATIAL and n is not image}
     if boundary is not None:
@@ -123,10 +136,10 @@ def analyze(
     trunk = [n for n in graph.nodes if n in trunk_nodes and n in needed]
     constants = [n for n in graph.nodes if states.get(n) in (CONST, SHAPE) and n in needed and n.op != "output"]
     dynamic = frozenset(n for n in trunk if n in dynamic)
-    guards = [n for n in graph.nodes if n.op == "call_function" and n.target is size_guard and states.get(n) == SIZE]
+    guards, head_guards = _place_guards(graph, states, layouts, set(outputs) | {image})
     size_needed = set(guards).union(*(nx.ancestors(dag, n) for n in list(dynamic) + guards))
     size_nodes = [n for n in graph.nodes if n in size_needed and states.get(n) in (SIZE, SHAPE)]
-    return Analysis(gm, image, trunk, constants, outputs, verdicts, layouts, ndim, dynamic, size_nodes)
+    return Analysis(gm, image, trunk, constants, outputs, verdicts, layouts, ndim, dynamic, size_nodes, head_guards)
 
 
 def infer_ndim(gm: fx.GraphModule, image: fx.Node, dag: nx.DiGraph) -> int | None:
@@ -163,9 +176,11 @@ def _record_constant_shapes(gm: fx.GraphModule, dag: nx.DiGraph) -> None:
                 node.meta["tensor_shape"] = tuple(value.shape)
 
 
-def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
+def _walk(gm, image, ndim, scope, states: dict, verdicts: dict, unknown: list):
     """Give every node a state; fills ``states`` and ``verdicts`` (read on errors) and returns
-    the layouts and the dynamic nodes."""
+    the layouts and the dynamic nodes. At the first op the table does not know, it records
+    the error in ``unknown`` (with the states and verdicts so far) and goes on as if the op
+    were local and pointwise, so that a non-local op further on can be named too."""
     layouts: dict = {image: (None, None) + tuple(range(ndim))}
     dynamic: set = set()
     roots: dict = {image: image}  # spatial node -> a node of the same spatial size
@@ -189,9 +204,11 @@ def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
             continue
         if node.op == "call_method" and node.target in NEW_TENSOR_METHODS and node.args[0] in layouts:
             others = {states.get(n, CONST) for n in inputs if n is not node.args[0]}
-            if SPATIAL not in others:  # a tensor of a shape computed from sizes, not from pixels
+            if not others & {SPATIAL, SIZE}:  # a tensor of a shape that no pixel or spatial size sets
                 states[node] = _merge_non_spatial(others)
                 continue
+        if SIZE in input_states and _sized_like(node, layouts, roots, states):
+            input_states = {states.get(n, CONST) for n in node.all_input_nodes}
         if SPATIAL not in input_states:
             states[node] = _merge_non_spatial(input_states)
             continue
@@ -229,27 +246,48 @@ def _walk(gm, image, ndim, scope, states: dict, verdicts: dict):
         if isinstance(verdict, ops.Reduction):
             states[node] = GLOBAL
             continue
-        if isinstance(verdict, ops.Rejected):
+        if isinstance(verdict, ops.Unknown) and not unknown and isinstance(ops.pointwise(ctx), ops.Local):
+            unknown.append((_unsupported(node, module, verdict.reason, verdict.fix), dict(states), dict(verdicts)))
+            verdict = ops.pointwise(ctx)
+        elif isinstance(verdict, ops.Rejected):
             category = diagnose.rejected_category(verdict.reason, module, node)
             reason = f"{category}: {verdict.reason}" if category else verdict.reason
             raise _unsupported(node, module, reason, verdict.fix)
         _check_inputs(gm, node, module, states)
         states[node] = SPATIAL
         verdicts[node] = verdict
-        layouts[node] = verdict.layout if isinstance(verdict, ops.Local) else layouts[verdict.input]
+        layouts[node] = verdict.layout if verdict.layout is not None else layouts[verdict.input]
         local = isinstance(verdict, ops.Local)
         roots[node] = roots.get(ctx.spatial_inputs()[0], node) if local else node
     return layouts, dynamic
 
 
-def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, image) -> UnsupportedOpError:
-    """``err`` with the largest streamable prefix named as the ``boundary=`` to use."""
-    prefix = diagnose.largest_prefix(gm, states, verdicts, image)
-    if prefix is None:
+def _with_later(err: UnsupportedOpError, later: UnsupportedOpError | None) -> UnsupportedOpError:
+    """``err`` (an unknown op) with the first line of ``later``, a rejection further on."""
+    if later is None:
         return err
-    spec, described = prefix
-    message = f"{err}\n  largest streamable prefix: {described}"
-    return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op, boundary=spec)
+    where = f"node '{later.node}'" + (f" in module '{later.module_path}'" if later.module_path else "")
+    message = f"{err}\n  further on, if that op is local: {str(later).splitlines()[0]} ({where})"
+    return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op)
+
+
+def _with_prefix(err: UnsupportedOpError, gm, states: dict, verdicts: dict, image, ndim: int) -> UnsupportedOpError:
+    """``err`` with the largest streamable prefix named as the ``boundary=`` to use: the
+    largest candidate (``diagnose.prefixes``) whose analysis succeeds, its head included,
+    described with the trunk outputs that analysis has."""
+    rejected = next((n for n in gm.graph.nodes if n.name == err.node), None)
+    for spec, node in diagnose.prefixes(gm, states, verdicts, image, rejected):
+        trial = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # analyze rewrites the graph
+        try:
+            analysis = analyze(trial, spec, ndim)
+            head_nodes(analysis)
+        except FxStreamError:
+            continue
+        others = [o.name for o in analysis.outputs[:-1]]
+        described = diagnose.describe_prefix(spec, node, others, verdicts, image)
+        message = f"{err}\n  largest streamable prefix: {described}"
+        return UnsupportedOpError(message, node=err.node, module_path=err.module_path, op=err.op, boundary=spec)
+    return err
 
 
 def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
@@ -260,6 +298,106 @@ def _regroup_channels(node: fx.Node, layouts: dict, roots: dict, states: dict) -
     x, shape, dims = found
     node.op, node.target, node.args, node.kwargs = "call_function", channel_ops.regroup, (x, shape, dims), {}
     return True
+
+
+def _sized_like(node: fx.Node, layouts: dict, roots: dict, states: dict) -> bool:
+    """Rewrite a tensor made from the spatial sizes of a trunk tensor into ``channel_ops.sized``,
+    which reads them from its tile (see ``fxstream.channel_ops``)."""
+    found = channel_ops.sized_factory(node, layouts, roots, lambda a: isinstance(a, fx.Node) and states.get(a) == SIZE)
+    if found is None:
+        return False
+    node.op, node.target, node.args, node.kwargs = "call_function", channel_ops.sized, found, {}
+    return True
+
+
+def _place_guards(graph: fx.Graph, states: dict, layouts: dict, available: set) -> tuple[list, tuple]:
+    """The size guards (Python decisions the concrete tracer took from sizes) the planner
+    evaluates per input size, and those the head checks on every call: every guard is one
+    or the other, or the model is rejected (a guard nobody checks would let another branch
+    run silently)."""
+    planned, head = [], []
+    for guard in graph.nodes:
+        if guard.op != "call_function" or guard.target is not size_guard:
+            continue
+        if states.get(guard) == SIZE and not _checked_in_head(guard, states, layouts, available):
+            planned.append(guard)
+        elif _head_reads(guard, layouts, available):
+            head.append(guard)
+        elif _reads_batch_size(guard, layouts, available):
+            raise user_error(
+                UnsupportedOpError,
+                f"cannot stream a Python branch on {guard.args[2]}: it reads a size of a tensor inside the "
+                "trunk that fxstream neither plans per input size (only spatial sizes) nor has in the head",
+                node=guard,
+                fix="compute the branch from the input's shape or from tensors, or pass boundary=... before it",
+            )
+        # else it reads channel sizes of trunk maps only: the same for every input of the model
+    return planned, tuple(head)
+
+
+def _reads_batch_size(guard: fx.Node, layouts: dict, available: set) -> bool:
+    """Whether ``guard`` reads the batch size (dim 0) of a trunk map the head does not have,
+    or a whole shape of one (conservatively: it may compare the batch size)."""
+    seen, stack = set(), [guard]
+    while stack:
+        node = stack.pop()
+        for source in node.all_input_nodes:
+            if source in layouts and source not in available:
+                if not _reads_dims_other_than_batch(node, source, len(layouts[source])):
+                    return True
+            elif source not in seen and source not in layouts:
+                seen.add(source)
+                stack.append(source)
+    return False
+
+
+def _reads_dims_other_than_batch(reader: fx.Node, source: fx.Node, ndim: int) -> bool:
+    """``reader`` is ``source.size(d)``, or ``source.shape``/``source.size()`` whose every
+    use is an index ``d``, with ``d`` not the batch dim 0."""
+    if reader.op == "call_method" and reader.target == "size" and len(reader.args) > 1:
+        return _not_batch(reader.args[1], ndim)
+    if _is_shape(reader) and reader.users:
+        return all(
+            u.op == "call_function" and u.target is operator.getitem and _not_batch(u.args[1], ndim)
+            for u in reader.users
+        )
+    return False
+
+
+def _not_batch(dim, ndim: int) -> bool:
+    return isinstance(dim, int) and dim % ndim != 0
+
+
+def _head_reads(guard: fx.Node, layouts: dict, available: set) -> bool:
+    """Whether every trunk map ``guard`` reads (through its inputs) is one the head has."""
+    seen, stack = set(), [guard]
+    while stack:
+        for node in stack.pop().all_input_nodes:
+            if node in layouts:
+                if node not in available:
+                    return False
+            elif node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return True
+
+
+def _checked_in_head(guard: fx.Node, states: dict, layouts: dict, available: set) -> bool:
+    """Whether ``guard`` reads a value the planner does not know (a batch or channel size, a
+    dtype: ``torch.empty([B, 0, H // 2, W // 2]).size(1) == 0`` in smp's Segformer) from the
+    image and trunk outputs only, so that the head can check it on every call instead."""
+    planned, seen, stack = True, set(), [guard]
+    while stack:
+        for node in stack.pop().all_input_nodes:
+            if node in layouts:
+                if node not in available:
+                    return False  # a trunk map the head does not have
+                continue
+            planned = planned and states.get(node) in (SIZE, SHAPE)
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return not planned
 
 
 def _merge_non_spatial(input_states: set) -> str:
@@ -357,7 +495,25 @@ def _trunk_outputs(trunk: set, states: dict, dag: nx.DiGraph, graph: fx.Graph) -
     used = {n for n in trunk if any(u not in trunk and states.get(u) not in metadata for u in dag.successors(n))}
     if not used:
         raise BoundaryError("nothing to stream: no full-resolution op reads the image before the first global op")
+    used |= _sized_by_head(trunk, used, graph)
     return tuple(n for n in graph.nodes if n in used)
+
+
+def _sized_by_head(trunk: set, outputs: set, graph: fx.Graph) -> set:
+    """Trunk nodes the head reads only through size queries (``n, c = x.shape[:2]`` in
+    resnest's split attention): they are outputs too, so the head reads their assembled maps."""
+    found, seen = set(), set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in outputs:
+            continue
+        seen.add(node)
+        if node in trunk:
+            found.add(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    return found
 
 
 def head_nodes(analysis: Analysis) -> set:
@@ -365,7 +521,7 @@ def head_nodes(analysis: Analysis) -> set:
     trunk = set(analysis.trunk)
     outputs = set(analysis.outputs)
     needed: set = set()
-    stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")]
+    stack = [n for n in analysis.gm.graph.nodes if n.op in ("output", "placeholder")] + list(analysis.head_guards)
     while stack:
         node = stack.pop()
         if node in needed or node in outputs:

@@ -6,9 +6,9 @@ largest prefix that does stream.
   (a pooled map expanded back to the image, as in ASPP), ``global norm`` (statistics over
   pixels: GroupNorm-like code, ConvNeXt-V2's GRN), ``squeeze-excitation`` (a pooled, gated
   channel vector), or ``global reduction``.
-* :func:`largest_prefix` finds the last trunk node that every earlier trunk tensor flows
-  into (a cut of the graph), i.e. the largest ``boundary=`` with a single trunk output, and
-  its cumulative stride.
+* :func:`prefixes` finds the trunk nodes that end the largest prefixes of the model's code
+  that stream, as ``boundary=`` candidates; :func:`describe_prefix` words the suggestion
+  (its cumulative stride, and the further trunk outputs the compiled prefix has).
 """
 
 from __future__ import annotations
@@ -80,45 +80,54 @@ def rejected_category(reason: str, module: nn.Module | None, node: fx.Node) -> s
     return None
 
 
-def largest_prefix(gm: fx.GraphModule, states: dict, verdicts: dict, image: fx.Node) -> tuple[str, str] | None:
-    """The largest streamable prefix (most trunk nodes) among the trunk nodes classified so
-    far, as ``(boundary, description)``, or None when there is none.
+def prefixes(gm: fx.GraphModule, states: dict, verdicts: dict, image: fx.Node, rejected: fx.Node, count: int = 3):
+    """The ``count`` largest streamable prefixes (most trunk nodes) among the trunk nodes
+    classified before the ``rejected`` node, largest first, as ``(boundary, node)``.
 
-    A prefix ends at one node. Its other nodes may be read by ops after the rejected one (not
-    classified yet): they become further trunk outputs, e.g. the stride-4 skip that a
-    DeepLabV3+ decoder reads besides the encoder output. Nothing else outside it may read them."""
+    A prefix ends at one node and holds its trunk ancestors. Its other nodes may be read
+    outside it: they become further trunk outputs, e.g. the stride-4 skip that a DeepLabV3+
+    decoder reads besides the encoder output. Two kinds of readers disqualify a prefix: one
+    that runs before its end in the model's code (a sibling branch the end cuts off), and,
+    when the end feeds the rejected op, another op that feeds it too (the end would be one
+    branch of the block being rejected, such as one of ASPP's convolutions). Readers after
+    the end that the rejected op does not need are fine: an FPN's top-down path streams
+    although the level blocks that read it hold GroupNorm."""
     dag = nx.DiGraph()
     for node in gm.graph.nodes:
         for inp in node.all_input_nodes:
             dag.add_edge(inp, node)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    feeds_rejected = nx.ancestors(dag, rejected) if rejected in dag else set()
     spatial = [n for n in gm.graph.nodes if n in verdicts]
     spatial_set = set(spatial)
     metadata = ("const", "shape", "size")
-    best, best_size = None, 0
+    found: list = []  # (size, node), largest first
     for index in reversed(range(len(spatial))):
-        if index + 1 <= best_size:  # no earlier node can have a larger prefix
+        if len(found) == count and index + 1 <= found[-1][0]:  # no earlier node can have a larger prefix
             break
-        candidate = spatial[index]
-        inside = (nx.ancestors(dag, candidate) & spatial_set) | {candidate}
-        if len(inside) <= best_size:
+        end = spatial[index]
+        inside = (nx.ancestors(dag, end) & spatial_set) | {end}
+        if len(found) == count and len(inside) <= found[-1][0]:
             continue
+        branch = end in feeds_rejected
         leaks = any(
-            u not in inside and u in states and states[u] not in metadata
-            for n in inside - {candidate}
+            u not in inside
+            and states.get(u, "const") not in metadata
+            and (order[u] < order[end] or branch and u in feeds_rejected)
+            for n in inside - {end}
             for u in dag.successors(n)
         )
-        if not leaks and _strides(candidate, verdicts, image) is not None:
-            best, best_size = candidate, len(inside)
-    if best is None:
-        return None
-    stride = _strides(best, verdicts, image)
-    inside = (nx.ancestors(dag, best) & spatial_set) | {best}
-    others = [n for n in spatial if n in inside - {best} and any(u not in inside for u in dag.successors(n))]
-    spec = _boundary_name(gm, best)
-    described = f"boundary={spec!r} (node '{best.name}', stride {_fmt(stride)})"
+        if not leaks and _strides(end, verdicts, image) is not None:
+            found = sorted(found + [(len(inside), end)], key=lambda f: -f[0])[:count]
+    return [(_boundary_name(gm, node), node) for _, node in found]
+
+
+def describe_prefix(spec: str, node: fx.Node, others: list[str], verdicts: dict, image: fx.Node) -> str:
+    """``boundary='spec' (node 'n', stride S); it also streams 'a', which the rest reads``."""
+    described = f"boundary={spec!r} (node '{node.name}', stride {_fmt(_strides(node, verdicts, image))})"
     if others:
-        described += f"; it also streams {', '.join(repr(n.name) for n in others)}, which the rest reads"
-    return spec, described
+        described += f"; it also streams {', '.join(repr(name) for name in others)}, which the rest reads"
+    return described
 
 
 def _boundary_name(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -2,14 +2,22 @@
 
     fxstream plan MODEL --input-shape 1,3,8192,8192 --tile-size 1024 [--boundary NODE[,NODE...]]
                   [--dtype float32] [--format text|json|dot|code] [--png FILE]
-                  [--memory-budget 8GiB] [--train]
+                  [--memory-budget 8GiB] [--train] [--schedule carry|recompute]
+                  [--stripes auto|device|host|banded] [--band-rows N]
+                  [--device cuda|cpu] [--output-device cpu]
 
 MODEL is ``package.module:callable`` (keyword arguments in parentheses, as Python
 literals: ``'torchvision.models:resnet34(num_classes=10)'``), ``path/to/file.py:callable``,
 or a bare torchvision model name (``resnet34``). A callable that takes ``weights`` gets
 ``weights=None`` unless given: nothing is downloaded. The model is put in eval mode
 (``--train`` keeps training mode). ``--tile-size auto`` and ``--boundary auto`` choose them
-for ``--memory-budget`` (see ``fxstream.memory.auto``).
+for ``--memory-budget`` (see ``fxstream.memory.auto``), and with the default ``--stripes auto``
+also where the carry schedule keeps its stripes.
+
+The memory is predicted for a compute device of type ``--device``: ``cuda`` (an accelerator,
+the default; the input is host-resident and the report splits the peak into device and host
+bytes) or ``cpu`` (one memory). ``--output-device cpu`` assembles the trunk output, and runs
+what reads it, in host memory (``compile(output_device="cpu")``).
 
 Only shapes are used: the plan and tiling come from sizes, per-node channel counts from
 one run of the trunk on a tiny input. Bad input (including a malformed command line) prints
@@ -38,6 +46,7 @@ from ..errors import ArgumentError, FxStreamError
 from ..memory.auto import choose
 from ..memory.units import parse_bytes
 from ..module import compile as fx_compile
+from ..planning.schedule import PLACEMENTS, Schedule
 from . import render, report
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -100,6 +109,25 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--schedule", choices=["carry", "recompute"], default=None, help="how the tiles run (default: carry)"
     )
+    plan.add_argument(
+        "--stripes",
+        choices=list(PLACEMENTS),
+        default="auto",
+        help="where carry keeps its stripes: auto (host on an accelerator, device on a CPU; with --tile-size auto, "
+        "what the budget needs), device, host or banded",
+    )
+    plan.add_argument("--band-rows", type=int, metavar="N", help="--stripes banded: tile rows per band (default 4)")
+    plan.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="the compute device the memory is predicted for (default cuda: an accelerator, input on the host)",
+    )
+    plan.add_argument(
+        "--output-device",
+        metavar="DEVICE",
+        help="where the trunk output and its gradient are assembled, e.g. cpu (default: the compute device)",
+    )
     plan.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the memory prediction")
     plan.add_argument("--format", default="text", choices=("text", "json", "dot", "code"), help="output format")
     plan.add_argument("--png", metavar="FILE", help="also draw the tile grid into FILE (needs matplotlib)")
@@ -128,19 +156,22 @@ def plan_command(args: argparse.Namespace) -> int:
     if boundary is not None and "," in boundary:
         boundary = [part.strip() for part in boundary.split(",")]
     reason = ""
+    schedule = _schedule(args)
     if tile_size == "auto" or boundary == "auto":
         if budget is None:
             raise UsageError("--tile-size auto and --boundary auto need --memory-budget (e.g. 8GiB)")
-        choice = choose(model, tile_size, boundary, budget, input_shape, dtype)
-        tile_size, boundary, reason = choice.tile_size, choice.boundary, choice.reason
-    smodel = fx_compile(model, tile_size, boundary=boundary, schedule=args.schedule)
+        choice = choose(
+            model, tile_size, boundary, budget, input_shape, dtype, schedule, args.device, args.output_device
+        )
+        tile_size, boundary, reason, schedule = choice.tile_size, choice.boundary, choice.reason, choice.schedule
+    smodel = fx_compile(model, tile_size, boundary=boundary, schedule=schedule, output_device=args.output_device)
     program = smodel.program()
     if len(input_shape) - 2 != program.geometry.ndim:
         raise UsageError(
             f"--input-shape {args.input_shape} has {len(input_shape) - 2} spatial dims, the trunk has "
             f"{program.geometry.ndim} (give N,C and one size per spatial dim)"
         )
-    data = report.build(smodel, input_shape, dtype, model_name=args.model, budget=budget)
+    data = report.build(smodel, input_shape, dtype, model_name=args.model, budget=budget, device=args.device)
     data["choice"] = reason or None
     if args.ranks < 1:
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
@@ -166,6 +197,17 @@ def _render(fmt: str, data: dict, smodel, reason: str) -> str:
         return render.dot(program.analysis.gm.graph, trunk, program.geometry.image, program.geometry.outputs)
     split = split_lines(data["split"]) if data.get("split") else []
     return (reason + "\n\n" if reason else "") + "\n".join([render.text(data), *split]) + "\n"
+
+
+def _schedule(args: argparse.Namespace) -> Schedule | str | None:
+    """The schedule that ``--schedule``, ``--stripes`` and ``--band-rows`` name."""
+    if args.stripes == "auto" and args.band_rows is None:
+        return args.schedule  # None: the default schedule
+    if args.schedule not in (None, "carry"):
+        raise UsageError("--stripes and --band-rows are for the carry schedule; drop them or use --schedule carry")
+    if args.band_rows is not None and args.stripes != "banded":
+        raise UsageError("--band-rows is the band height of --stripes banded; add --stripes banded or drop it")
+    return Schedule("carry", stripes=args.stripes, band_rows=args.band_rows)
 
 
 def _budget(text: str) -> int:

@@ -92,16 +92,13 @@ def summary(report: dict) -> list[str]:
             f"{report['redundant_compute_percent']:.1f}% of one whole-image pass (FLOPs; "
             f"pixel halo overhead h = {report['halo_overhead']:.2f})",
         ),
-        (
-            "schedule",
-            f"{report['schedule']}: predicted step time {report['predicted_step_ratio']:.2f}x plain (FLOPs), "
-            f"stripe store {format_bytes(report['stripe_store_bytes'])}",
-        ),
+        ("schedule", _schedule(report)),
         (
             "predicted peak, training",
             f"streamed {format_bytes(streamed['training']['bytes'])}   "
             f"plain {format_bytes(plain['training']['bytes'])}",
         ),
+        *_device_and_host(report),
         (
             "predicted peak, inference",
             f"streamed {format_bytes(streamed['inference']['bytes'])}   "
@@ -110,15 +107,58 @@ def summary(report: dict) -> list[str]:
     ]
     parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in streamed["training"]["parts"].items())
     rows.append(("streamed training peak", f"{streamed['training']['phase']} phase: {parts}"))
+    if report.get("device", "cpu") != "cpu":
+        training = streamed["training"]
+        for where in ("device", "host"):
+            parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in training[f"{where}_parts"].items())
+            rows.append((f"  {where} peak", f"{training[f'{where}_phase']} phase: {parts or 'nothing'}"))
     if memory.get("head_counted"):
         rows.append(("not counted", "allocator caching, convolution workspaces"))
     else:
         rows.append(("not counted", "the head's activations (it did not run at the probe sizes), allocator caching"))
     if memory["budget"] is not None:
         verdict = "fits" if memory["fits"] else "does NOT fit"
-        rows.append(("memory budget", f"{format_bytes(memory['budget'])}: streamed training {verdict}"))
+        where = "on the device" if report.get("device", "cpu") != "cpu" else ""
+        rows.append(
+            ("memory budget", f"{format_bytes(memory['budget'])}: streamed training {verdict} {where}".rstrip())
+        )
     width = max(len(k) for k, _ in rows)
     return [f"{k:<{width}}  {v}" for k, v in rows]
+
+
+STRIPES = {
+    "device": "stripes on the device (grow with the image)",
+    "host": "stripes in host memory, prefetched to the device",
+    "banded": "banded: {band_rows} tile rows per band, {bands} bands, stripes rebuilt band by band",
+}
+
+
+def _schedule(report: dict) -> str:
+    """The schedule, where its stripes live and its predicted cost."""
+    kind = report["schedule"]
+    where = STRIPES.get(report.get("stripes") or "", "")
+    where = where.format(band_rows=report.get("band_rows"), bands=report.get("bands")) if where else ""
+    store = f", stripe store {format_bytes(report['stripe_store_bytes'])}" if kind == "carry" else ""
+    return (
+        f"{kind}{' (' + where + ')' if where else ''}: predicted step time {report['predicted_step_ratio']:.2f}x "
+        f"plain (FLOPs){store}"
+    )
+
+
+def _device_and_host(report: dict) -> list[tuple[str, str]]:
+    """The streamed training peak on the compute device and in host memory (an accelerator)."""
+    device = report.get("device", "cpu")
+    if device == "cpu":
+        return []
+    training = report["memory"]["streamed"]["training"]
+    output = report.get("output_device")
+    where = f"input{', trunk output and head' if output == 'cpu' else ''} on the host"
+    return [
+        (
+            f"  {device} device / host",
+            f"{format_bytes(training['device_bytes'])} / {format_bytes(training['host_bytes'])} ({where})",
+        )
+    ]
 
 
 # --- dot ---------------------------------------------------------------------------------

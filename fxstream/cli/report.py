@@ -20,9 +20,25 @@ whole-image pass), ``redundant_compute_percent`` ((FLOP-weighted overhead - 1) *
 ``receptive_field``, ``halo``, ``interior_region`` (pixels per axis an interior tile
 computes), ``activation_bytes`` (for that region, batch included),
 ``saved`` (autograd keeps it for the backward pass),
+``schedule`` ('carry' or 'recompute'), ``device`` (the type of compute device the
+prediction is for: 'cuda', an accelerator, by default; or 'cpu'), ``output_device`` (where
+the trunk output is assembled, null: the compute device), ``stripes`` (where carry keeps
+its stripes on that device: 'device', 'host' or 'banded'; null under recompute),
+``bands`` (banded carry: bands of tile rows, else 1), ``band_rows`` (banded: tile rows per
+band, else null), ``stripe_store_bytes`` (every stripe of the tiling),
+``predicted_step_ratio`` (a step's work over a plain step's, from the FLOP-weighted halo overhead),
 ``memory``: ``{"streamed"|"plain": {"training"|"inference": {"bytes", "phase", "parts"}},
 "budget": bytes or null, "fits": bool or null}``; ``choice`` (the CLI only: the reason
 for an automatic tile size or boundary, or null).
+
+``bytes`` is the peak of all the step's tensors, wherever they live (on a CPU compute
+device, the one memory's peak). A streamed prediction also has ``device_bytes`` and
+``host_bytes`` (with ``device_phase``/``device_parts`` and ``host_phase``/``host_parts``):
+the peaks of the tensors on the compute device and in host memory. On an accelerator the
+input is host-resident (or read lazily), the "host" placement keeps its stripe store on the
+host, and ``output_device='cpu'`` puts the trunk output, its gradient and the head there;
+each of the two peaks may fall in another phase than ``bytes``. On a CPU, ``device_bytes``
+equals ``bytes`` and ``host_bytes`` is 0. ``fits`` compares the budget with ``device_bytes``.
 """
 
 from __future__ import annotations
@@ -36,21 +52,34 @@ from ..memory.model import MemoryModel, parameter_bytes
 from ..memory.nodestats import measure
 from ..module import StreamedModule
 from ..planning.plan import node_sizes
+from ..planning.schedule import DEFAULT_BAND_ROWS
 
 SCHEMA = "fxstream.plan/1"
 
 
-def memory_model(smodel: StreamedModule, input_shape: tuple[int, ...], dtype: torch.dtype) -> tuple:
-    """The :class:`MemoryModel` of a compiled model for ``input_shape`` (N, C, *spatial),
-    and the per-node statistics it uses."""
+def memory_model(
+    smodel: StreamedModule, input_shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu"
+) -> tuple:
+    """The :class:`MemoryModel` of a compiled model for ``input_shape`` (N, C, *spatial) on a
+    compute device of type ``device`` (its ``output_device`` is the model's), and the
+    per-node statistics it uses."""
     program = smodel.program()
     stats = measure(program.analysis, program.geometry, input_shape[1], dtype)
     streamed = {s.name for s in program.geometry.steps}
     params = parameter_bytes(program.analysis, streamed, torch.empty((), dtype=dtype).element_size())
     trunk = smodel.streamed_trunk  # without a tile group its tilings are the model's: share its cache
     shared = trunk.shape_plan if trunk.tile_group is None else None
+    output_device = smodel.settings.output_device
     memory = MemoryModel(
-        program.geometry, program.plan, stats, params, input_shape[0], schedule=program.schedule, shape_plans=shared
+        program.geometry,
+        program.plan,
+        stats,
+        params,
+        input_shape[0],
+        schedule=program.schedule,
+        shape_plans=shared,
+        device=device,
+        output_device=None if output_device is None else output_device.type,
     )
     return memory, stats
 
@@ -61,12 +90,14 @@ def build(
     dtype: torch.dtype = torch.float32,
     model_name: str = "",
     budget: int | None = None,
+    device: str = "cuda",
 ) -> dict:
-    """The report for ``smodel`` on inputs of ``input_shape`` (see the module docstring)."""
+    """The report for ``smodel`` on inputs of ``input_shape`` (see the module docstring),
+    predicted for a compute device of type ``device`` (default: an accelerator)."""
     program = smodel.program()
     geo, plan, analysis = program.geometry, program.plan, program.analysis
     spatial = tuple(input_shape[2:])
-    model, stats = memory_model(smodel, input_shape, dtype)
+    model, stats = memory_model(smodel, input_shape, dtype, device)
     sizes = node_sizes(geo, spatial)
     shapes = model.tile_shapes(spatial)  # the distinct tiles, without cutting every one
     computed = sum(s.count * sum(s.px[step.name] for step in geo.steps) for s in shapes)
@@ -76,7 +107,10 @@ def build(
     splits = [[part.block for part in axis] for axis in shape_plan.axes]
     grid = [len(split) for split in splits]
     estimate = model.estimate(spatial)
-    training = estimate.streamed_training.total
+    training = model.budgeted(estimate.streamed_training)
+    schedule = shape_plan.schedule
+    bands = len(shape_plan.band_ranges(range(shape_plan.num_tiles))) if schedule.banded else 1
+    flops = _flop_overhead(model, stats, spatial)  # FLOP-weighted halo overhead h
     return {
         "schema": SCHEMA,
         "model": model_name,
@@ -103,10 +137,15 @@ def build(
         "grid": grid,
         "num_tiles": math.prod(grid),
         "halo_overhead": computed / whole,
-        "schedule": shape_plan.schedule.kind,
+        "schedule": schedule.kind,
+        "device": device,
+        "output_device": None if smodel.settings.output_device is None else str(smodel.settings.output_device),
+        "stripes": model.placement,
+        "bands": bands,
+        "band_rows": (schedule.band_rows or DEFAULT_BAND_ROWS) if schedule.banded else None,
         "stripe_store_bytes": model.stripe_bytes(spatial),
-        "predicted_step_ratio": shape_plan.schedule.step_ratio(computed / whole),
-        "redundant_compute_percent": (_flop_overhead(model, stats, spatial) - 1) * 100,
+        "predicted_step_ratio": schedule.step_ratio(flops, bands),
+        "redundant_compute_percent": (flops - 1) * 100,
         "nodes": _nodes(model, stats, analysis, input_shape[0]),
         "memory": {
             **estimate.to_dict(),

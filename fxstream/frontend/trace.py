@@ -10,8 +10,10 @@ Two tracers, tried in order:
 
 * :class:`StreamTracer`, plain symbolic tracing. It treats ``torch.jit.isinstance(x,
   torch.Tensor)`` on a traced tensor as True (torch.fx alone answers False and drops the
-  branch: MONAI's BasicUNet loses its skips), and traces through modules that are called
-  but not registered as submodules (MONAI's FlexibleUNet), instead of failing.
+  branch: MONAI's BasicUNet loses its skips), traces through modules that are called
+  but not registered as submodules (MONAI's FlexibleUNet), instead of failing, and records
+  torch factories called with traced values (``torch.zeros(n, c, *x.shape[2:])``,
+  ``torch.as_tensor(x)``) as graph nodes, which torch's argument parser alone refuses.
 * :class:`ConcreteTracer`, when the first fails on Python control flow (``if h % 32``,
   ``skip.shape[1] != 0``, ``max(x.shape[-2], 7)``, iterating over ``x.shape``). It traces
   the same way, and also runs every op on a small sample input, so each proxy carries a
@@ -30,8 +32,10 @@ The branches taken are those of the sample input (64 pixels per axis, a multiple
 usual strides). Each answer is recorded in the graph as a ``size_guard`` node; the planner
 evaluates the guards that depend on spatial sizes inside the trunk for every input size, and
 refuses a size at which the model would branch differently (:class:`InputShapeError`), e.g.
-a MONAI BasicUNet at a size that needs its odd-size padding. Guards in the head, after the
-trunk, are not evaluated: the head runs as traced. :func:`fxstream.frontend.tracecheck.check_trace`
+a MONAI BasicUNet at a size that needs its odd-size padding. A guard that reads what the
+planner does not know (a batch or channel size, as in smp's Segformer, whose decoder branches
+on ``torch.empty([B, 0, H // 2, W // 2]).size(1)``) is checked by the head on every call
+instead, when it reads only the image and the trunk outputs. :func:`fxstream.frontend.tracecheck.check_trace`
 guards every trace: the traced graph and the eager model must agree on a probe input.
 
 Both tracers trace through a registered module that is not a leaf by its ``forward``, without
@@ -60,7 +64,7 @@ import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from ..errors import FxStreamError, TraceError, is_internal_file
-from .tracecheck import check_trace, probe_input, record_mutations, size_guard
+from .tracecheck import check_trace, meta_call, probe_input, record_mutations, size_guard, to_meta
 
 _METADATA_METHODS = ("size", "dim", "numel", "nelement")
 _METADATA_ATTRIBUTES = ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
@@ -233,14 +237,19 @@ class ConcreteTracer(StreamTracer):
         if node.op == "placeholder":
             self._placeholders += 1
             return self.sample if self._placeholders == 1 else (args[0] if args else _UNKNOWN)
+        meta = self.sample.device.type == "meta"  # a sample of any size, without memory: parameters on meta too
+        if meta:
+            args, kwargs = fx.node.map_aggregate((args, kwargs), to_meta)
         if node.op == "get_attr":
-            return _fetch(self.root, str(node.target))
+            value = _fetch(self.root, str(node.target))
+            return to_meta(value) if meta else value
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         if node.op == "call_module":
-            return self.root.get_submodule(str(node.target))(*args, **kwargs)
+            module = self.root.get_submodule(str(node.target))
+            return meta_call(module, args, kwargs) if meta else module(*args, **kwargs)
         return _UNKNOWN
 
     def static_value(self, proxy: fx.Proxy, need: str) -> Any:
@@ -320,9 +329,40 @@ def _jit_isinstance_as_isinstance(tracer: StreamTracer) -> Iterator[None]:
         torch.jit.isinstance = original
 
 
+# Factories whose sizes torch's argument parser reads before any __torch_function__ override:
+# ``torch.zeros(x.size(0), c, *x.shape[2:])`` fails on a proxy (MONAI ResNet's shortcut), and
+# ``torch.as_tensor(proxy)`` reads it as an array (MONAI HighResNet).
+_FACTORIES = ("zeros", "ones", "empty", "full", "arange", "as_tensor")
+
+
+@contextlib.contextmanager
+def _factories_as_nodes() -> Iterator[None]:
+    """While tracing, a torch factory called with a traced value becomes one graph node."""
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def wrap(name: str, original: Any) -> Any:
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            proxies = []
+            fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+            if not proxies:
+                return original(*args, **kwargs)
+            return proxies[0].tracer.create_proxy("call_function", original, args, kwargs)
+
+        traced.__name__ = name
+        return traced
+
+    for name, original in originals.items():
+        setattr(torch, name, wrap(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch, name, original)
+
+
 def run_tracer(tracer: StreamTracer, model: torch.nn.Module) -> fx.GraphModule:
     """Trace ``model`` with ``tracer``; raises what the tracer raises."""
-    with _jit_isinstance_as_isinstance(tracer), record_mutations(model, tracer):
+    with _jit_isinstance_as_isinstance(tracer), _factories_as_nodes(), record_mutations(model, tracer):
         graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[_CALLS_KEY] = tuple(tracer.module_calls)

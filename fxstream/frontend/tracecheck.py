@@ -2,7 +2,8 @@
 
 * :func:`check_trace` runs the traced graph and the eager model on a small probe input
   (:func:`probe_input`: the first convolution's channels, 64 pixels per axis) and raises
-  :class:`TraceError` naming the first output that differs. torch.fx bakes Python decisions
+  :class:`TraceError` naming the first output that differs. On a meta-device probe (a trace
+  at a real input size, see :class:`~fxstream.errors.BranchError`) it compares shapes. torch.fx bakes Python decisions
   into the graph at trace time; when one of them depended on the input (a branch on tensor
   values, ``torch.jit.isinstance`` on a traced tensor), the graph is another model.
 * :func:`record_mutations` rejects a forward that assigns module attributes
@@ -26,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import InputShapeError, TraceError, UnsupportedOpError, describe, is_internal_file, module_path
+from ..errors import BranchError, TraceError, UnsupportedOpError, describe, is_internal_file, module_path
 from ..ops.table import VIEW_FUNCTIONS, VIEW_METHODS
 
 PROBE_SIZE = {1: 256, 2: 64, 3: 32}
@@ -80,11 +81,24 @@ _CAUSES = (
 )
 
 
+def to_meta(value: Any) -> Any:
+    """A tensor's meta-device copy (shape, dtype, no data); any other value as it is."""
+    return value.to("meta") if isinstance(value, torch.Tensor) and value.device.type != "meta" else value
+
+
+def meta_call(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Any:
+    """``module(*args, **kwargs)`` with its parameters and buffers on the meta device: the
+    shapes of a call at any size, without memory or compute."""
+    state = {name: to_meta(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    return torch.func.functional_call(module, state, tuple(args), kwargs or {})
+
+
 def _run(module: nn.Module, x: torch.Tensor) -> Any:
-    """``module(x)`` without gradients, with a fixed seed, restoring every buffer afterwards."""
+    """``module(x)`` without gradients, with a fixed seed, restoring every buffer afterwards
+    (on a meta-device ``x``, with the parameters and buffers on meta too)."""
     with torch.no_grad(), side_effects_undone(module, x.device):
         torch.manual_seed(0)
-        return module(x)
+        return meta_call(module, (x,)) if x.device.type == "meta" else module(x)
 
 
 @contextlib.contextmanager
@@ -117,6 +131,8 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
+        if a.device.type == "meta" or b.device.type == "meta":  # a meta-device probe: shapes only
+            return a.device == b.device
         if not a.is_floating_point():
             return torch.equal(a, b)
         scale = b.abs().max().item() if b.numel() else 0.0
@@ -137,13 +153,16 @@ def _difference(a: Any, b: Any) -> str:
 
 def size_guard(value: Any, expected: Any, where: str) -> Any:
     """A decision the concrete tracer took from sizes (see ``fxstream.frontend.trace``): raise
-    :class:`InputShapeError` when ``value`` differs from the traced ``expected``."""
+    :class:`~fxstream.errors.BranchError` when ``value`` differs from the traced ``expected``."""
     if (bool(value) if isinstance(expected, bool) else value) != expected:
-        raise InputShapeError(
+        raise BranchError(
             f"at this input size the model takes another branch than the traced one: at {where}, Python got "
             f"{value!r} where the traced sample gave {expected!r}, so the compiled module would not be the model.\n"
             "  fix: use input sizes that branch like the sample (often a multiple of the network's stride), "
-            "or compute the branch from tensors"
+            "or compute the branch from tensors",
+            where=where,
+            value=value,
+            expected=expected,
         )
     return value
 

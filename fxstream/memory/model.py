@@ -79,6 +79,13 @@ COPIES_WINDOW = kinds_with("copies_window")
 SAVES_INPUT = kinds_with("saves_input")
 CONTIGUOUS_INPUT = kinds_with("contiguous_input")
 
+# Where the parts of a prediction live on an accelerator: the input is host-resident (or read
+# lazily) and its gradient is assembled next to it; the "host" placement's stripe store. With
+# output_device="cpu", the trunk outputs, their gradients and what runs on them (the head, a
+# plain rest of the trunk) are on the host too. Everything else is on the compute device.
+HOST_PARTS = frozenset({"input", "input grad", "stripe store (host)"})
+OUTPUT_PARTS = frozenset({"trunk output", "trunk output grad", "head activations", "head param grads", "rest backward"})
+
 
 @dataclass(frozen=True)
 class ParamBytes:
@@ -140,14 +147,27 @@ def _attr(gm: fx.GraphModule, target: str):
 
 @dataclass(frozen=True)
 class Peak:
-    """A predicted peak: total bytes, the phase it happens in and its parts."""
+    """A predicted peak: total bytes, the phase it happens in and its parts.
+
+    ``device``/``host``: the peaks of the parts that live on the compute device and in
+    host memory (each over all phases: they may fall in other phases than the total's), for
+    a streamed step; None for a plain one. On a CPU compute device every part is on the
+    "device" (one memory): ``device.total == total`` and ``host.total == 0``."""
 
     total: int
     phase: str
     parts: dict = field(default_factory=dict)
+    device: Peak | None = None
+    host: Peak | None = None
 
     def to_dict(self) -> dict:
-        return {"bytes": self.total, "phase": self.phase, "parts": dict(self.parts)}
+        result = {"bytes": self.total, "phase": self.phase, "parts": dict(self.parts)}
+        for where, peak in (("device", self.device), ("host", self.host)):
+            if peak is not None:
+                result[f"{where}_bytes"] = peak.total
+                result[f"{where}_phase"] = peak.phase
+                result[f"{where}_parts"] = dict(peak.parts)
+        return result
 
 
 @dataclass(frozen=True)
@@ -181,14 +201,27 @@ class MemoryModel:
         input_grad: bool = False,
         schedule: Schedule | None = None,
         shape_plans: Callable[[tuple[int, ...]], ShapePlan] | None = None,
+        device: str = "cpu",
+        output_device: str | None = None,
     ):
         """``geo``/``plan``: the streamed part. ``trunk``: the whole local trunk when
         ``geo`` is a prefix of it; its nodes after ``geo.output`` run with plain autograd.
         ``shape_plans``: input size -> the tiling of ``geo`` under ``schedule`` (default
-        ``tiling.plan_shape``; e.g. a compiled trunk's cached ``shape_plan``)."""
+        ``tiling.plan_shape``; e.g. a compiled trunk's cached ``shape_plan``).
+
+        ``device``: the type of the compute device ('cpu', 'cuda', ...). On an accelerator
+        the input is host-resident (or read lazily), the stripes live where
+        ``schedule.placement(device)`` says, and ``output_device="cpu"`` puts the trunk
+        output, its gradient and the head in host memory; on a CPU every part is in the
+        one memory (see :class:`Peak`)."""
         self.geo, self.plan, self.params, self.batch = geo, plan, params, batch
         self.input_grad = input_grad
         self.schedule = as_schedule(schedule)
+        self.accelerator = torch.device(device).type != "cpu"
+        self.placement = self.schedule.placement(torch.device(device).type)  # None under recompute
+        self.output_on_host = (
+            self.accelerator and output_device is not None and torch.device(output_device).type == "cpu"
+        )
         self.trunk = trunk or geo
         by_name = stats.by_name()
         streamed = [geo.image] + [s.name for s in geo.steps]
@@ -282,7 +315,8 @@ class MemoryModel:
         return parts
 
     def stripe_bytes(self, input_size: tuple[int, ...]) -> int:
-        """Bytes of the carry schedule's stripe store for ``input_size`` (0 under recompute)."""
+        """Bytes of every stripe of the carry schedule's tiling of ``input_size`` (0 under
+        recompute): the store of the ``"device"`` and ``"host"`` placements."""
         if not self.schedule.carries:
             return 0
         key = ("stripes", tuple(input_size))
@@ -294,29 +328,89 @@ class MemoryModel:
     def row_stripe_bytes(self, input_size: tuple[int, ...]) -> int:
         """Bytes of the stripes that the tiles of one block row (along the first axis) read,
         at the largest row (0 under recompute): a bound on the pending gradients of the
-        backward pass, and on the stripes an inference pass keeps.
+        backward pass, and on the stripes a forward pass keeps for its later tiles (the
+        rolling window).
 
         At the backward pass's tile ``i``, the pending gradients are those of the stripes
         that tiles after ``i`` read from tiles up to ``i``: the rest of ``i``'s row reads some,
-        the next row the others. Per node, a row ``k`` reads ``(own_k + other_k) * prod_a T_a
+        the next row the others (the forward pass's window at tile ``i`` is the same set of
+        stripes). Per node, a row ``k`` reads ``(own_k + other_k) * prod_a T_a
         - own_k * prod_a O_a`` pixels, where ``own``/``other`` are the lengths of its cell and
         of its stripes along the first axis and ``T_a``/``O_a`` the sums over all blocks of an
         other axis ``a`` of (cell + stripes) and of cells."""
+        return int(max(self._row_bytes(input_size), default=0))
+
+    def band_stripe_bytes(self, input_size: tuple[int, ...]) -> tuple[int, int]:
+        """Banded carry: bytes of the stripes of the largest band and of the last band (the
+        stripes read by a band's rows; no stripe crosses a band start)."""
+        rows = self._row_bytes(input_size)
+        if not rows:
+            return 0, 0
+        starts = list(self._shape_plan(input_size).schedule.band_starts(len(rows))) + [len(rows)]
+        bands = [sum(rows[a:b]) for a, b in zip(starts, starts[1:])]
+        return int(max(bands)), int(bands[-1])
+
+    def tile_stripe_bytes(self, input_size: tuple[int, ...]) -> int:
+        """Bytes of the stripes the tile that reads the most reads (0 under recompute)."""
         if not self.schedule.carries:
             return 0
+        key = ("tile stripes", tuple(input_size))
+        if key not in self._tile_shapes:
+            self._tile_shapes[key] = _tile_stripe_bytes(self._shape_plan(input_size), self.batch, self._bpp)
+        return self._tile_shapes[key]
+
+    def _row_bytes(self, input_size: tuple[int, ...]) -> list:
+        if not self.schedule.carries:
+            return []
         key = ("row stripes", tuple(input_size))
         if key not in self._tile_shapes:
             self._tile_shapes[key] = _row_stripe_bytes(self._shape_plan(input_size), self.batch, self._bpp)
         return self._tile_shapes[key]
 
     def stripe_parts(self, input_size: tuple[int, ...]) -> dict:
-        """The carry schedule's stripes in a training step: the store (every stripe, from the
-        forward pass until its last reader is back-propagated) and, in the backward pass, the
-        pending gradients (empty under recompute)."""
-        store = self.stripe_bytes(input_size)
-        if not store:
+        """The carry schedule's stripes in each phase of a training step, by placement
+        (``{}`` under recompute): phase ('forward', 'head' for the head and rest phases,
+        'backward') -> parts.
+
+        * ``"device"``: the store (every stripe, from the forward pass until its last reader
+          is back-propagated) in every phase, and the pending gradients in the backward pass;
+        * ``"host"``: the store in host memory; on the device, the forward pass's rolling
+          window and, in the backward pass, the stripes of two tiles (the one computing and
+          the one prefetched) and the pending gradients;
+        * ``"banded"``: the window and the last band's stripes in the forward pass; in the
+          backward pass one band's stripes (rebuilt, or kept from the forward pass) and the
+          pending gradients, which never cross a band.
+        """
+        if not self.schedule.carries:
             return {}
-        return {"stripe store": store, "pending grads": self.row_stripe_bytes(input_size)}
+        pending = {"pending grads": self.row_stripe_bytes(input_size)}
+        window = {"stripes (window)": self.row_stripe_bytes(input_size)}
+        if self.placement == "host":
+            store = {"stripe store (host)": self.stripe_bytes(input_size)}
+            fetched = {"stripes (fetched)": 2 * self.tile_stripe_bytes(input_size)}
+            return {"forward": {**window, **store}, "head": store, "backward": {**store, **fetched, **pending}}
+        if self.placement == "banded":
+            largest, last = self.band_stripe_bytes(input_size)
+            kept = {"stripe store (last band)": last}
+            return {
+                "forward": {**window, **kept},
+                "head": kept,
+                "backward": {"stripe store (one band)": largest, **pending},
+            }
+        store = {"stripe store": self.stripe_bytes(input_size)}
+        return {"forward": store, "head": store, "backward": {**store, **pending}}
+
+    def where(self, part: str) -> str:
+        """'device' or 'host': where a part of a prediction lives."""
+        if not self.accelerator:
+            return "device"
+        if part in HOST_PARTS or (self.output_on_host and part in OUTPUT_PARTS):
+            return "host"
+        return "device"
+
+    def budgeted(self, peak: Peak):
+        """The bytes a memory budget bounds: the compute device's peak (on a CPU, the total)."""
+        return peak.device.total if peak.device is not None else peak.total
 
     def full_size_terms(self, input_size: tuple[int, ...]) -> tuple[dict, dict]:
         """Node sizes of the image, and the trunk-output and plain-remainder parts."""
@@ -334,13 +428,15 @@ class MemoryModel:
         return sizes, parts
 
     def peak_expr(self, input_size: tuple[int, ...], symbols: tuple | None = None) -> sympy.Expr:
-        """Peak bytes of a streamed training step as a sympy expression in the tile edge
-        (one symbol per axis; default a single symbol ``t`` for square tiles)."""
+        """Peak bytes of a streamed training step that a memory budget bounds (see
+        :meth:`budgeted`) as a sympy expression in the tile edge (one symbol per axis;
+        default a single symbol ``t`` for square tiles). The stripes are those of the
+        model's own plan."""
         t = symbols or (sympy.Symbol("t", positive=True, integer=True),) * self.geo.ndim
         sizes, full = self.full_size_terms(input_size)
         px = self.interior_pixels(t, sizes)
         tile = self.tile_terms(px, self.interior_copies(px), views=self.interior_views(px))
-        return self._training(self.resident(input_size), full, tile, self.stripe_parts(input_size)).total
+        return self.budgeted(self._training(self.resident(input_size), full, tile, self.stripe_parts(input_size)))
 
     def training_peak(self, input_size: tuple[int, ...], tile: int | tuple[int, ...]) -> int:
         """:meth:`peak_expr` evaluated at the tile edge ``tile`` (an int, or one per axis)."""
@@ -348,7 +444,8 @@ class MemoryModel:
         sizes, full = self.full_size_terms(input_size)
         px = {k: int(v) for k, v in self.interior_pixels(tile, sizes).items()}
         parts = self.tile_terms(px, self.interior_copies(px), views=self.interior_views(px))
-        return int(self._training(self.resident(input_size), full, parts, self.stripe_parts(input_size)).total)
+        peak = self._training(self.resident(input_size), full, parts, self.stripe_parts(input_size))
+        return int(self.budgeted(peak))
 
     def estimate(self, input_size: tuple[int, ...], exact: bool = True) -> Estimate:
         """Peaks for one input size: over the exact regions of every tile of the plan's
@@ -363,14 +460,19 @@ class MemoryModel:
             tile = self.tile_terms(px, self.interior_copies(px), views=self.interior_views(px))
         whole = self.tile_terms({k: math.prod(v) for k, v in sizes.items()}, None, self.stats + self.rest_stats)
         grads = self.params.trunk + self.params.head
-        stripes = self.stripe_parts(input_size)
-        # inference frees a stripe once its last reader has run: about one row of them is alive
-        row = {"stripes (one row)": stripes["pending grads"]} if stripes else {}
+        # inference frees a stripe once its last reader has run: the rolling window
+        window = {"stripes (window)": self.row_stripe_bytes(input_size)} if self.schedule.carries else {}
+        inference = [
+            _peak(
+                "forward",
+                resident,
+                window,
+                {"trunk output": full["trunk output"], "tile forward": tile["tile forward"]},
+            )
+        ]
         return Estimate(
-            streamed_training=self._training(resident, full, tile, stripes),
-            streamed_inference=_peak(
-                "forward", resident, row, {"trunk output": full["trunk output"], "tile forward": tile["tile forward"]}
-            ),
+            streamed_training=self._training(resident, full, tile, self.stripe_parts(input_size)),
+            streamed_inference=self._located(inference),
             plain_training=_peak(
                 "backward",
                 resident,
@@ -386,16 +488,19 @@ class MemoryModel:
         saved tensors), so it is alive in the head and rest phases."""
         head_grads = self.params.head
         stripes = stripes or {}
-        store = {k: v for k, v in stripes.items() if k == "stripe store"}
+        store = stripes.get("head", {})
         kept = {"kept tile": tile["tile saved"]}
         phases = [
             _peak(
-                "forward", resident, store, {"trunk output": full["trunk output"], "tile forward": tile["tile forward"]}
+                "forward",
+                resident,
+                stripes.get("forward", {}),
+                {"trunk output": full["trunk output"], "tile forward": tile["tile forward"]},
             ),
             _peak(
                 "backward",
                 resident,
-                stripes,
+                stripes.get("backward", {}),
                 {"trunk output grad": full["trunk output grad"], "trunk param grads (x2)": 2 * self.params.trunk},
                 {"head param grads": head_grads, "tile backward": tile["tile backward"]},
             ),
@@ -422,13 +527,27 @@ class MemoryModel:
                     {"head param grads": head_grads},
                 )
             )
-        if any(isinstance(p.total, sympy.Basic) for p in phases):
-            return Peak(sympy.Max(*(p.total for p in phases), evaluate=False), "max", {})
-        return max(phases, key=lambda p: p.total)
+        return self._located(phases)
+
+    def _located(self, phases: list) -> Peak:
+        """The largest of ``phases`` (Peaks), with the peaks of its device and host parts."""
+
+        def largest(peaks: list) -> Peak:
+            if any(isinstance(p.total, sympy.Basic) for p in peaks):
+                return Peak(sympy.Max(*(p.total for p in peaks), evaluate=False), "max", {})
+            return max(peaks, key=lambda p: p.total)
+
+        located = {}
+        for where in ("device", "host"):
+            located[where] = largest(
+                [_peak(p.phase, {k: v for k, v in p.parts.items() if self.where(k) == where}) for p in phases]
+            )
+        total = largest(phases)
+        return Peak(total.total, total.phase, total.parts, located["device"], located["host"])
 
 
-def _row_stripe_bytes(shape: ShapePlan, batch: int, bpp: dict) -> int:
-    """The largest bytes of stripes that one block row along the first axis reads (see
+def _row_stripe_bytes(shape: ShapePlan, batch: int, bpp: dict) -> list:
+    """The bytes of stripes that each block row along the first axis reads (see
     :meth:`MemoryModel.row_stripe_bytes`)."""
     axes = [[dict(part.pieces) for part in axis] for axis in shape.axes]
     names = {name for part in axes[0] for name in part}
@@ -446,7 +565,30 @@ def _row_stripe_bytes(shape: ShapePlan, batch: int, bpp: dict) -> int:
             own = seg[-1][1][1] - seg[-1][1][0]
             everything = sum(hi - lo for _, (lo, hi) in seg)
             rows[k] += batch * bpp[name] * (everything * totals - own * owns)
-    return int(max(rows, default=0))
+    return rows
+
+
+def _tile_stripe_bytes(shape: ShapePlan, batch: int, bpp: dict) -> int:
+    """The most bytes of stripes one tile reads: per node, its region minus its own cell,
+    ``prod_a (own_a + other_a) - prod_a own_a`` pixels, over the distinct blocks of each axis."""
+    per_axis = []
+    for axis in shape.axes:
+        kinds = set()
+        for part in axis:
+            lengths = []
+            for name, segments in part.pieces:
+                own = segments[-1][1][1] - segments[-1][1][0]
+                lengths.append((name, own, sum(hi - lo for _, (lo, hi) in segments)))
+            kinds.add(tuple(lengths))
+        per_axis.append(kinds)
+    best = 0
+    for combo in itertools.product(*per_axis):
+        total = 0
+        for nodes in zip(*combo):  # the same node along every axis
+            name = nodes[0][0]
+            total += batch * bpp[name] * (math.prod(t for _, _, t in nodes) - math.prod(o for _, o, _ in nodes))
+        best = max(best, total)
+    return int(best)
 
 
 def block_for(plan: Plan, axis: int, tile):

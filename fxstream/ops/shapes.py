@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..errors import InputShapeError
+from ..errors import InputShapeError, describe
 from . import table as ops
 
 
@@ -76,7 +76,10 @@ def window_resolver(node: fx.Node, module, layouts: dict, ndim: int) -> Callable
         ctx = ops.OpContext(node, module, layouts, ndim, values=by_node, sizes=spatial)
         verdict = ops.classify(ctx)
         if isinstance(verdict, ops.Rejected):
-            raise InputShapeError(f"'{node.name}' cannot be streamed at this input size: {verdict.reason}")
+            raise InputShapeError(
+                f"'{node.name}' cannot be streamed at this input size: {verdict.reason}.\n  {describe(node)}\n"
+                f"  fix: {verdict.fix}"
+            )
         return verdict.stencils
 
     return resolve

@@ -8,7 +8,8 @@ Each entry classifies one FX node, given the layouts of its spatial inputs, as
                        (convolution, pooling, padding);
 * :class:`Reduction` - the output depends on the whole image (global/adaptive pooling,
                        flatten): a valid trunk boundary, never inside the trunk;
-* :class:`Rejected`  - not streamable here, with the reason and the fix.
+* :class:`Rejected`  - not streamable here, with the reason and the fix (:class:`Unknown`:
+                       an op the table does not know).
 
 A *layout* is a tuple with one entry per tensor dim: the spatial axis it holds
 (0, 1, ...) or ``None`` for batch/channel dims. NCHW is ``(None, None, 0, 1)``;
@@ -43,8 +44,8 @@ class Local:
 
 @dataclass(frozen=True)
 class Window:
-    """A window op: 'conv', 'max_pool', 'avg_pool', 'pad', 'conv_transpose', 'shuffle',
-    'unshuffle' or 'resample'. ``stencils`` holds one axis op per spatial axis."""
+    """A window op: 'conv', 'max_pool', 'avg_pool', 'pad', 'slice', 'conv_transpose', 'shuffle',
+    'unshuffle', 'space_to_depth' or 'resample'. ``stencils`` holds one axis op per spatial axis."""
 
     kind: str
     input: fx.Node
@@ -52,6 +53,7 @@ class Window:
     fill: str = "constant"  # border fill: 'constant', 'reflect' or 'replicate'
     value: float = 0.0  # constant fill value
     params: dict = field(default_factory=dict)
+    layout: Layout | None = None  # the output's layout where it differs from the input's
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,12 @@ class Reduction:
 class Rejected:
     reason: str
     fix: str
+
+
+@dataclass(frozen=True)
+class Unknown(Rejected):
+    """An op the table does not know: rejected, but the analysis may look past it (assuming
+    it local) for a non-local op further on, to name that one too."""
 
 
 Verdict = Any  # Local | Window | Reduction | Rejected
@@ -129,6 +137,15 @@ def pointwise(ctx: OpContext) -> Verdict:
     return Local(ctx.layout)
 
 
+def attribute(ctx: OpContext) -> Verdict:
+    """``x.data``: the same pixels, detached (MONAI ResNet's shortcut); other attributes are
+    unknown (size queries and ``x.dtype`` never reach the table)."""
+    name = ctx.node.args[1]
+    if name == "data":
+        return Local(ctx.layout)
+    return Unknown(f"fxstream does not know whether attribute Tensor.{name} is local", BOUNDARY_FIX)
+
+
 def over_dim(position: int, name: str, default: Any = None) -> Callable[[OpContext], Verdict]:
     """Local when the op works along a non-spatial dim (softmax over channels, cat...)."""
 
@@ -139,6 +156,16 @@ def over_dim(position: int, name: str, default: Any = None) -> Callable[[OpConte
         return pointwise(ctx)
 
     return classify
+
+
+def stack(ctx: OpContext) -> Verdict:
+    """``torch.stack(tensors, dim)``: a new batch/channel dim at ``dim`` (a reduction over it,
+    as in a selective-kernel or FPN merge, is then a channel reduction)."""
+    verdict = pointwise(ctx)
+    if isinstance(verdict, Rejected):
+        return verdict
+    dim = ctx.arg(1, "dim", 0) % (len(verdict.layout) + 1)
+    return Local(verdict.layout[:dim] + (None,) + verdict.layout[dim:])
 
 
 def over_last(count: Callable[[OpContext], int], what: str) -> Callable[[OpContext], Verdict]:
@@ -243,6 +270,25 @@ def unflatten(ctx: OpContext) -> Verdict:
     if layout[dim] is not None:
         return Rejected(f"it unflattens spatial dim {dim}, mixing pixels into channels", BOUNDARY_FIX)
     return Local(layout[:dim] + (None,) * len(ctx.arg(2, "sizes")) + layout[dim + 1 :])
+
+
+def repeat(ctx: OpContext) -> Verdict:
+    """``x.repeat(sizes)``: tiles ``x`` along each dim; local when every spatial dim is
+    repeated once (``x.repeat(1, n, 1, 1)`` in MONAI's VNet). Extra leading sizes add
+    leading batch/channel dims."""
+    sizes = ctx.node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    if not sizes:
+        sizes = tuple(ctx.node.kwargs.get("repeats", ()))
+    layout = ctx.layout
+    if len(sizes) < len(layout):
+        return Rejected(f"repeat with {len(sizes)} sizes for a {len(layout)}-dim tensor", "give one size per dim")
+    layout = (None,) * (len(sizes) - len(layout)) + layout
+    spatial = [s for s, axis in zip(sizes, layout) if axis is not None]
+    if any(s != 1 for s in spatial):
+        return Rejected(f"it repeats the image along spatial dims (sizes {tuple(sizes)})", BOUNDARY_FIX)
+    return Local(layout)
 
 
 def piece(ctx: OpContext) -> Verdict:
@@ -460,9 +506,14 @@ def _pad_window(ctx: OpContext, input: fx.Node, pad: tuple[int, ...], mode: str,
     # F.pad lists (left, right) pairs from the last dim backwards.
     pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]
     per_dim = {len(layout) - 1 - j: pair for j, pair in enumerate(pairs)}
-    for dim, pair in per_dim.items():
-        if layout[dim] is None and pair != (0, 0):
-            return Rejected("it pads a non-spatial dimension", BOUNDARY_FIX)
+    channel_pads = any(layout[dim] is None and pair != (0, 0) for dim, pair in per_dim.items())
+    if channel_pads:  # MONAI's ChannelPad: constant padding of batch/channel dims is local
+        if mode != "constant" or any(layout[dim] is not None and pair != (0, 0) for dim, pair in per_dim.items()):
+            return Rejected(
+                "it pads a batch or channel dim and a spatial dim at once",
+                "pad channels and spatial dims in separate F.pad calls, or " + BOUNDARY_FIX,
+            )
+        return Local(layout)
     if mode != "constant" and layout[-len(pairs) :] != tuple(range(ctx.ndim))[-len(pairs) :]:
         return Rejected(f"{mode} padding of non-trailing spatial dims", "pad in (N, C, *spatial) order")
     stencils = []
@@ -649,6 +700,17 @@ def _shuffle(ctx: OpContext, input: fx.Node, factor: int, up: bool) -> Verdict:
     return Window("unshuffle", input, (Stencil(factor, factor),) * 2, params=dict(factor=factor))
 
 
+def space_to_depth(ctx: OpContext) -> Verdict:
+    """``channel_ops.space_to_depth(x, b, order)`` (TResNet's view/permute/view): each output
+    pixel holds a ``b x b`` block of input pixels, a window of extent and stride ``b``."""
+    bad = _requires_canonical(ctx)
+    if bad:
+        return bad
+    block, order = ctx.arg(1, "block"), ctx.arg(2, "order")
+    params = dict(block=block, order=order)
+    return Window("space_to_depth", ctx.arg(0, "x"), (Stencil(block, block),) * ctx.ndim, params=params)
+
+
 def pixel_shuffle(up: bool) -> Callable[[OpContext], Verdict]:
     def rule(ctx: OpContext) -> Verdict:
         if ctx.module is not None:
@@ -666,7 +728,10 @@ def pixel_shuffle(up: bool) -> Callable[[OpContext], Verdict]:
 def needs_sizes(ctx: OpContext) -> bool:
     """Slicing a spatial dim: its crop depends on the tensor's size (``x[..., 1:-1]``)."""
     node = ctx.node
-    return node.op == "call_function" and node.target is operator.getitem and node.args[0] in ctx.layouts
+    if not (node.op == "call_function" and node.target is operator.getitem and node.args[0] in ctx.layouts):
+        return False
+    items = _index_items(node.args[1], len(ctx.layouts[node.args[0]]))
+    return items is None or any(_slices_spatial(ctx.layouts[node.args[0]], d, i) for d, i in items)
 
 
 def pools_whole_map(ctx: OpContext) -> bool:
@@ -679,31 +744,67 @@ def accepts_sizes(ctx: OpContext) -> bool:
     return node.op == "call_function" and node.target in (F.pad, F.interpolate, F.upsample, operator.getitem)
 
 
+def _index_items(index: Any, rank: int) -> list[tuple[int | None, Any]] | None:
+    """``x[index]`` as ``(input dim, item)`` pairs, one per item, the Ellipsis expanded and
+    missing trailing dims as full slices; a new axis (``None``) has dim None. None when the
+    index holds anything but ints, slices, ``None`` and one Ellipsis (lists, tensors)."""
+    index = index if isinstance(index, tuple) else (index,)
+    allowed = lambda i: i is None or i is Ellipsis or isinstance(i, slice) or type(i) is int  # noqa: E731
+    if sum(i is Ellipsis for i in index) > 1 or not all(allowed(i) for i in index):
+        return None
+    consumed = sum(i is not None and i is not Ellipsis for i in index)
+    items, dim = [], 0
+    for item in index:
+        if item is Ellipsis:
+            items += [(d, slice(None)) for d in range(dim, dim + rank - consumed)]
+            dim += rank - consumed
+        elif item is None:
+            items.append((None, None))
+        else:
+            items.append((dim, item))
+            dim += 1
+    return items + [(d, slice(None)) for d in range(dim, rank)]
+
+
+def _slices_spatial(layout: Layout, dim: int | None, item: Any) -> bool:
+    return dim is not None and layout[dim] is not None and item != slice(None)
+
+
 def slicing(ctx: OpContext) -> Verdict:
-    """``x[:, :, a:b, c:d]``: a crop of spatial dims, i.e. a pad with negative amounts."""
+    """``x[index]``. Along batch and channel dims any int or slice is local (``x[:, a:b]``,
+    ``x[:, 0]``, ``x[:, None]``); along a spatial dim, ``a:b:s`` is a window: a crop
+    (a pad with negative amounts), strided when ``s > 1``."""
     source, index = ctx.node.args[0], ctx.arg(1, "index")
     layout = ctx.layouts[source]
-    index = index if isinstance(index, tuple) else (index,)
-    if sum(i is Ellipsis for i in index) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
-        return Rejected("indexing a spatial tensor other than by slices", "slice with a:b (step 1) only")
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (len(layout) - len(index) + 1) + index[at + 1 :]
-    index = index + (slice(None),) * (len(layout) - len(index))
-    if any(layout[d] is None and i != slice(None) for d, i in enumerate(index)):
-        return Rejected("it slices the batch or channel dim of a spatial tensor", BOUNDARY_FIX)
+    items = _index_items(index, len(layout))
+    if items is None or any(layout[d] is not None and not isinstance(i, slice) for d, i in items if d is not None):
+        return Rejected(
+            "it indexes a spatial dim other than by a slice (an int, a list or a tensor picks fixed rows)",
+            "index spatial dims with a:b:s only, or " + BOUNDARY_FIX,
+        )
+    out_layout = tuple(None if d is None else layout[d] for d, i in items if not isinstance(i, int))
+    spatial = {layout[d]: i for d, i in items if d is not None and layout[d] is not None}
+    if not any(_slices_spatial(layout, d, i) for d, i in items):
+        if ctx.pending:  # a size reaches the index through a batch/channel dim
+            return Rejected("it indexes a batch or channel dim with a spatial size", BOUNDARY_FIX)
+        return Local(out_layout)
+    steps = [1 if i.step is None else i.step for i in spatial.values()]
+    if not all(type(s) is int and s >= 1 for s in steps):
+        return Rejected(f"a spatial slice with steps {steps}", "slice spatial dims with a constant positive step")
+    # the window holds the crop; a strided or channel index then picks from it ("slice")
+    rest = tuple(slice(None, None, i.step) if d is not None and layout[d] is not None else i for d, i in items)
+    if all(s == 1 for s in steps) and out_layout == layout and all(i == slice(None) for i in rest):
+        kind, params = "pad", {}
+    else:
+        kind, params = "slice", {"index": rest}
     if ctx.pending:
-        return Window("pad", source, None)
+        return Window(kind, source, None, params=params, layout=out_layout)
     stencils = []
-    size = ctx.sizes[source]
     for axis in range(ctx.ndim):
-        n = size[axis]
-        start, stop, step = index[layout.index(axis)].indices(n)
-        if step != 1:
-            return Rejected(f"a strided slice (step {step}) of a spatial dim", "slice with step 1")
-        stop = max(stop, start)
-        stencils.append(Stencil(1, 1, -start, stop - n))
-    return Window("pad", source, tuple(stencils))
+        n = ctx.sizes[source][axis]
+        start, stop, step = spatial[axis].indices(n)
+        stencils.append(Stencil(1, step, -start, max(stop, start) - n))
+    return Window(kind, source, tuple(stencils), params=params, layout=out_layout)
 
 
 # --- The table -----------------------------------------------------------------------
@@ -786,6 +887,12 @@ _POINTWISE_FUNCTIONS = [
     torch.maximum,
     torch.minimum,
     torch.where,
+    torch.as_tensor,
+    torch.detach,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.empty_like,
     operator.add,
     operator.sub,
     operator.mul,
@@ -812,10 +919,15 @@ FUNCTIONS.update(
         F.normalize: over_dim(2, "dim", 1),
         torch.cat: over_dim(1, "dim", 0),
         torch.concat: over_dim(1, "dim", 0),
+        torch.stack: stack,
+        getattr: attribute,
+        channel_ops.sized: regroup,
         torch.permute: permute,
         torch.unflatten: unflatten,
+        torch.repeat_interleave: over_dim(2, "dim"),
         channel_ops.piece: piece,
         channel_ops.regroup: regroup,
+        channel_ops.space_to_depth: space_to_depth,
         F.channel_shuffle: channel_op,
         torch.channel_shuffle: channel_op,
         torch.native_channel_shuffle: channel_op,
@@ -923,6 +1035,7 @@ _POINTWISE_METHODS = [
     "type_as",
     "exp_",
     "neg_",
+    "detach",
 ]
 METHODS: dict[str, Callable[[OpContext], Verdict]] = {m: pointwise for m in _POINTWISE_METHODS}
 METHODS.update(
@@ -942,6 +1055,8 @@ METHODS.update(
         "std": reduce_dims(1, 3),
         "softmax": over_dim(1, "dim"),
         "log_softmax": over_dim(1, "dim"),
+        "repeat": repeat,
+        "repeat_interleave": over_dim(2, "dim"),
     }
 )
 
@@ -1070,5 +1185,5 @@ def classify(ctx: OpContext) -> Verdict:
     else:
         rule, name = None, node.op
     if rule is None:
-        return Rejected(f"fxstream does not know whether {name} is local", BOUNDARY_FIX)
+        return Unknown(f"fxstream does not know whether {name} is local", BOUNDARY_FIX)
     return rule(ctx)

@@ -1,7 +1,8 @@
 """The window kinds: one object per kind of sliding-window op owns everything about it.
 
 A trunk node that reads a window of its input (``ops.Window``) has a kind: 'conv',
-'max_pool', 'avg_pool', 'pad', 'conv_transpose', 'shuffle', 'unshuffle' or 'resample'.
+'max_pool', 'avg_pool', 'pad', 'slice', 'conv_transpose', 'shuffle', 'unshuffle',
+'space_to_depth' or 'resample'.
 Its :class:`WindowKind` says
 
 * which extra geometry slots a tile passes it (``slots``: 'counts' for the divisors of an
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+from . import channel_ops
 
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -80,6 +83,13 @@ class Conv(WindowKind):
         return e.result(_CONV[e.ndim], args + (p["groups"],))
 
 
+class Slice(WindowKind):
+    def emit(self, e: Emit) -> fx.Node:
+        """The window holds the crop; the index (spatial slices reduced to their steps) picks
+        from it, along batch and channel dims as the op does."""
+        return e.result(operator.getitem, (e.window, fx.node.map_arg(e.params["index"], e.value)))
+
+
 class ConvTranspose(WindowKind):
     def emit(self, e: Emit) -> fx.Node:
         p = e.params
@@ -98,6 +108,11 @@ class PixelShuffle(WindowKind):
 class PixelUnshuffle(WindowKind):
     def emit(self, e: Emit) -> fx.Node:
         return e.result(F.pixel_unshuffle, (e.window, e.params["factor"]))
+
+
+class SpaceToDepth(WindowKind):
+    def emit(self, e: Emit) -> fx.Node:
+        return e.result(channel_ops.space_to_depth, (e.window, e.params["block"], e.params["order"]))
 
 
 class Resample(WindowKind):
@@ -130,10 +145,12 @@ WINDOWS: dict[str, WindowKind] = {
     k.name: k
     for k in (
         Pad("pad"),
+        Slice("slice"),
         Conv("conv", copies_window=True, saves_input=True, contiguous_input=True),
         ConvTranspose("conv_transpose", copies_window=True, saves_input=True, contiguous_input=True, trims=True),
         PixelShuffle("shuffle", trims=True),
         PixelUnshuffle("unshuffle"),
+        SpaceToDepth("space_to_depth"),
         Resample("resample"),
         MaxPool("max_pool", copies_window=True, saves_input=True),
         AvgPool("avg_pool", copies_window=True),

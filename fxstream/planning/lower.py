@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from ..analysis.analyze import Analysis, analyze
@@ -29,9 +30,15 @@ class Lowered:
 
 
 def lower(
-    model: nn.Module, tile_size: int | tuple[int, ...], boundary: str | tuple[str, ...] | None, schedule=None
+    model: nn.Module,
+    tile_size: int | tuple[int, ...],
+    boundary: str | tuple[str, ...] | None,
+    schedule=None,
+    sample: torch.Tensor | None = None,
 ) -> Lowered:
-    gm = trace(model)  # nn.Module -> fx.GraphModule (checked against the eager model)
+    """``sample``: the input the tracer answers Python's size questions on (default: the
+    64-pixel probe); a meta-device tensor of a real input's shape traces that size's branch."""
+    gm = trace(model, sample)  # nn.Module -> fx.GraphModule (checked against the eager model)
     ndim = len(tile_size) if isinstance(tile_size, tuple) else None
     analysis = analyze(gm, boundary, ndim)  # -> Analysis: trunk, boundary, layouts
     geometry = build_geometry(analysis)  # -> TrunkGeometry: plain data

@@ -117,6 +117,15 @@ class ShapePlan:
     def num_tiles(self) -> int:
         return math.prod(self.grid)
 
+    def band_ranges(self, positions: range) -> list[range]:
+        """``positions`` (contiguous whole tile rows, e.g. a rank's) cut at the band starts
+        of the tiling (``Schedule.band_starts``): the raster positions of each band. No
+        stripe crosses a band start."""
+        row = math.prod(self.grid[1:])
+        cuts = [s * row for s in self.schedule.band_starts(self.grid[0]) if positions.start < s * row < positions.stop]
+        edges = [positions.start, *cuts, positions.stop]
+        return [range(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
     @functools.cached_property
     def tiles(self) -> tuple[Tile, ...]:
         return tuple(self.tile(index) for index in itertools.product(*(range(n) for n in self.grid)))
@@ -168,9 +177,11 @@ def plan_shape(geo: TrunkGeometry, plan: Plan, input_size: tuple[int, ...], sche
     geo = resolved(geo, tuple(input_size))
     sizes = node_sizes(geo, tuple(input_size))
     if schedule.carries:
+        bounds = carry_bounds(geo, plan, sizes)
+        starts = schedule.band_starts(len(bounds[0]) - 1)  # tile-group bands, and banded carry's
         axes = tuple(
-            tuple(_carry_axis(geo, sizes, a, bounds, schedule.bands if a == 0 else (0,)))
-            for a, bounds in enumerate(carry_bounds(geo, plan, sizes))
+            tuple(_carry_axis(geo, sizes, a, axis_bounds, starts if a == 0 else (0,)))
+            for a, axis_bounds in enumerate(bounds)
         )
     else:
         axes = tuple(
@@ -350,17 +361,24 @@ def carry_bounds(geo: TrunkGeometry, plan: Plan, sizes: dict) -> list[list[int]]
         width = widths.carry_width(functools.partial(_carry_width, geo, sizes, axis), geo, sizes, axis)
         split = carry_split(width, n_out, limit, plan.block[axis])
         if split is None:
+            minimum = tuple(_smallest_carry_tile(geo, sizes, a) for a in range(len(plan.tile_size)))
             raise TileSizeError(
                 f"tile_size={_fmt(plan.tile_size)} is too small for an input of size {_fmt(sizes[geo.image])} "
-                f"under the carry schedule: a tile of one output pixel reads more than {limit} image pixels along "
+                f"under the carry schedule: a tile of one output pixel reads up to {minimum[axis]} image pixels along "
                 f"spatial axis {axis} (its cell, the halo it reads from the image, and at the first tile the right "
-                f"halo of its first output pixel). The plan's receptive field is {_fmt(plan.receptive_field)} and its "
-                f"stride {_fmt(plan.stride)}: use a tile of at least their sum.",
-                minimum=plan.receptive_field,
+                f"halo of its first output pixel). Use a tile of at least {_fmt(minimum)} for this input size "
+                f"(the plan's receptive field is {_fmt(plan.receptive_field)}, its stride {_fmt(plan.stride)}).",
+                minimum=minimum,
             )
         bounds = [0] + [int(b.hi) for b in split]
         result.append(_drop_empty(geo, sizes, axis, bounds))
     return result
+
+
+def _smallest_carry_tile(geo: TrunkGeometry, sizes: dict, axis: int) -> int:
+    """The smallest tile edge along ``axis`` whose carry split exists for these sizes."""
+    width = widths.carry_width(functools.partial(_carry_width, geo, sizes, axis), geo, sizes, axis)
+    return widths.widest_unit_block(width, sizes[geo.output][axis])
 
 
 def carry_split(width, n: int, limit: int, block: int):

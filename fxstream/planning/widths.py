@@ -300,3 +300,18 @@ def cached_split(width: Width, n: int, limit: int, split: Callable[[], list | No
             while len(_SPLITS) > SPLIT_CACHE_SIZE:
                 _SPLITS.popitem(last=False)
     return None if value is None else list(value)
+
+
+def widest_unit_block(width: Width, n: int) -> int:
+    """The largest ``width(s, s + 1)`` over ``s`` in ``[0, n)``: the smallest limit that
+    :func:`fxstream.plan.fitted_split` can meet. (A block's region holds the regions of its
+    one-pixel blocks, so a split fails exactly when one of them does not fit.) Inside the
+    interior zone of a :class:`FastWidth` the one-pixel width is constant, so only the
+    border zones are walked."""
+    width(0, 1)  # a FastWidth checks its closed form on first use
+    interior = getattr(width, "interior", None)
+    inner = range(0)
+    if interior is not None:  # (s, s + 1) lies in the zone for s in this range
+        inner = range(max(interior.lo_min, interior.hi_min - 1), min(interior.lo_max, interior.hi_max - 1, n - 1) + 1)
+    starts = [*range(inner.start), inner.start, *range(inner.stop, n)] if len(inner) else range(n)
+    return max(width(s, s + 1) for s in starts)

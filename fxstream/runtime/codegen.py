@@ -43,8 +43,9 @@ from ..planning.schedule import as_schedule
 from ..planning.tiling import ShapePlan, plan_shape
 from ..planning.trunk import TrunkGeometry
 from . import channels, kernels, progress, rng, threads
-from .executor import StreamFunction, Stripes
+from .executor import StreamFunction
 from .settings import StreamSettings, check_block
+from .stripes import Stripes
 
 # The run-time functions that window kinds emit calls to (see ``ops.windows.Emit``).
 HELPERS = types.SimpleNamespace(window=kernels.window, avg_pool=kernels.avg_pool, resample=kernels.resample)

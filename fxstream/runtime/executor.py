@@ -3,9 +3,10 @@ as one differentiable ``autograd.Function``.
 
 Forward (no grad, raster order): each tile runs the generated tile code on its input crop
 and writes its block of every trunk output. Under the carry schedule it also stores the
-stripes of its cells that later tiles read (:class:`Stripes`), and reads the stripes that
-earlier tiles stored. When gradients are wanted, the last tile runs with autograd and keeps
-its graph, so the backward pass does not recompute it.
+stripes of its cells that later tiles read, and reads the stripes that earlier tiles
+stored, through a stripe store (:mod:`fxstream.runtime.stripes`: ``put``/``get``/
+``prefetch``/``release``). When gradients are wanted, the last tile runs with autograd and
+keeps its graph, so the backward pass does not recompute it.
 
 Backward (reverse raster order): each tile is recomputed with autograd, from its input crop
 and its stripes as detached leaves, and back-propagates
@@ -19,6 +20,21 @@ order, so its pending gradient is complete when it runs. Every use of every acti
 back-propagated exactly once, so the summed gradients are the whole-image gradients (see
 the README's "Why it is exact"). Under the recompute schedule there are no stripes and no
 pending gradients: the tiles' output blocks partition the output gradients.
+
+Where the stripes wait for the backward pass is ``Schedule.stripes``, resolved for the
+compute device (``Schedule.placement``):
+
+* ``"device"``: the forward pass's store keeps them all on the compute device;
+* ``"host"``: it keeps a rolling window on the device and a copy of each in host memory;
+  the backward pass prefetches the next tile's stripes while the current one computes;
+* ``"banded"``: the tiling's bands share no stripe (``ShapePlan.band_ranges``). The forward
+  pass keeps only the last band's stripes; the backward pass visits the bands in reverse
+  and first rebuilds each other band's stripes with a no-grad carry over that band
+  (:func:`_run_forward` with ``assemble=False``: the same tiles, random draws and autocast
+  state, so the same values). Pending gradients never cross a band.
+
+A second backward pass (``retain_graph=True``) finds no store and rebuilds it the same way,
+band by band.
 
 The recomputation re-enters the forward pass's autocast state and replays its random
 draws, so it computes exactly what the forward pass computed. The order of the backward
@@ -37,41 +53,9 @@ import torch
 from ..errors import first_order
 from ..io.transfer import crop as crop_view
 from . import live
+from . import stripes as stripe_stores
 from .progress import Timer
 from .settings import AutocastState
-
-Key = tuple  # (node name, global box): one stored stripe
-
-
-@dataclass
-class Stripes:
-    """The stripe bookkeeping of a carry ShapePlan, derived from its tiles.
-
-    ``saves[p]``: node -> boxes of its cell that tile ``p`` stores for later tiles;
-    ``last_forward[key]``: the last tile that reads ``key`` in the forward pass;
-    ``last_backward[key]``: the first tile that reads it (the last one back-propagated)."""
-
-    saves: list
-    last_forward: dict
-    last_backward: dict
-
-    @staticmethod
-    def of(shape_plan) -> Stripes:
-        tiles = shape_plan.tiles
-        saves: list = [{} for _ in tiles]
-        last_forward: dict = {}
-        last_backward: dict = {}
-        for position, tile in enumerate(tiles):
-            for name, _, pieces, _ in tile.carry:
-                for source, box in pieces:
-                    if source < 0:
-                        continue
-                    key = (name, box)
-                    if key not in last_backward:
-                        saves[source].setdefault(name, []).append(box)
-                        last_backward[key] = position
-                    last_forward[key] = position
-        return Stripes(saves, last_forward, last_backward)
 
 
 class TileRun:
@@ -88,7 +72,7 @@ class TileRun:
         tile,
         dims: dict,
         leaves: dict,
-        store: dict | None = None,
+        store: stripe_stores.DeviceStripes | None = None,
         saves: dict | None = None,
         keep=(),
     ):
@@ -110,7 +94,7 @@ class TileRun:
         dims = self.dims[name]
         for box in self.saves.get(name, ()):
             part = crop_view(fresh, dims, [(lo - c[0], hi - c[0]) for (lo, hi), c in zip(box, cell)])
-            self.store[(name, box)] = part.detach().clone()
+            self.store.put((name, box), part)
         if len(pieces) == 1:
             return fresh
         tensors = [fresh if source < 0 else self.leaves[(name, box)] for source, box in pieces]
@@ -154,8 +138,13 @@ class StreamFunction(torch.autograd.Function):
         ctx.members = live.snapshot(trunk.tile)  # backward recomputes with these (see live.restored)
         wants_grad = any(ctx.needs_input_grad)
         ctx.positions = trunk.positions(shape_plan)  # all tiles, or this rank's bands
+        schedule = shape_plan.schedule
+        ctx.placement = schedule.placement(trunk.compute_device(x).type)  # where the stripes live
+        # banded carry back-propagates band by band; the other placements keep every stripe
+        ctx.bands = shape_plan.band_ranges(ctx.positions) if schedule.banded else [ctx.positions]
         keep = ctx.positions[-1] if wants_grad else None
-        ctx.store, ctx.kept, outs = _run_forward(ctx, x, keep, advance=True, keep_store=wants_grad)
+        kept = ctx.bands[-1] if wants_grad else None  # the tiles whose stripes the backward pass reads from this pass
+        ctx.store, ctx.kept, outs = _run_forward(ctx, x, ctx.positions, keep, kept, advance=True)
         if trunk.tile_group is not None:  # each rank wrote its blocks into zeros: sum them
             outs = tuple(trunk.tile_group.assemble(out) for out in outs)
         return outs if trunk.multi_output else outs[0]
@@ -168,30 +157,61 @@ class StreamFunction(torch.autograd.Function):
             return _backward(ctx, grad_outs)
 
 
+@dataclass
+class _Sums:
+    """What the backward pass accumulates over the tiles: the input gradient, the wanted
+    parameters' gradients, and the pending gradients of cells whose tiles run later."""
+
+    grad_x: torch.Tensor | None
+    grads: list
+    pending: dict
+
+
 def _backward(ctx, grad_outs: tuple):
-    """The backward pass of :class:`StreamFunction` (see the module docstring)."""
+    """The backward pass of :class:`StreamFunction` (see the module docstring): the bands in
+    reverse order (one band but under banded carry), each band's tiles in reverse order."""
     x, *params = ([ctx.image] if ctx.image is not None else []) + list(ctx.saved_tensors)
-    trunk, shape_plan = ctx.trunk, ctx.shape_plan
-    if ctx.store is None and trunk.stripes(shape_plan) is None:
-        ctx.store = {}
-    if ctx.store is None:  # a second backward pass (retain_graph): rebuild the stripes, as in the forward
-        with ctx.autocast.restored():
-            ctx.store = _run_forward(ctx, x, None, advance=False, keep_store=True)[0]
+    trunk = ctx.trunk
     want_x = ctx.needs_input_grad[0]
     wanted = [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
-    grad_x = torch.zeros_like(x) if want_x else None
-    grads: list = [None] * len(wanted)
-    stripes = trunk.stripes(shape_plan)
-    store, pending = ctx.store, {}
-    device = trunk.compute_device(x)
+    sums = _Sums(torch.zeros_like(x) if want_x else None, [None] * len(wanted), {})
+    store, ctx.store = ctx.store, None
     kept, ctx.kept = ctx.kept, None
-    order = list(reversed(ctx.positions))
+    for band in reversed(ctx.bands):
+        if store is None and trunk.stripes(ctx.shape_plan) is not None:
+            # a band whose stripes the forward pass did not keep, or a second backward pass
+            # (retain_graph): rebuild them with a no-grad carry over the band
+            with ctx.autocast.restored():
+                store = _run_forward(ctx, x, band, None, band, advance=False, assemble=False)[0]
+        _backward_band(ctx, x, band, store, kept, grad_outs, wanted, sums)
+        store = kept = None
+    if trunk.tile_group is not None:  # each rank back-propagated its own tiles: sum them
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(sums.grads, wanted)]
+        trunk.tile_group.reduce(([sums.grad_x] if want_x else []) + grads)
+        sums.grads = grads
+    result = iter(sums.grads)
+    param_grads = [next(result) if need else None for need in ctx.needs_input_grad[3:]]
+    return (sums.grad_x, None, None, *param_grads)
+
+
+def _backward_band(ctx, x, band: range, store, kept: _Kept | None, grad_outs: tuple, wanted: list, sums: _Sums):
+    """Recompute and back-propagate the tiles of ``band`` in reverse order (``kept``: the
+    last tile of the forward pass, with its graph), reading their stripes from ``store``."""
+    trunk, shape_plan = ctx.trunk, ctx.shape_plan
+    want_x = ctx.needs_input_grad[0]
+    device = trunk.compute_device(x)
+    order = list(reversed(band))
     skip = {kept.position} if kept is not None else set()
     loaded = trunk.tiles(x, shape_plan, device, "backward", order, skip)
+    following = dict(zip(order, order[1:]))  # the tile the backward pass runs after each one
+    if store is not None and order and order[0] not in skip:
+        store.prefetch(order[0])
     with Timer(device) as timer:
         for position, tile, crop in loaded:
+            if store is not None and position in following:
+                store.prefetch(following[position])  # host stripes: copied to the device while this tile computes
             with torch.enable_grad(), ctx.autocast.restored():
-                parts = pending.pop(position, {})  # complete: every later tile has run
+                parts = sums.pending.pop(position, {})  # complete: every later tile has run
                 if kept is not None and position == kept.position:
                     leaf, leaves, run, blocks = kept.leaf, kept.leaves, kept.run, kept.blocks
                     kept = None
@@ -214,34 +234,28 @@ def _backward(ctx, grad_outs: tuple):
                 tile_grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
             del blocks, outputs, grad_outputs, run, parts
             if want_x:
-                crop_view(grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(grad_x.device))
+                crop_view(sums.grad_x, trunk.input_dims, tile.region).add_(tile_grads.pop(0).to(sums.grad_x.device))
             for i in range(len(wanted)):
                 tg = tile_grads[i]
                 if tg is not None:
-                    grads[i] = tg if grads[i] is None else grads[i].add_(tg)
-            _send(pending, tile, keys, tile_grads[len(wanted) :])
-            if stripes:
-                _free(store, leaves, stripes.last_backward, position)
+                    sums.grads[i] = tg if sums.grads[i] is None else sums.grads[i].add_(tg)
+            _send(sums.pending, tile, keys, tile_grads[len(wanted) :])
+            if store is not None:
+                store.release(position, backward=True)
             del tile_grads, leaves, leaf, crop  # not into the next tile's recomputation
-    ctx.store = None
     trunk.stats.record("backward", len(order), timer.seconds, device)
-    if trunk.tile_group is not None:  # each rank back-propagated its own tiles: sum them
-        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wanted)]
-        trunk.tile_group.reduce(([grad_x] if want_x else []) + grads)
-    result = iter(grads)
-    param_grads = [next(result) if need else None for need in ctx.needs_input_grad[3:]]
-    return (grad_x, None, None, *param_grads)
 
 
-def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> tuple:
-    """Every tile in raster order, without autograd but for tile ``keep``: returns the stripe
-    store, the kept tile and the assembled outputs (a tuple)."""
+def _run_forward(ctx, x, positions: range, keep: int | None, kept: range | None, advance: bool, assemble=True):
+    """The tiles at ``positions`` in raster order, without autograd but for tile ``keep``.
+    Returns the stripe store (None unless ``kept``: the positions whose stripes the
+    backward pass reads from this pass), the kept tile and the assembled outputs (a tuple,
+    or None without ``assemble``: a rebuild of the stripes for the backward pass)."""
     trunk, shape_plan = ctx.trunk, ctx.shape_plan
     stripes = trunk.stripes(shape_plan)
     device = trunk.compute_device(x)
-    store: dict = {}
-    outs, kept = None, None
-    positions = ctx.positions
+    store = stripe_stores.store(ctx.placement, stripes, kept, device) if stripes else None
+    outs, kept_tile = None, None
     tiles = trunk.tiles(x, shape_plan, device, "forward", positions)
     with torch.no_grad(), Timer(device) as timer:
         for position, tile, crop in tiles:
@@ -256,9 +270,11 @@ def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> t
                     run = TileRun(tile, trunk.node_dims, leaves, store, saves, read_later)
                     blocks = trunk.run_tile(trunk.prepare(leaf), tile, run, random)
             if grad:
-                kept = _Kept(position, leaf, leaves, run, blocks)
-            if stripes and not keep_store:
-                _free(store, leaves, stripes.last_forward, position)
+                kept_tile = _Kept(position, leaf, leaves, run, blocks)
+            if store is not None:
+                store.release(position, backward=False)
+            if not assemble:
+                continue
             if outs is None:  # zeros where other ranks' blocks go
                 partial = len(positions) < shape_plan.num_tiles
                 outs = tuple(
@@ -267,18 +283,17 @@ def _run_forward(ctx, x, keep: int | None, advance: bool, keep_store: bool) -> t
                 )
             for out, block, dims, box in zip(outs, blocks, trunk.outputs_dims, tile.blocks):
                 crop_view(out, dims, box).copy_(block.detach())
-    trunk.stats.record("forward", len(positions), timer.seconds, device)
-    return (store if keep_store else None), kept, outs
+    trunk.stats.record("forward" if assemble else "rebuild", len(positions), timer.seconds, device)
+    return (store if kept is not None else None), kept_tile, outs
 
 
-def _leaves(tile, store: dict, grad: bool) -> dict:
+def _leaves(tile, store, grad: bool) -> dict:
     """The stripes ``tile`` reads, as leaves (requiring grad when ``grad``)."""
     leaves = {}
     for name, _, pieces, _ in tile.carry:
         for source, box in pieces:
             if source >= 0:
-                stored = store[(name, box)]
-                leaves[(name, box)] = stored.detach().requires_grad_(grad)
+                leaves[(name, box)] = store.get((name, box)).detach().requires_grad_(grad)
     return leaves
 
 
@@ -327,12 +342,6 @@ def _add_parts(index: int, parts: list, boxes: list, dims: tuple, grads: tuple) 
     for part, box in zip(parts, boxes):
         crop_view(grad, dims, box).add_(part)
     return grads[:index] + (grad,) + grads[index + 1 :]
-
-
-def _free(store: dict, leaves: dict, last: dict, position: int) -> None:
-    for key in leaves:
-        if last.get(key) == position:
-            store.pop(key, None)
 
 
 @contextlib.contextmanager

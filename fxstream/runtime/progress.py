@@ -27,6 +27,8 @@ class StreamStats:
     backward_tiles: int = 0
     forward_s: float = 0.0
     backward_s: float = 0.0
+    rebuild_tiles: int = 0  # banded carry (or a second backward pass): no-grad tiles that rebuild stripes
+    rebuild_s: float = 0.0
     peak_memory: int | None = None
     host_peak_rss: int = 0
 
@@ -40,6 +42,9 @@ class StreamStats:
             self.passes += 1
             self.forward_tiles += tiles
             self.forward_s += seconds
+        elif phase == "rebuild":
+            self.rebuild_tiles += tiles
+            self.rebuild_s += seconds
         else:
             self.backward_tiles += tiles
             self.backward_s += seconds
@@ -51,9 +56,12 @@ class StreamStats:
     def __str__(self) -> str:
         memory = f"peak GPU memory {self.peak_memory / 2**30:.2f} GiB" if self.peak_memory is not None else ""
         host = f"host peak RSS {self.host_peak_rss / 2**30:.2f} GiB"
+        rebuild = ""
+        if self.rebuild_tiles:
+            rebuild = f"{self.rebuild_tiles} tiles rebuilding stripes in {self.rebuild_s:.2f} s, "
         return (
             f"{self.passes} streamed passes: {self.forward_tiles} forward tiles in {self.forward_s:.2f} s, "
-            f"{self.backward_tiles} backward tiles in {self.backward_s:.2f} s; "
+            f"{rebuild}{self.backward_tiles} backward tiles in {self.backward_s:.2f} s; "
             + ", ".join(m for m in (memory, host) if m)
         )
 
