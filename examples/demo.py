@@ -20,6 +20,11 @@ What it shows, on synthetic data (no downloads, a CPU is enough), in one to two 
    the measured ratio includes. ``--compare-recompute`` also times the recompute schedule
    (independent tiles, each recomputing its halo; predicted (1 + 3h) / 3), at a tile larger
    than the receptive field, which it needs.
+5. Gigapixel sides, predicted: the memory model (``fxstream plan``'s) predicts the peak of
+   a plain step and of a streamed one (carry, carry with banded stripes, recompute) on a CPU
+   at 8192, 32768 and 100,000 px sides, with nothing allocated, and the demo saves a plot of
+   predicted memory against image side (``--out DIR``, default a new temporary folder; the
+   path is printed).
 
 The model is in eval mode (streaming needs a local trunk, so BatchNorm uses its running
 statistics, which are randomised a little so that every gradient is non-trivial).
@@ -27,7 +32,7 @@ statistics, which are randomised a little so that every gradient is non-trivial)
 CPU steps run on one thread per process by default (``--threads``; see THREADS_NOTE).
 
 Usage: python examples/demo.py [--size HxW] [--check-size HxW] [--tile-size T] [--reps R]
-       [--threads N] [--compare-recompute] [--recompute-tile-size T] [--quick]
+       [--threads N] [--compare-recompute] [--recompute-tile-size T] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 
 import torch
@@ -66,6 +73,16 @@ QUICK = {
     "recompute_tile_size": 480,
     "reps": 1,
 }
+# Section 5: the predicted peaks at these image sides (px), with this tile for every schedule,
+# and the sides of the plot (4k to 100k, log-spaced; at smaller sides the tile is most of the image).
+GIGAPIXEL_SIDES = (8192, 32768, 100_000)
+GIGAPIXEL_TILE = 2048
+GIGAPIXEL_SCHEDULES = {  # key: (schedule, column label)
+    "carry": ("carry", "carry"),
+    "banded": (fxstream.Schedule("carry", stripes="banded"), "banded"),
+    "recompute": ("recompute", "recompute"),
+}
+PLOT_SIDES = (4096, 8192, 16384, 32768, 65536, 100_000)
 # The CPU memory measure is the process's peak resident set size. glibc normally keeps
 # freed blocks below an adaptive threshold (up to 32 MiB) in its heap, so the RSS of a
 # process that allocates many tile-sized tensors counts memory torch has already freed.
@@ -97,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--threads", type=int, default=1, metavar="N", help="CPU threads per process (default 1; see THREADS_NOTE)"
     )
     parser.add_argument("--compare-recompute", action="store_true", help="also time the recompute schedule")
+    parser.add_argument("--out", metavar="DIR", help="folder for the plot (default: a new temporary folder)")
     parser.add_argument("--quick", action="store_true", help="small images, for a fast smoke test")
     parser.add_argument("--measure", choices=["plain", "streamed"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -322,6 +340,109 @@ def load_average() -> str:
         return "unknown"
 
 
+# --- 5. Gigapixel sides, predicted (nothing allocated) ------------------------------------
+
+
+def predict_gigapixel(args: argparse.Namespace) -> dict:
+    """Predicted peak bytes of one float32 training step on a CPU (one memory), plain and
+    streamed under each of GIGAPIXEL_SCHEDULES (tile GIGAPIXEL_TILE), per image side, and
+    the parts the caveat names; from the memory model that ``fxstream plan`` prints
+    (``fxstream.cli.report.memory_model``): shapes only, no image allocated.
+
+    The image itself is left out of every figure: a plain step needs it in memory as a
+    float32 tensor, while fxstream reads it tile by tile from a file or memmap."""
+    from fxstream.cli.report import memory_model
+
+    model = build_model(torch.float32)
+    sides = sorted(set(GIGAPIXEL_SIDES) | set(PLOT_SIDES))
+    predicted: dict = {"side": sides}
+    for key, (schedule, _) in GIGAPIXEL_SCHEDULES.items():
+        smodel = fxstream.compile(model, tile_size=GIGAPIXEL_TILE, schedule=schedule)
+        memory, _ = memory_model(smodel, (1, 3, GIGAPIXEL_TILE, GIGAPIXEL_TILE), torch.float32, "cpu")
+        estimates = [memory.estimate((side, side)) for side in sides]
+        predicted[key] = [_without_image(e.streamed_training) for e in estimates]
+        parts = [e.streamed_training.parts for e in estimates]
+        predicted[f"{key} stripes"] = [sum(v for k, v in p.items() if k.startswith("stripe")) for p in parts]
+        if key == "carry":  # the same in every schedule
+            predicted["plain"] = [_without_image(e.plain_training) for e in estimates]
+            predicted["image"] = [e.plain_training.parts["input"] for e in estimates]
+            predicted["trunk output"] = [p.get("trunk output", 0) for p in parts]
+    return predicted
+
+
+def _without_image(peak) -> int:
+    return peak.total - peak.parts.get("input", 0)
+
+
+def print_gigapixel(predicted: dict) -> None:
+    gib = 2**30
+    print("== 5. Predicted peak memory at gigapixel sides (memory model; nothing allocated) ==")
+    print(
+        f"ResNet-18, one float32 training step on a CPU, tile {GIGAPIXEL_TILE} px, "
+        "not counting the image itself (GiB);\n"
+        "banded: carry with stripes='banded'; plain / best: plain over the smallest fxstream figure"
+    )
+    header = "".join(f" {label:>9}" for _, label in GIGAPIXEL_SCHEDULES.values())
+    print(f"  {'image side':>10} {'plain':>9}{header} {'plain / best':>13}")
+    for side in GIGAPIXEL_SIDES:
+        i = predicted["side"].index(side)
+        values = [predicted[key][i] / gib for key in GIGAPIXEL_SCHEDULES]
+        cells = "".join(f" {v:>9.1f}" for v in values)
+        plain = predicted["plain"][i] / gib
+        print(f"  {side:>10,} {plain:>9.1f}{cells} {plain / min(values):>12.0f}x")
+    i = predicted["side"].index(GIGAPIXEL_SIDES[-1])
+    out, image = predicted["trunk output"][i] / gib, predicted["image"][i] / gib
+    store, band = predicted["carry stripes"][i] / gib, predicted["banded stripes"][i] / gib
+    caveat = (
+        f"At {GIGAPIXEL_SIDES[-1]:,} px every schedule's figure includes the trunk output and its gradient, "
+        f"{out:.1f} GiB each (ResNet-18's trunk ends at stride 32 with 512 channels): they grow with the "
+        f"image area. So does carry's stripe store ({store:.1f} GiB: on a CPU every stripe stays in memory "
+        f"for the backward pass); stripes='banded' keeps one band's ({band:.1f} GiB) for one more forward "
+        "pass. On a GPU the default stripes='auto' keeps the store in host memory, and "
+        "output_device='cpu' puts the trunk output and its gradient there too. The image, "
+        f"{image:.0f} GiB in float32, is for a plain step to hold; fxstream reads it tile by tile from a "
+        "file or memmap."
+    )
+    print(textwrap.fill(caveat, width=100))
+
+
+def plot_gigapixel(predicted: dict, out_dir: str) -> str | None:
+    """Save a log-log plot of the predicted peaks against the image side; its path, or None
+    without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot; pip install matplotlib)")
+        return None
+    gib = 2**30
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {
+        "plain": ("plain autograd", "tab:red", "o"),
+        "carry": (f"fxstream carry (tile {GIGAPIXEL_TILE})", "tab:blue", "s"),
+        "banded": (f"fxstream carry, banded stripes (tile {GIGAPIXEL_TILE})", "tab:purple", "D"),
+        "recompute": (f"fxstream recompute (tile {GIGAPIXEL_TILE})", "tab:green", "^"),
+    }
+    for key, (label, color, marker) in styles.items():
+        ax.plot(predicted["side"], [v / gib for v in predicted[key]], marker=marker, color=color, label=label)
+    ax.plot(predicted["side"], [v / gib for v in predicted["image"]], ":", color="gray", label="the image (float32)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("image side (px), square image")
+    ax.set_ylabel("predicted peak memory, without the image (GiB)", fontsize=9)
+    ax.set_title("ResNet-18, one float32 training step on a CPU: predicted by fxstream's memory model", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "memory-vs-side.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # --- Summary -------------------------------------------------------------------------------
 
 
@@ -375,6 +496,13 @@ def main(argv=None) -> int:
     memory = measure_memory(args)
     timing = measure_time(args)
     print_summary(args, error, memory, timing)
+    print()
+    predicted = predict_gigapixel(args)
+    print_gigapixel(predicted)
+    out_dir = args.out or tempfile.mkdtemp(prefix="fxstream-demo-")
+    path = plot_gigapixel(predicted, out_dir)
+    if path:
+        print(f"plot of predicted memory against image side: {path}")
     print(f"\n(demo took {time.perf_counter() - start:.0f} s)")
     return 0
 

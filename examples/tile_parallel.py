@@ -32,6 +32,22 @@ import torchvision
 import fxstream
 
 
+def describe_bands(bands: tuple[int, ...], grid: tuple[int, ...], schedule: str) -> str:
+    """What ``bands`` means: the first tile row (axis-0 block) of each rank's band, and the
+    rows each rank runs."""
+    rows = grid[0]
+    ends = [*bands[1:], rows]
+    per_rank = "; ".join(
+        f"rank {r}: tile rows {lo}-{hi - 1}" if hi - lo > 1 else f"rank {r}: tile row {lo}"
+        for r, (lo, hi) in enumerate(zip(bands, ends))
+    )
+    grid_text = "x".join(str(n) for n in grid)
+    line = f"  bands: the first tile row of each rank's band, of {rows} rows ({grid_text} tiles): {per_rank}"
+    if schedule == "carry" and len(bands) > 1:
+        line += "\n  (each band carries internally; a band after the first recomputes the halo at its first row)"
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="image edge in pixels")
@@ -65,6 +81,7 @@ def main() -> None:
         shape = smodel.shape_plan(args.size, args.size)
         ranks = dist.get_world_size() if distributed else 1
         print(f"{ranks} process(es), {args.schedule}: {shape.num_tiles} tiles, bands {shape.schedule.bands}")
+        print(describe_bands(shape.schedule.bands, shape.grid, args.schedule))
 
     times = []
     for step in range(args.steps + 1):

@@ -126,6 +126,11 @@ class PlannerError(FxStreamError):
 E = TypeVar("E", bound=FxStreamError)
 
 
+class PerformanceWarning(UserWarning):
+    """A setting that makes streaming much slower than it needs to be (e.g. more CPU threads
+    than free cores); the message names the fix. Shown once per process."""
+
+
 def user_error(
     cls: type[E],
     what: str,

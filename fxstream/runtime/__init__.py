@@ -7,7 +7,8 @@
   pooling, resampling taps); :mod:`.settings`: the run-time settings;
 * :mod:`.rng`: random draws replayed per tile; :mod:`.live`: the model's current members;
   :mod:`.channels`: the input's channel count checked before any pixel is read;
-  :mod:`.progress`: the tile progress bar and :class:`StreamStats`.
+  :mod:`.progress`: the tile progress bar and :class:`StreamStats`; :mod:`.threads`: the
+  warning when torch has more CPU threads than free cores.
 
 Imports the stages below it (errors, ops, analysis, planning) and :mod:`fxstream.io`;
 never :mod:`fxstream.memory`, :mod:`fxstream.module` or the CLI.

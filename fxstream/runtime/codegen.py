@@ -43,7 +43,7 @@ from ..planning.plan import Plan
 from ..planning.schedule import as_schedule
 from ..planning.tiling import ShapePlan, plan_shape
 from ..planning.trunk import TrunkGeometry
-from . import channels, kernels, passes, progress, rng
+from . import channels, kernels, passes, progress, rng, threads
 from .executor import StreamFunction
 from .settings import StreamSettings, check_block
 from .stripes import Stripes
@@ -392,6 +392,7 @@ class StreamedTrunk(nn.Module):
         if not torch.is_grad_enabled():  # inference: nothing to differentiate (and no graph to keep)
             x, params = (x.detach() if isinstance(x, torch.Tensor) else x), []
         x = x if isinstance(x, torch.Tensor) else transfer.as_source(x)  # one source: backward checks its reads
+        threads.check(self.compute_device(x))  # more CPU threads than free cores: warn once
         return StreamFunction.apply(x, self, self.shape_plan(size), *params)
 
     def compute_device(self, x: torch.Tensor) -> torch.device:
