@@ -266,12 +266,21 @@ class PyramidPooling(nn.Module):
         return x + context
 
 
+class MaxPyramidPooling(PyramidPooling):
+    """The same with adaptive *max* pooling: a max over pixels is not a sum of partial sums,
+    so it is not a global statistic fxstream streams."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveMaxPool2d(8)
+
+
 # name -> (block, node named in the message, module path, words in the message)
 REJECTED = {
     "fixed_size": (FixedSize, "interpolate", "block", ["fixed size=(64, 64)", "non-local"]),
     "antialias": (Antialias, "interpolate", "block", ["antialias"]),
     "output_size": (OutputSize, "block_up", "block.up", ["output_size=", "output_padding"]),
-    "adaptive_pool_in_decoder": (PyramidPooling, "add", "block", ["block_pool", "block.pool", "whole image"]),
+    "adaptive_max_pool_in_decoder": (MaxPyramidPooling, "add", "block", ["block_pool", "block.pool", "a max"]),
 }
 
 
@@ -288,6 +297,16 @@ def test_dense_rejections_name_the_node(name):
     assert "fix:" in message
     for word in words:
         assert word in message, word
+
+
+def test_adaptive_avg_pool_in_decoder_streams_whole_as_a_statistic():
+    """Adaptive average pooling to an 8x8 grid, upsampled back: one level of global
+    statistics (each tile adds to the bins it overlaps), exact."""
+    torch.manual_seed(0)
+    model = DenseNet(PyramidPooling()).double().eval()
+    smodel = fxstream.compile(model, tile_size=12)
+    assert smodel.plan.levels == 1
+    check_streamed(model, torch.randn(1, 3, 29, 37, dtype=torch.float64), 12, streamed=smodel, min_tiles=4)
 
 
 def test_adaptive_pool_in_decoder_streams_with_boundary():
