@@ -334,3 +334,36 @@ def test_a_branch_on_the_batch_size_inside_the_trunk_is_rejected():
     nothing checks would let a batch of 3 run the traced batch-1 branch silently."""
     with pytest.raises(fxstream.UnsupportedOpError, match="Python branch on .*y.shape\\[0\\] > 2"):
         fxstream.compile(build(BatchBranchInTrunk()), tile_size=16)
+
+
+class _BranchyTrainNet(nn.Module):
+    """Needs the concrete tracer (a Python branch on a size) and has training-mode state:
+    BatchNorm running statistics and dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.shape[-1] % 2 == 0:  # plain torch.fx cannot trace this
+            x = x * 1.0
+        y = self.drop(torch.relu(self.bn(self.conv(x))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_compile_leaves_no_trace_on_a_training_model():
+    """Compiling (the concrete tracer and the trace check run the model on a probe) changes
+    neither the model's buffers (BatchNorm statistics, num_batches_tracked) nor the global
+    random state: found on smp PSPNet in training mode, whose statistics compile updated."""
+    model = _BranchyTrainNet().train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fxstream.compile(model, tile_size=16, max_levels=None).program()
+    assert torch.equal(torch.rand(3), expected)  # no draw from the global generator
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, buffers[key]), key

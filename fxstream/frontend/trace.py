@@ -64,7 +64,7 @@ import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from ..errors import FxStreamError, TraceError, is_internal_file
-from .tracecheck import check_trace, meta_call, probe_input, record_mutations, size_guard, to_meta
+from .tracecheck import check_trace, meta_call, probe_input, record_mutations, side_effects_undone, size_guard, to_meta
 
 _METADATA_METHODS = ("size", "dim", "numel", "nelement")
 _METADATA_ATTRIBUTES = ("shape", "ndim", "dtype", "device", "is_cuda", "layout")
@@ -390,7 +390,10 @@ def trace(model: torch.nn.Module, sample: torch.Tensor | None = None) -> fx.Grap
         if sample is None:
             raise _trace_error(model, plain, "") from plain
         try:
-            gm = run_tracer(ConcreteTracer(sample), model)
+            # the concrete tracer runs the model's modules on the sample: in training mode that
+            # would update BatchNorm's running statistics and draw from the global generator
+            with side_effects_undone(model, sample.device):
+                gm = run_tracer(ConcreteTracer(sample), model)
         except TraceError as exc:  # control flow on tensor values
             raise TraceError(f"torch.fx could not trace {type(model).__name__}: {exc}") from exc
         except FxStreamError:
