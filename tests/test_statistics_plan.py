@@ -7,6 +7,7 @@ import json
 import textwrap
 
 import pytest
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -95,3 +96,37 @@ def test_fxstream_plan_text_and_json(tmp_path, capsys):
     assert all("level" in node for node in data["nodes"])
     assert main(args + ["--max-levels", "1"]) == 2
     assert "with max_levels=1: its trunk holds 2 dependent levels" in capsys.readouterr().err
+
+
+class _SEThenUpsample(nn.Module):
+    """A stride-4 encoder with six SE blocks (six levels), upsampled back to the input size,
+    then a full-resolution decoder: most of the work is after the upsampling."""
+
+    def __init__(self, by_size: bool):
+        super().__init__()
+        self.by_size = by_size
+        self.down = nn.Conv2d(3, 16, 3, stride=4, padding=1)
+        self.enc = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=1) for _ in range(6))
+        self.gates = nn.ModuleList(nn.Conv2d(16, 16, 1) for _ in range(6))
+        self.dec = nn.Sequential(*[nn.Conv2d(16, 16, 3, padding=1) for _ in range(4)])
+
+    def forward(self, x):
+        y = self.down(x)
+        for conv, gate in zip(self.enc, self.gates):
+            y = conv(y)
+            y = y * torch.sigmoid(gate(y.mean((2, 3), keepdim=True)))
+        y = F.interpolate(y, size=x.shape[2:]) if self.by_size else F.interpolate(y, scale_factor=4.0)
+        return self.dec(y)
+
+
+def test_refusal_cost_counts_an_upsampling_to_a_size_like_a_scale_factor():
+    """The StatisticsError's predicted ratio (from static weights, before planning) gives the
+    nodes after interpolate(size=x.shape[2:]) the stride of x, as after scale_factor=4: it
+    counted the decoder at the encoder's stride (4.23x against 1.75x, smp's Unet decoders)."""
+    ratios = []
+    for by_size in (False, True):
+        with pytest.raises(fxstream.StatisticsError) as info:
+            fxstream.compile(_SEThenUpsample(by_size).eval(), tile_size=256)
+        ratios.append(info.value.predicted_step_ratio)
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-9)
+    assert ratios[0] < 2.5

@@ -144,21 +144,50 @@ def _boundary_name(gm: fx.GraphModule, node: fx.Node) -> str:
 def _strides(node: fx.Node, verdicts: dict, image: fx.Node) -> tuple | None:
     """Cumulative stride of ``node`` per spatial axis (Fractions), following first inputs."""
     chain = []
+    stride = None
     while node is not image:
         verdict = verdicts.get(node)
         if verdict is None:
             return None
+        if isinstance(verdict, ops.Window) and verdict.kind == "resample" and verdict.stencils is None:
+            # interpolate(size=other.shape[2:]) before sizes are resolved: it has other's stride
+            like = _size_source(node, verdicts, image)
+            if like is not None:
+                stride = _strides(like, verdicts, image)
+                break
         chain.append(verdict)
         source = verdict.input if isinstance(verdict, ops.Window) else _first_spatial(node, verdicts, image)
         if source is None:
             return None
         node = source
-    stride = None
     for verdict in reversed(chain):
         if isinstance(verdict, ops.Window) and verdict.stencils is not None:
             factors = tuple(_factor(s) for s in verdict.stencils)
             stride = factors if stride is None else tuple(a * b for a, b in zip(stride, factors))
     return stride or (Fraction(1),)
+
+
+def _size_source(node: fx.Node, verdicts: dict, image: fx.Node) -> fx.Node | None:
+    """The trunk tensor whose sizes an ``interpolate(size=...)`` node's size comes from
+    (``size=skip.shape[2:]``), or None."""
+    size = node.kwargs.get("size", node.args[1] if len(node.args) > 1 else None)
+    todo = _nodes_in(size)
+    seen = set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is image or (n in verdicts and n is not node):
+            return n
+        todo.extend(n.all_input_nodes)
+    return None
+
+
+def _nodes_in(value) -> list:
+    found = []
+    fx.node.map_arg(value, found.append)
+    return found
 
 
 def _first_spatial(node: fx.Node, verdicts: dict, image: fx.Node) -> fx.Node | None:
