@@ -85,7 +85,9 @@ def _monai(name: str):
             return nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2)
         if name == "DynUNet":
             k, s = [3] * 5, [1, 2, 2, 2, 2]
-            return nets.DynUNet(2, 1, 2, kernel_size=k, strides=s, upsample_kernel_size=s[1:], filters=(16, 32, 64, 128, 256))
+            return nets.DynUNet(
+                2, 1, 2, kernel_size=k, strides=s, upsample_kernel_size=s[1:], filters=(16, 32, 64, 128, 256)
+            )
         if name == "AttentionUnet":
             return nets.AttentionUnet(2, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2))
         if name == "SegResNet":
@@ -199,7 +201,13 @@ def plan_one(name: str, train: bool) -> dict:
     torch.manual_seed(0)
     model = make().train(train)
     shape = (2 if train else 1, channels, PLAN_SIDE, PLAN_SIDE)
-    row = {"model": name, "category": category, "mode": "train" if train else "eval", "tile_size": TILE, "side": PLAN_SIDE}
+    row = {
+        "model": name,
+        "category": category,
+        "mode": "train" if train else "eval",
+        "tile_size": TILE,
+        "side": PLAN_SIDE,
+    }
     signal.signal(signal.SIGALRM, _alarm)
     start = time.perf_counter()
     signal.alarm(COMPILE_LIMIT_S)
@@ -299,17 +307,24 @@ def measure_one(name, train, side, tile, side64, tile64, max_levels) -> dict:
         row["streamed_s"] = round(stats_.median(s for _, s in pairs), 3)
         row["measured_ratio"] = round(stats_.median(s / p for p, s in pairs), 3)
         row["pairs"] = [[round(p, 3), round(s, 3)] for p, s in pairs]
-        print(f"  {name}: {row['num_tiles']} tiles at {side} px, plain {row['plain_s']} s, streamed "
-              f"{row['streamed_s']} s, measured {row['measured_ratio']}x, predicted {row['predicted_step_ratio']}x", flush=True)
+        print(
+            f"  {name}: {row['num_tiles']} tiles at {side} px, plain {row['plain_s']} s, streamed "
+            f"{row['streamed_s']} s, measured {row['measured_ratio']}x, predicted {row['predicted_step_ratio']}x",
+            flush=True,
+        )
         del smodel
         # float64 exactness, on a smaller image with several tiles
         model64 = copy.deepcopy(model).double()
-        x64 = torch.randn(batch, channels, side64, side64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        x64 = torch.randn(
+            batch, channels, side64, side64, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+        )
         plain64 = copy.deepcopy(model64)  # train mode: each side updates its own running statistics
         s64 = fxstream.compile(model64, tile_size=tile64, max_levels=max_levels)
         # compile may update train-mode BatchNorm running statistics itself (seen on smp PSPNet, a
         # bug reported separately): count them, then restore them, to compare one call's update
-        changed = [n for (n, a), (_, b) in zip(model64.named_buffers(), plain64.named_buffers()) if not torch.equal(a, b)]
+        changed = [
+            n for (n, a), (_, b) in zip(model64.named_buffers(), plain64.named_buffers()) if not torch.equal(a, b)
+        ]
         with torch.no_grad():
             for (_, a), (_, b) in zip(model64.named_buffers(), plain64.named_buffers()):
                 a.copy_(b)
