@@ -181,12 +181,11 @@ def test_each_pass_runs_once_forward_and_once_backward():
     assert stats.rebuild_tiles == (4 * n if smodel.schedule.carries else 0)
 
 
+@pytest.mark.parametrize("schedule", ["carry"], indirect=True)  # carry's placements: one schedule
 @pytest.mark.parametrize("stripes", ["host", "banded"])
 def test_every_stripe_placement(stripes):
     """Host stripes (forced on CPU: clones) and banded carry (band by band; a statistics pass
     rebuilds every band): exact, train-mode BatchNorm and four levels."""
-    if fxstream.planning.schedule.DEFAULT != "carry":
-        pytest.skip("carry's stripe placements")
     schedule = fxstream.Schedule("carry", stripes=stripes, band_rows=1 if stripes == "banded" else None)
     x = torch.randn(2, 3, 23, 19, generator=torch.Generator().manual_seed(1), dtype=F64)
     check(randomise(Toy()), x, 12, schedule=schedule)

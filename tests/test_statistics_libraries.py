@@ -129,25 +129,22 @@ def test_monai_basic_unet_instance_norm(schedule):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["carry"], indirect=True)  # the carry schedule's tiling
 def test_monai_basic_unet_many_carry_tiles():
     """At 144 x 128 the carry tiling of BasicUNet has 5 x 4 tiles (its cells are non-empty)."""
-    if fxstream.planning.schedule.DEFAULT != "carry":
-        pytest.skip("the carry schedule's tiling")
     smodel = streams(basic_unet, (144, 128), "carry", max_levels=18)
     assert smodel.shape_plan(144, 128).num_tiles >= 16
 
 
+@pytest.mark.parametrize("schedule", ["carry"], indirect=True)  # one schedule (CPU time)
 def test_timm_efficientnet_b0():
-    if fxstream.planning.schedule.DEFAULT != "carry":
-        pytest.skip("one schedule (CPU time)")
     factory = lambda: timm.create_model("efficientnet_b0", pretrained=False, num_classes=0)  # noqa: E731
     streams(factory, (64, 64), "carry", levels=16, max_levels=16)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["recompute"], indirect=True)  # one schedule (CPU time)
 def test_timm_convnextv2_atto():
-    if fxstream.planning.schedule.DEFAULT != "recompute":
-        pytest.skip("one schedule (CPU time)")
     factory = lambda: timm.create_model("convnextv2_atto", pretrained=False, num_classes=0)  # noqa: E731
     smodel = streams(factory, (64, 64), "recompute", levels=12, max_levels=12, tiles=4)
     assert {s[3] for s in smodel.plan.statistics} == {"global norm"}
