@@ -490,8 +490,7 @@ def table(result: dict) -> str:
         cells = [
             cfg,
             image,
-            r["method"]
-            + (f", tile {r['tile']}" if r["method"] in TILED_METHODS else ""),
+            r["method"] + (f", tile {r['tile']}" if r["method"] in TILED_METHODS else ""),
             f"{r['time_s']:.3f} s",
             f"{r['time_x_plain']:.2f}x" if "time_x_plain" in r else "",
             _gib(r.get("peak_bytes")),

@@ -5,14 +5,13 @@ the whole batch (float64), and gradients are all-reduced once per step."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from exactness import RTOL64, rel_err
+from gloo import run_ranks
 
 import fxstream
 
@@ -77,20 +76,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_serial_backward_equals_single_process_full_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = run_ranks(_worker, WORLD, tmp_path)
     model = make()
     x, y = data()
     loss = F.cross_entropy(model(x), y)
     loss.backward()
     ref = {n: p.grad for n, p in model.named_parameters()}
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for mode in ("per_micro_batch", "whole_batch_head"):
         for rank, results in enumerate(ranks):
             got = results[mode]

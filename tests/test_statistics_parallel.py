@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from exactness import rel_err
+from gloo import run_ranks
 from test_statistics import RTOL, BNNet, Toy, grad_err, randomise, step
 
 import fxstream
@@ -63,15 +62,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_statistics_in_a_tile_group(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_worker, WORLD, tmp_path)
     for name in ("toy", "bn"):
         plain = build(name)
         reference = [run(plain, inputs(k), k) for k in range(2)]

@@ -1019,6 +1019,7 @@ def function_rule(target):
         return STOCHASTIC_DEPTH
     return rule
 
+
 _POINTWISE_METHODS = [
     "relu",
     "relu_",
