@@ -24,6 +24,33 @@ def uniform_tiles(monkeypatch):
     )
 
 
+@pytest.fixture
+def float64_default():
+    """Build models and inputs in float64; restore the default afterwards, so that other test
+    modules (and their worker processes) keep torch's float32 default. Modules that need it
+    everywhere say ``pytestmark = pytest.mark.usefixtures("float64_default")``."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(saved)
+
+
+def balanced_carry_tiles(monkeypatch) -> None:
+    """Under carry, tile with the plan's uniform blocks (at most ``plan.block`` output pixels)
+    instead of the fewest tiles that fit: many small tiles and cells, several bands."""
+    monkeypatch.setattr(
+        fxstream.planning.tiling,
+        "carry_split",
+        lambda width, n, limit, block: fxstream.planning.plan.balanced_split(n, block),
+    )
+
+
+@pytest.fixture
+def small_carry_tiles(monkeypatch):
+    """Carry blocks of the plan's block size (many small tiles, several bands)."""
+    balanced_carry_tiles(monkeypatch)
+
+
 @pytest.fixture(params=["carry", "recompute"])
 def schedule(request, monkeypatch):
     """Run a test under both schedules (the default schedule of ``fxstream.compile``).
@@ -33,11 +60,7 @@ def schedule(request, monkeypatch):
     get at least as many carry tiles, with cells much smaller than their halos."""
     monkeypatch.setattr(fxstream.planning.schedule, "DEFAULT", request.param)
     if request.param == "carry":
-        monkeypatch.setattr(
-            fxstream.planning.tiling,
-            "carry_split",
-            lambda width, n, limit, block: fxstream.planning.plan.balanced_split(n, block),
-        )
+        balanced_carry_tiles(monkeypatch)
     return request.param
 
 

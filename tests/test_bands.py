@@ -14,23 +14,7 @@ from zoo import build as build_zoo
 import fxstream
 from fxstream.errors import FxStreamError
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Build models and inputs in float64; restore the default for other test modules."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(saved)
-
-
-@pytest.fixture
-def small_carry_tiles(monkeypatch):
-    monkeypatch.setattr(
-        fxstream.planning.tiling,
-        "carry_split",
-        lambda width, n, limit, block: fxstream.planning.plan.balanced_split(n, block),
-    )
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _banded(model, tile, bands, **kwargs):

@@ -18,15 +18,7 @@ from zoo import build as build_zoo
 import fxstream
 from fxstream.planning.tiling import cell_boundaries, plan_shape
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """These tests build models and inputs in float64; restore the default afterwards so that
-    other test modules (and their worker processes) keep torch's float32 default."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(saved)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _carry(model, tile, **kwargs):

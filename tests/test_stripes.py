@@ -23,29 +23,13 @@ from fxstream import Schedule
 from fxstream.errors import FxStreamError
 from fxstream.runtime import stripes as stripe_stores
 
+pytestmark = pytest.mark.usefixtures("float64_default")
+
 PLACEMENTS = {
     "host": Schedule("carry", stripes="host"),
     "banded1": Schedule("carry", stripes="banded", band_rows=1),
     "banded2": Schedule("carry", stripes="banded", band_rows=2),
 }
-
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(saved)
-
-
-@pytest.fixture
-def small_carry_tiles(monkeypatch):
-    """Carry blocks of the plan's block size (many small tiles, several bands)."""
-    monkeypatch.setattr(
-        fxstream.planning.tiling,
-        "carry_split",
-        lambda width, n, limit, block: fxstream.planning.plan.balanced_split(n, block),
-    )
 
 
 def _compile(model, tile, placement, **kwargs):
