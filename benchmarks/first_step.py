@@ -40,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # this checkout's fxstream
 
+from procmem import reset_peak, status_bytes  # noqa: E402
+
 MIB = 1 << 20
 CASES = {
     # name: (arch, boundary, image side, tile)
@@ -61,19 +63,6 @@ ALLOCATORS = {
     "jemalloc": {"LD_PRELOAD": LIBS["jemalloc"]},
     "tcmalloc": {"LD_PRELOAD": LIBS["tcmalloc"]},
 }
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def trim_per_tile() -> None:

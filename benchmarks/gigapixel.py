@@ -56,6 +56,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # this checkout's fxstream
 
+from procmem import reset_peak, status_bytes  # noqa: E402
+
 MIB, GIB = 1 << 20, 1 << 30
 FIGURE_SIDES = (1024, 1448, 2048, 2896, 4096, 5792, 8192, 11585, 16384, 23170, 32768, 46341, 65536, 100_000)
 
@@ -92,19 +94,6 @@ def build(name: str):
 
 
 # --- process memory ------------------------------------------------------------------------
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
 
 
 class AnonPeak:
