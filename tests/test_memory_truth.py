@@ -1,7 +1,7 @@
 """Memory truth: the measured tensor peak of one training step against the memory model's
 prediction (``memory.streamed.training.bytes`` of ``fxstream plan``), under both schedules.
 
-The peak is measured allocator-independently (benchmarks/memtruth.py: the profiler's CPU
+The peak is measured allocator-independently (fxstream/memory/truth.py: the profiler's CPU
 allocation events, summed in time order) and counts the parameters, buffers, the input and
 the target as the prediction's "resident" part. Every case is small (a few seconds) but has
 what the large cases have: residual blocks, a streamed prefix with a plain head that

@@ -1,4 +1,4 @@
-"""The memory-truth harness (benchmarks/memtruth.py) on known allocation patterns: the exact
+"""The memory-truth harness (fxstream/memory/truth.py) on known allocation patterns: the exact
 tensor peak, phases, the live set at the peak and the resident tensors."""
 
 from __future__ import annotations
